@@ -1,0 +1,29 @@
+//! # Tidings
+//!
+//! A gRPC service that reads news articles and says what they are about: their **topics**
+//! (zero-shot against any labels, or a default news taxonomy) and their **named entities**
+//! (people, organisations, places, ...), running small transformer encoders in-process with
+//! candle.
+//!
+//! # Layout
+//! The layers call only downwards:
+//! - `api`: tonic services, protobuf <-> domain types, status mapping, health, reflection.
+//! - `engine`: the bounded queue and the dynamic batcher thread that runs the models.
+//! - [`pipeline`]: text -> pieces -> windows -> rows; model outputs -> entities and topics.
+//! - [`model`]: HF-format model directories, the BERT-family encoder and its heads.
+//! - [`train`]: CoNLL reading, fine-tuning, scoring.
+//! - [`proto`]: the code generated from `proto/tidings/v1/tidings.proto`.
+
+pub mod model;
+pub mod pipeline;
+pub mod train;
+
+/// Code generated from `proto/tidings/v1/tidings.proto` (package `tidings.v1`).
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("tidings.v1");
+
+    /// Encoded file descriptor set, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/tidings_descriptor.bin"));
+}

@@ -1,0 +1,347 @@
+//! A BERT-family transformer encoder (BERT, RoBERTa/XLM-R, DistilBERT) written for Tidings.
+//!
+//! Like text-embeddings-inference, Tidings keeps its own encoder instead of candle-transformers'
+//! `BertModel`, for three reasons:
+//! - training: candle-nn's fast `layer_norm` and `softmax_last_dim` kernels record no backward
+//!   pass, so a model built on them silently stops gradients; in training mode this encoder
+//!   uses differentiable compositions instead, and the fast kernels only for inference;
+//! - the optional word-shape (casing) embedding that lets the uncased MiniLM see capitals;
+//! - one code path for the three checkpoint layouts, with the tensor names of each.
+
+use super::config::ModelConfig;
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use rand::{Rng, SeedableRng};
+
+/// Number of word-shape classes of the casing embedding (see [`crate::pipeline::casing`]).
+pub const NUM_CASINGS: usize = 6;
+
+/// Tensor names of the two checkpoint layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// BERT and RoBERTa/XLM-R: `encoder.layer.N.attention.self.query`, ...
+    Bert,
+    /// DistilBERT: `transformer.layer.N.attention.q_lin`, ...
+    DistilBert,
+}
+
+/// Layer norm that uses candle's fused kernel for inference and a differentiable
+/// composition when training.
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+        }
+    }
+}
+
+/// What a forward pass needs besides the weights.
+#[derive(Debug, Clone, Copy)]
+pub struct Mode {
+    /// Differentiable ops (for autograd) instead of the fused inference kernels.
+    pub train: bool,
+    /// Dropout probability on hidden states and attention weights; 0 for inference.
+    pub dropout: f32,
+}
+
+impl Mode {
+    /// Inference: fused kernels, no dropout.
+    pub const INFERENCE: Mode = Mode {
+        train: false,
+        dropout: 0.0,
+    };
+
+    /// Applies dropout when training (seeded, see [`seed_dropout`]), the identity otherwise.
+    pub fn drop(&self, x: Tensor) -> Result<Tensor> {
+        if !(self.train && self.dropout > 0.0) {
+            return Ok(x);
+        }
+        let keep = 1.0 - self.dropout;
+        let n = x.elem_count();
+        let mask: Vec<f32> = {
+            let mut rng = DROPOUT_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            (0..n)
+                .map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// Random source of dropout masks. candle's CPU device cannot be seeded, so Tidings draws its
+/// masks on the host from this generator to make training runs repeatable.
+static DROPOUT_RNG: std::sync::LazyLock<std::sync::Mutex<rand::rngs::StdRng>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(0)));
+
+/// Seeds the dropout masks of every later training step.
+pub fn seed_dropout(seed: u64) {
+    *DROPOUT_RNG.lock().unwrap_or_else(|e| e.into_inner()) = rand::rngs::StdRng::seed_from_u64(seed);
+}
+
+/// A batch of token windows, all tensors `[batch, seq]` on the model's device.
+#[derive(Debug, Clone)]
+pub struct EncoderInput {
+    /// Token ids (u32).
+    pub input_ids: Tensor,
+    /// Segment ids (u32); zeros when absent.
+    pub type_ids: Option<Tensor>,
+    /// Word-shape classes (u32), read only by models with a casing embedding.
+    pub casing: Option<Tensor>,
+    /// 1 for real tokens, 0 for padding, in the model's float dtype.
+    pub attention_mask: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Option<Embedding>,
+    casing: Option<Embedding>,
+    norm: Norm,
+    position_offset: usize,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let token_type = if cfg.type_vocab_size > 0 {
+            Some(embedding(cfg.type_vocab_size, h, vb.pp("token_type_embeddings"))?)
+        } else {
+            None
+        };
+        let casing = if cfg.tidings_casing {
+            Some(embedding(NUM_CASINGS, h, vb.pp("casing_embeddings"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            word: embedding(cfg.vocab_size, h, vb.pp("word_embeddings"))?,
+            position: embedding(cfg.max_position_embeddings, h, vb.pp("position_embeddings"))?,
+            token_type,
+            casing,
+            norm: Norm::load(vb.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            position_offset: cfg.position_offset(),
+        })
+    }
+
+    fn forward(&self, input: &EncoderInput, mode: Mode) -> Result<Tensor> {
+        let (_, seq) = input.input_ids.dims2()?;
+        let dev = input.input_ids.device();
+        // The word-piece table is frozen in training: it is half of MiniLM's parameters, its
+        // gradient and AdamW update cost more per step than the rest of the model, and a few
+        // hundred thousand CoNLL pieces are too few to move it usefully.
+        let mut x = self.word.forward(&input.input_ids)?.detach();
+        let positions = Tensor::arange(
+            self.position_offset as u32,
+            (self.position_offset + seq) as u32,
+            dev,
+        )?;
+        x = x.broadcast_add(&self.position.forward(&positions)?)?;
+        if let Some(tt) = &self.token_type {
+            x = match &input.type_ids {
+                Some(ids) => (x + tt.forward(ids)?)?,
+                None => x.broadcast_add(&tt.embeddings().get(0)?)?,
+            };
+        }
+        if let (Some(emb), Some(casing)) = (&self.casing, &input.casing) {
+            x = (x + emb.forward(casing)?)?;
+        }
+        mode.drop(self.norm.forward(&x, mode.train)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: Norm,
+    ffn_in: Linear,
+    ffn_out: Linear,
+    out_norm: Norm,
+    heads: usize,
+    head_dim: usize,
+    act: Activation,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "gelu" => Ok(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            other => candle_core::bail!("unsupported hidden_act {other:?}"),
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, cfg: &ModelConfig, layout: Layout) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let i = cfg.intermediate_size;
+        let eps = cfg.layer_norm_eps;
+        let act = Activation::parse(&cfg.hidden_act)?;
+        let heads = cfg.num_attention_heads;
+        let head_dim = h / heads;
+        match layout {
+            Layout::Bert => {
+                let att = vb.pp("attention");
+                Ok(Self {
+                    query: linear(h, h, att.pp("self").pp("query"))?,
+                    key: linear(h, h, att.pp("self").pp("key"))?,
+                    value: linear(h, h, att.pp("self").pp("value"))?,
+                    attn_out: linear(h, h, att.pp("output").pp("dense"))?,
+                    attn_norm: Norm::load(att.pp("output").pp("LayerNorm"), h, eps)?,
+                    ffn_in: linear(h, i, vb.pp("intermediate").pp("dense"))?,
+                    ffn_out: linear(i, h, vb.pp("output").pp("dense"))?,
+                    out_norm: Norm::load(vb.pp("output").pp("LayerNorm"), h, eps)?,
+                    heads,
+                    head_dim,
+                    act,
+                })
+            }
+            Layout::DistilBert => {
+                let att = vb.pp("attention");
+                Ok(Self {
+                    query: linear(h, h, att.pp("q_lin"))?,
+                    key: linear(h, h, att.pp("k_lin"))?,
+                    value: linear(h, h, att.pp("v_lin"))?,
+                    attn_out: linear(h, h, att.pp("out_lin"))?,
+                    attn_norm: Norm::load(vb.pp("sa_layer_norm"), h, eps)?,
+                    ffn_in: linear(h, i, vb.pp("ffn").pp("lin1"))?,
+                    ffn_out: linear(i, h, vb.pp("ffn").pp("lin2"))?,
+                    out_norm: Norm::load(vb.pp("output_layer_norm"), h, eps)?,
+                    heads,
+                    head_dim,
+                    act,
+                })
+            }
+        }
+    }
+
+    /// `x`: `[b, s, h]`; `bias`: `[b, 1, 1, s]` additive attention bias.
+    fn forward(&self, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, s, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.query.forward(x)?)?;
+        let k = split(self.key.forward(x)?)?;
+        let v = split(self.value.forward(x)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = ((q * scale)?.matmul(&k.t()?)?).broadcast_add(bias)?;
+        let probs = if mode.train {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, s, h))?;
+        let attn = mode.drop(self.attn_out.forward(&ctx)?)?;
+        let x = self.attn_norm.forward(&(attn + x)?, mode.train)?;
+        let ffn = self.act.apply(&self.ffn_in.forward(&x)?)?;
+        let ffn = mode.drop(self.ffn_out.forward(&ffn)?)?;
+        self.out_norm.forward(&(ffn + x)?, mode.train)
+    }
+}
+
+/// The transformer body: embeddings and layers, no head.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    dtype: DType,
+    hidden_size: usize,
+}
+
+impl Encoder {
+    /// Loads the encoder whose tensors sit under `vb` (already narrowed to the model prefix,
+    /// e.g. `bert` for a `BertForTokenClassification` checkpoint, nothing for a bare model).
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let layout = match cfg.model_type.as_str() {
+            "distilbert" => Layout::DistilBert,
+            "bert" | "roberta" | "xlm-roberta" | "camembert" => Layout::Bert,
+            other => candle_core::bail!(
+                "model_type {other:?} is not supported (bert, roberta, xlm-roberta, distilbert)"
+            ),
+        };
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            candle_core::bail!("hidden_size is not a multiple of num_attention_heads");
+        }
+        let stack = match layout {
+            Layout::Bert => vb.pp("encoder").pp("layer"),
+            Layout::DistilBert => vb.pp("transformer").pp("layer"),
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(stack.pp(i), cfg, layout))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings: Embeddings::load(vb.pp("embeddings"), cfg)?,
+            layers,
+            dtype: vb.dtype(),
+            hidden_size: cfg.hidden_size,
+        })
+    }
+
+    /// Float dtype the weights are in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Width of the hidden states.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// Runs the encoder; returns the last hidden states `[batch, seq, hidden]`.
+    pub fn forward(&self, input: &EncoderInput, mode: Mode) -> Result<Tensor> {
+        let mask = input.attention_mask.to_dtype(self.dtype)?;
+        let (b, s) = mask.dims2()?;
+        // 0 where attended, a large negative number where padded.
+        let bias = ((mask - 1.0)? * 10_000.0)?.reshape((b, 1, 1, s))?;
+        let mut x = self.embeddings.forward(input, mode)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias, mode)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,602 @@
+//! Fine-tuning an encoder plus a linear token-classification head for NER, in candle.
+//!
+//! Data: CoNLL documents, tokenized as the server tokenizes text (words joined by spaces), so
+//! training sees exactly the pieces serving sees. Every piece is labelled: the first piece of
+//! a word carries the word's tag, later pieces `I-` of the same type (or `O`). Serving reads
+//! raw text whose pre-tokenizer words need not match CoNLL's tokens ("U.S." is four pieces in
+//! both, but one CoNLL word), so a tag on every piece is what lets decoding work on pieces.
+//!
+//! Consecutive sentences of a document are packed into chunks of a random length up to the
+//! window size each epoch, so the model learns to use document context, as it will see it in
+//! an article.
+
+use super::conll::{self, Document};
+use super::score::Scorer;
+use crate::model::encoder::seed_dropout;
+use crate::model::{ModelConfig, ModelDir, Mode, TokenClassifier};
+use crate::pipeline::batch::{encode_rows, Row};
+use crate::pipeline::{self, entities::TagSet, tokens, Specials};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Settings of one training run (the `tidings train ner` flags).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NerTrainConfig {
+    /// Base encoder directory (HF format), e.g. `models/minilm`.
+    pub base: PathBuf,
+    /// CoNLL training file.
+    pub train: PathBuf,
+    /// CoNLL dev file, scored after every epoch; the best epoch is kept.
+    pub dev: Option<PathBuf>,
+    /// Output model directory.
+    pub out: PathBuf,
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// Chunks per optimizer step.
+    pub batch: usize,
+    /// Peak learning rate of the encoder.
+    pub lr: f64,
+    /// Peak learning rate of the head and the casing embedding (new, randomly initialised).
+    pub head_lr: f64,
+    /// Fraction of steps of linear warm-up (then linear decay to 0).
+    pub warmup: f64,
+    /// Dropout on hidden states.
+    pub dropout: f32,
+    /// Global gradient-norm clip.
+    pub clip: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Seed of shuffling, chunking, dropout and head initialisation.
+    pub seed: u64,
+    /// Longest chunk in pieces (special tokens excluded).
+    pub max_pieces: usize,
+    /// Stop after this many optimizer steps (for smoke tests); 0 = no limit.
+    pub max_steps: usize,
+    /// Use only the first N training documents; 0 = all.
+    pub limit_docs: usize,
+    /// Add a word-shape embedding so the uncased encoder sees capitals.
+    pub casing: bool,
+    /// Continue from `out/checkpoints` if present.
+    pub resume: bool,
+    /// Save the shipped weights in f16 (half the size) instead of f32.
+    pub f16: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NerTrainReport {
+    /// Settings used.
+    pub config: NerTrainConfig,
+    /// Loss and dev F1 after each epoch.
+    pub epochs: Vec<EpochReport>,
+    /// The epoch kept (1-based).
+    pub best_epoch: usize,
+    /// Its dev F1.
+    pub best_f1: f64,
+    /// Wall-clock seconds of the whole run.
+    pub seconds: f64,
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Dev entity F1 (strict), if a dev file was given.
+    pub dev_f1: Option<f64>,
+    /// Training pieces per second.
+    pub tokens_per_s: f64,
+    /// Seconds the epoch took (training and evaluation).
+    pub seconds: f64,
+}
+
+/// Checkpoint bookkeeping, saved beside the checkpoint weights.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct CheckpointState {
+    epochs_done: usize,
+    step: usize,
+    best_f1: f64,
+    best_epoch: usize,
+    history: Vec<EpochReport>,
+}
+
+/// A document ready for training: pieces, their labels and sentence boundaries.
+struct Prepared {
+    ids: Vec<u32>,
+    casing: Vec<u32>,
+    labels: Vec<u32>,
+    /// Piece index where each sentence starts, plus the total at the end.
+    sentence_starts: Vec<usize>,
+}
+
+/// The tag set for entity types `types`: `O`, then `B-T`, `I-T` for each type.
+pub fn tag_names(types: &[String]) -> Vec<String> {
+    let mut out = vec!["O".to_string()];
+    for t in types {
+        out.push(format!("B-{t}"));
+        out.push(format!("I-{t}"));
+    }
+    out
+}
+
+/// Piece labels of a document, given the tag names (`O`, `B-X`, `I-X`...).
+fn prepare(doc: &Document, dir: &ModelDir, names: &[String]) -> Result<Prepared> {
+    let (text, words, _) = doc.text();
+    let toks = tokens::tokenize(&dir.tokenizer, &text)?;
+    // IOB2 tag per word, from the spans (so IOB1 input is read right).
+    let mut word_tags = vec!["O".to_string(); words.len()];
+    let mut first_word = 0;
+    let mut sentence_first_word = Vec::new();
+    for s in &doc.sentences {
+        sentence_first_word.push(first_word);
+        for (a, b, ty) in conll::tag_spans(&s.tags) {
+            word_tags[first_word + a] = format!("B-{ty}");
+            for t in &mut word_tags[first_word + a + 1..first_word + b] {
+                *t = format!("I-{ty}");
+            }
+        }
+        first_word += s.words.len();
+    }
+    let index = |name: &str| -> Result<u32> {
+        names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| i as u32)
+            .with_context(|| format!("tag {name} is not in the tag set"))
+    };
+    let mut labels = Vec::with_capacity(toks.len());
+    let mut piece_word = Vec::with_capacity(toks.len());
+    let mut prev_word = usize::MAX;
+    for &(s, _) in &toks.offsets {
+        let w = words.partition_point(|&(ws, _)| ws <= s).saturating_sub(1);
+        let tag = &word_tags[w];
+        let label = if w != prev_word {
+            tag.clone()
+        } else {
+            match tag.split_once('-') {
+                Some((_, ty)) => format!("I-{ty}"),
+                None => "O".to_string(),
+            }
+        };
+        labels.push(index(&label)?);
+        piece_word.push(w);
+        prev_word = w;
+    }
+    let mut sentence_starts: Vec<usize> = sentence_first_word
+        .iter()
+        .map(|&fw| piece_word.partition_point(|&w| w < fw))
+        .collect();
+    sentence_starts.push(toks.len());
+    Ok(Prepared {
+        ids: toks.ids,
+        casing: toks.casing,
+        labels,
+        sentence_starts,
+    })
+}
+
+/// Packs a document's sentences into chunks `(start, end)` of at most `max` pieces, each
+/// about as long as the next value `target` gives; a sentence longer than `max` is cut.
+fn chunks(p: &Prepared, max: usize, mut target: impl FnMut() -> usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0usize;
+    let mut goal = target();
+    for w in p.sentence_starts.windows(2) {
+        let (s, e) = (w[0], w[1]);
+        if e - start > goal && s > start {
+            out.push((start, s));
+            start = s;
+            goal = target();
+        }
+        while e - start > max {
+            out.push((start, start + max));
+            start += max;
+        }
+    }
+    let end = *p.sentence_starts.last().unwrap_or(&0);
+    if end > start {
+        out.push((start, end));
+    }
+    out
+}
+
+/// Scores a token-classification model on CoNLL documents through the serving pipeline:
+/// document text -> pieces -> windows -> tag probabilities -> BIO decoding -> char spans,
+/// compared with the gold spans strictly.
+pub fn evaluate(
+    model: &TokenClassifier,
+    dir: &ModelDir,
+    docs: &[Document],
+    window: pipeline::WindowSpec,
+    device: &Device,
+) -> Result<Scorer> {
+    let (cls, sep) = dir.special_ids()?;
+    let sp = Specials {
+        cls,
+        sep,
+        pad: dir.config.pad_token_id as u32,
+    };
+    let tags = TagSet::new(model.labels());
+    let mut scorer = Scorer::default();
+    for doc in docs {
+        let (text, _, gold) = doc.text();
+        let mentions = pipeline::entities_of_text(model, &dir.tokenizer, &text, &tags, sp, window, device)?;
+        let pred: Vec<conll::Span> = mentions
+            .into_iter()
+            .map(|m| (m.byte_start as usize, m.byte_end as usize, m.label))
+            .collect();
+        scorer.add(&gold, &pred);
+    }
+    Ok(scorer)
+}
+
+/// Writes an HF-format model directory: config.json, tokenizer.json, model.safetensors.
+fn save_model(
+    varmap: &VarMap,
+    base: &ModelDir,
+    cfg: &ModelConfig,
+    out: &Path,
+    f16: bool,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let dtype = if f16 { DType::F16 } else { DType::F32 };
+    let tensors = data
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(dtype)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let tmp = out.join("model.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, out.join("model.safetensors"))?;
+    let mut json = serde_json::to_value(cfg)?;
+    json["architectures"] = serde_json::json!(["BertForTokenClassification"]);
+    json["torch_dtype"] = serde_json::json!(if f16 { "float16" } else { "float32" });
+    let label2id: serde_json::Map<String, serde_json::Value> = cfg
+        .labels()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), serde_json::json!(i)))
+        .collect();
+    json["label2id"] = serde_json::Value::Object(label2id);
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(out.join("tokenizer.json"), &base.tokenizer_json)?;
+    Ok(())
+}
+
+fn global_norm(grads: &candle_core::backprop::GradStore, vars: &[Var]) -> Result<f64> {
+    let mut sum = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v) {
+            sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    Ok(sum.sqrt())
+}
+
+/// Runs a training job; returns its report. Prints a progress bar to stderr.
+pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
+    let started = Instant::now();
+    let device = Device::Cpu;
+    let base = ModelDir::open(&cfg.base)?;
+    let mut train_docs = conll::read(&cfg.train)?;
+    if cfg.limit_docs > 0 {
+        train_docs.truncate(cfg.limit_docs);
+    }
+    let dev_docs = match &cfg.dev {
+        Some(p) => conll::read(p)?,
+        None => Vec::new(),
+    };
+    let mut types: Vec<String> = train_docs
+        .iter()
+        .flat_map(|d| d.tags())
+        .filter_map(|t| t.split_once('-').map(|(_, ty)| ty.to_string()))
+        .collect();
+    types.sort();
+    types.dedup();
+    if types.is_empty() {
+        bail!("{}: no entity tags found", cfg.train.display());
+    }
+    let names = tag_names(&types);
+    let mut model_cfg = base.config.clone();
+    model_cfg.id2label = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), n.clone()))
+        .collect();
+    model_cfg.tidings_casing = cfg.casing;
+    model_cfg.extra.remove("label2id");
+
+    let max_pieces = cfg.max_pieces.min(model_cfg.max_tokens() - 2);
+    let prepared = train_docs
+        .iter()
+        .map(|d| prepare(d, &base, &names))
+        .collect::<Result<Vec<_>>>()?;
+    let total_pieces: usize = prepared.iter().map(|p| p.ids.len()).sum();
+
+    // Model with all weights as trainable vars.
+    let mut varmap = VarMap::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    seed_dropout(cfg.seed);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let model = TokenClassifier::from_var_builder(vb, "bert", &model_cfg)?;
+    let ckpt_dir = cfg.out.join("checkpoints");
+    let mut state = CheckpointState::default();
+    if cfg.resume && ckpt_dir.join("state.json").is_file() {
+        varmap.load(ckpt_dir.join("model.safetensors"))?;
+        state = serde_json::from_slice(&std::fs::read(ckpt_dir.join("state.json"))?)?;
+        eprintln!(
+            "resuming after epoch {} (step {}, best dev F1 {:.4})",
+            state.epochs_done, state.step, state.best_f1
+        );
+    } else {
+        let weights = candle_core::safetensors::load(base.weights_path(), &device)?;
+        let prefix = base.encoder_prefix(&base.var_builder(DType::F32, &device)?)?;
+        let mut loaded = 0;
+        for (name, t) in weights {
+            let bare = if prefix.is_empty() {
+                name.as_str()
+            } else {
+                match name.strip_prefix(&format!("{prefix}.")) {
+                    Some(b) => b,
+                    None => continue,
+                }
+            };
+            let target = format!("bert.{bare}");
+            if varmap.data().lock().unwrap_or_else(|e| e.into_inner()).contains_key(&target) {
+                varmap.set_one(&target, t.to_dtype(DType::F32)?)?;
+                loaded += 1;
+            }
+        }
+        if cfg.casing {
+            let name = "bert.embeddings.casing_embeddings.weight";
+            let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[name].shape().clone();
+            varmap.set_one(name, Tensor::zeros(shape, DType::F32, &device)?)?;
+        }
+        // Small random head, seeded.
+        let n = names.len();
+        let h = model_cfg.hidden_size;
+        let w: Vec<f32> = (0..n * h).map(|_| (rng.random::<f32>() - 0.5) * 0.04).collect();
+        varmap.set_one("classifier.weight", Tensor::from_vec(w, (n, h), &device)?)?;
+        varmap.set_one("classifier.bias", Tensor::zeros(n, DType::F32, &device)?)?;
+        let expected = varmap.all_vars().len() - 2 - usize::from(cfg.casing);
+        if loaded != expected {
+            bail!("loaded {loaded} of {expected} encoder tensors from {}", base.dir.display());
+        }
+    }
+
+    let (enc_vars, head_vars): (Vec<Var>, Vec<Var>) = {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut enc = Vec::new();
+        let mut head = Vec::new();
+        for (name, var) in data.iter() {
+            if name.starts_with("classifier") || name.contains("casing_embeddings") {
+                head.push(var.clone());
+            } else {
+                enc.push(var.clone());
+            }
+        }
+        (enc, head)
+    };
+    let all_vars: Vec<Var> = enc_vars.iter().chain(head_vars.iter()).cloned().collect();
+    let params = |lr| ParamsAdamW {
+        lr,
+        weight_decay: cfg.weight_decay,
+        ..ParamsAdamW::default()
+    };
+    let mut opt_enc = AdamW::new(enc_vars, params(cfg.lr))?;
+    let mut opt_head = AdamW::new(head_vars, params(cfg.head_lr))?;
+
+    let (cls, sep) = base.special_ids()?;
+    let pad = model_cfg.pad_token_id as u32;
+    let steps_per_epoch = {
+        let est_chunks: usize = prepared
+            .iter()
+            .map(|p| chunks(p, max_pieces, || (max_pieces * 2 / 3).max(1)).len())
+            .sum();
+        est_chunks.div_ceil(cfg.batch.max(1))
+    };
+    let total_steps = if cfg.max_steps > 0 {
+        cfg.max_steps.min(steps_per_epoch * cfg.epochs)
+    } else {
+        steps_per_epoch * cfg.epochs
+    };
+    let warmup_steps = ((total_steps as f64) * cfg.warmup).ceil().max(1.0) as usize;
+    let schedule = |step: usize| -> f64 {
+        if step < warmup_steps {
+            (step + 1) as f64 / warmup_steps as f64
+        } else {
+            ((total_steps - step) as f64 / (total_steps - warmup_steps).max(1) as f64).max(0.0)
+        }
+    };
+    let window = pipeline::WindowSpec::default().fit(model_cfg.max_tokens());
+    let eval_model = TokenClassifier::from_var_builder(
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        "bert",
+        &model_cfg,
+    )?;
+    eprintln!(
+        "training on {} documents ({} pieces, ~{} steps/epoch), {} dev documents, tags {:?}",
+        prepared.len(),
+        total_pieces,
+        steps_per_epoch,
+        dev_docs.len(),
+        names
+    );
+
+    // TIDINGS_PROFILE=1 prints the time of each step's forward, backward and update.
+    let profile = std::env::var_os("TIDINGS_PROFILE").is_some();
+    let mut step = state.step;
+    for epoch in state.epochs_done..cfg.epochs {
+        if cfg.max_steps > 0 && step >= cfg.max_steps {
+            break;
+        }
+        let epoch_started = Instant::now();
+        // Re-seed per epoch so a resumed run draws the same chunks and masks.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64 + 1));
+        seed_dropout(cfg.seed.wrapping_add(1000 + epoch as u64));
+        let mut all: Vec<(usize, usize, usize)> = Vec::new();
+        for (d, p) in prepared.iter().enumerate() {
+            let lo = (max_pieces / 3).max(1);
+            let spans = chunks(p, max_pieces, || rng.random_range(lo..=max_pieces));
+            all.extend(spans.into_iter().map(|(s, e)| (d, s, e)));
+        }
+        all.shuffle(&mut rng);
+        let bar = indicatif::ProgressBar::new(all.len().div_ceil(cfg.batch) as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
+        let (mut loss_sum, mut loss_n, mut pieces_seen) = (0f64, 0usize, 0usize);
+        let train_started = Instant::now();
+        for batch in all.chunks(cfg.batch.max(1)) {
+            if cfg.max_steps > 0 && step >= cfg.max_steps {
+                break;
+            }
+            let rows: Vec<Row> = batch
+                .iter()
+                .map(|&(d, s, e)| Row {
+                    ids: &prepared[d].ids[s..e],
+                    casing: &prepared[d].casing[s..e],
+                })
+                .collect();
+            let input = encode_rows(&rows, cls, sep, pad, &device)?;
+            let seq = input.input_ids.dim(1)?;
+            let mut positions = Vec::new();
+            let mut targets = Vec::new();
+            for (r, &(d, s, e)) in batch.iter().enumerate() {
+                for (k, &l) in prepared[d].labels[s..e].iter().enumerate() {
+                    positions.push((r * seq + 1 + k) as u32);
+                    targets.push(l);
+                }
+            }
+            let n_pos = positions.len();
+            let t0 = Instant::now();
+            let logits = model.forward(
+                &input,
+                Mode {
+                    train: true,
+                    dropout: cfg.dropout,
+                },
+            )?;
+            let n_labels = names.len();
+            let flat = logits.reshape((rows.len() * seq, n_labels))?;
+            let picked = flat.index_select(&Tensor::from_vec(positions, n_pos, &device)?, 0)?;
+            let targets = Tensor::from_vec(targets, n_pos, &device)?;
+            let loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
+            let _ = loss.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            let mut grads = loss.backward()?;
+            let t2 = Instant::now();
+            let norm = global_norm(&grads, &all_vars)?;
+            if norm > cfg.clip {
+                let scale = cfg.clip / (norm + 1e-6);
+                for v in &all_vars {
+                    if let Some(g) = grads.remove(v) {
+                        grads.insert(v, (g * scale)?);
+                    }
+                }
+            }
+            let f = schedule(step);
+            opt_enc.set_learning_rate(cfg.lr * f);
+            opt_head.set_learning_rate(cfg.head_lr * f);
+            opt_enc.step(&grads)?;
+            opt_head.step(&grads)?;
+            step += 1;
+            if profile {
+                eprintln!("fwd {:?} bwd {:?} opt {:?} n {}", t1 - t0, t2 - t1, t2.elapsed(), n_pos);
+            }
+            let l = loss.to_scalar::<f32>()? as f64;
+            loss_sum += l;
+            loss_n += 1;
+            pieces_seen += n_pos;
+            let tps = pieces_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!("loss {:.4} {:.0} tok/s", loss_sum / loss_n as f64, tps));
+            bar.inc(1);
+        }
+        bar.finish();
+        let tokens_per_s = pieces_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9);
+        let dev_f1 = if dev_docs.is_empty() {
+            None
+        } else {
+            let scorer = evaluate(&eval_model, &base, &dev_docs, window, &device)?;
+            eprint!("{}", scorer.table());
+            Some(scorer.overall().f1())
+        };
+        let report = EpochReport {
+            epoch: epoch + 1,
+            loss: loss_sum / loss_n.max(1) as f64,
+            dev_f1,
+            tokens_per_s,
+            seconds: epoch_started.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "epoch {}: loss {:.4}, dev F1 {}, {:.0} tok/s, {:.0}s",
+            report.epoch,
+            report.loss,
+            dev_f1.map_or("-".into(), |f| format!("{f:.4}")),
+            report.tokens_per_s,
+            report.seconds
+        );
+        let score = dev_f1.unwrap_or(-report.loss);
+        if state.best_epoch == 0 || score > state.best_f1 {
+            state.best_f1 = score;
+            state.best_epoch = epoch + 1;
+            save_model(&varmap, &base, &model_cfg, &cfg.out, cfg.f16)?;
+        }
+        state.history.push(report);
+        state.epochs_done = epoch + 1;
+        state.step = step;
+        std::fs::create_dir_all(&ckpt_dir)?;
+        varmap.save(ckpt_dir.join("model.safetensors"))?;
+        std::fs::write(ckpt_dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+    }
+    let report = NerTrainReport {
+        config: cfg.clone(),
+        epochs: state.history.clone(),
+        best_epoch: state.best_epoch,
+        best_f1: state.best_f1,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    std::fs::write(
+        cfg.out.join("train_report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_pack_sentences_and_cut_long_ones() {
+        let p = Prepared {
+            ids: vec![0; 30],
+            casing: vec![0; 30],
+            labels: vec![0; 30],
+            sentence_starts: vec![0, 5, 10, 28, 30],
+        };
+        assert_eq!(chunks(&p, 12, || 10), vec![(0, 10), (10, 22), (22, 28), (28, 30)]);
+        assert_eq!(chunks(&p, 100, || 100), vec![(0, 30)]);
+    }
+
+    #[test]
+    fn tag_names_are_bio() {
+        assert_eq!(
+            tag_names(&["LOC".into(), "PER".into()]),
+            vec!["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+        );
+    }
+}
