@@ -1,115 +1,17 @@
-//! The `tidings` command: serve, analyze, batch, train, eval.
+//! The `tidings` command: `serve`, `analyze`, `batch`, `train`, `eval`.
+
+mod cli;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
-use tidings::train::ner::{self, NerTrainConfig};
+use clap::Parser;
 
+/// mimalloc: glibc malloc page-faults heavily on the large short-lived tensors of each
+/// forward pass (measured in issue #4's notes); mimalloc reuses them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Tidings: topics and named entities of news articles, over gRPC.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Fine-tune models.
-    #[command(subcommand)]
-    Train(TrainCommand),
-}
-
-#[derive(Subcommand)]
-enum TrainCommand {
-    /// Fine-tune an encoder + token-classification head on CoNLL data.
-    Ner(TrainNerArgs),
-}
-
-#[derive(clap::Args)]
-struct TrainNerArgs {
-    /// Base encoder (HF model directory).
-    #[arg(long, default_value = "models/minilm")]
-    base: PathBuf,
-    /// CoNLL training file.
-    #[arg(long, default_value = "../shared/data/conll2003/train.txt")]
-    train: PathBuf,
-    /// CoNLL dev file (scored each epoch; the best epoch is kept). "none" to skip.
-    #[arg(long, default_value = "../shared/data/conll2003/valid.txt")]
-    dev: PathBuf,
-    /// Output model directory.
-    #[arg(long, default_value = "models/ner")]
-    out: PathBuf,
-    #[arg(long, default_value_t = 6)]
-    epochs: usize,
-    /// Chunks (of up to --max-pieces pieces) per step.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    #[arg(long, default_value_t = 1.5e-4)]
-    lr: f64,
-    /// Learning rate of the new head and casing embedding.
-    #[arg(long, default_value_t = 1e-3)]
-    head_lr: f64,
-    #[arg(long, default_value_t = 0.06)]
-    warmup: f64,
-    #[arg(long, default_value_t = 0.1)]
-    dropout: f32,
-    #[arg(long, default_value_t = 1.0)]
-    clip: f64,
-    #[arg(long, default_value_t = 0.01)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 13)]
-    seed: u64,
-    #[arg(long, default_value_t = 254)]
-    max_pieces: usize,
-    /// Stop after N steps (0 = no limit).
-    #[arg(long, default_value_t = 0)]
-    max_steps: usize,
-    /// Train on the first N documents only (0 = all).
-    #[arg(long, default_value_t = 0)]
-    limit_docs: usize,
-    /// Do not add the word-shape (casing) embedding.
-    #[arg(long)]
-    no_casing: bool,
-    /// Continue from OUT/checkpoints.
-    #[arg(long)]
-    resume: bool,
-    /// Save weights in f32 instead of f16.
-    #[arg(long)]
-    f32: bool,
-}
-
 fn main() -> Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Train(TrainCommand::Ner(a)) => {
-            let cfg = NerTrainConfig {
-                base: a.base,
-                train: a.train,
-                dev: (a.dev.as_os_str() != "none").then_some(a.dev),
-                out: a.out,
-                epochs: a.epochs,
-                batch: a.batch,
-                lr: a.lr,
-                head_lr: a.head_lr,
-                warmup: a.warmup,
-                dropout: a.dropout,
-                clip: a.clip,
-                weight_decay: a.weight_decay,
-                seed: a.seed,
-                max_pieces: a.max_pieces,
-                max_steps: a.max_steps,
-                limit_docs: a.limit_docs,
-                casing: !a.no_casing,
-                resume: a.resume,
-                f16: !a.f32,
-            };
-            let report = ner::train(&cfg)?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        }
-    }
-    Ok(())
+    let cli = cli::Cli::parse();
+    cli::init_tracing(cli.log_json);
+    cli.run()
 }

@@ -8,6 +8,7 @@
 //! - [`entities`]: BIO decoding, offsets, grouping.
 //! - [`topics`]: zero-shot scoring of an article embedding against label embeddings.
 
+pub mod analysis;
 pub mod batch;
 pub mod casing;
 pub mod entities;

@@ -1,0 +1,136 @@
+//! The edge: the gRPC server with the Tidings service, grpc.health.v1, server reflection,
+//! message-size and concurrency limits, and graceful shutdown.
+//!
+//! - [`convert`]: protobuf <-> domain types, validation, status mapping.
+//! - [`service`]: the `tidings.v1.Tidings` implementation.
+
+pub mod convert;
+pub mod service;
+
+use crate::engine::Engine;
+use crate::proto::tidings_server::TidingsServer;
+use convert::Limits;
+use service::TidingsService;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Server-level settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Request limits.
+    pub limits: Limits,
+    /// Largest message decoded or encoded, in bytes.
+    pub max_message_bytes: usize,
+    /// Most requests served at once on one connection.
+    pub max_concurrent_per_connection: usize,
+    /// Most HTTP/2 streams (calls) a client may open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Longest any request may run, whatever deadline the client set.
+    pub request_timeout: Duration,
+    /// How long in-flight calls may finish after a shutdown signal.
+    pub grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            max_message_bytes: 16 * 1024 * 1024,
+            max_concurrent_per_connection: 256,
+            max_concurrent_streams: 256,
+            request_timeout: Duration::from_secs(300),
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Binds `addr`, failing clearly when the port is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// Serves Tidings, health and reflection on `listener` until `shutdown` resolves; then health
+/// turns NOT_SERVING, new calls are refused and in-flight ones get `cfg.grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TidingsServer<TidingsService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service = TidingsServer::new(TidingsService::new(engine, cfg.limits.clone()))
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes);
+
+    // `true` once shutdown has begun: health flips first, then the listener closes.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let grace = cfg.grace;
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
+        health
+            .set_not_serving::<TidingsServer<TidingsService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let _ = stop_tx.send(true);
+    });
+    let mut drain_rx = stop_rx.clone();
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "serving tidings.v1.Tidings, grpc.health.v1, reflection");
+    let server = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(cfg.max_concurrent_per_connection)
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .timeout(cfg.request_timeout)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        });
+    // The graceful drain gets `grace`; past it the server future is dropped.
+    let mut server = Box::pin(server);
+    tokio::select! {
+        res = &mut server => res?,
+        _ = async {
+            let _ = drain_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(?grace, "grace period over: closing remaining calls");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,214 @@
+//! The `tidings.v1.Tidings` service: validates at the door, hands work to the engine, and
+//! maps every outcome to a gRPC status.
+
+use super::convert::{analysis_to_proto, article_from_proto, invalid, status_of, Limits};
+use crate::engine::{Admission, Engine};
+use crate::proto::{self, tidings_server::Tidings};
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
+use std::pin::Pin;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// Requests of one stream analyzed at once; more wait in the client's send window.
+const STREAM_IN_FLIGHT: usize = 32;
+
+/// The service implementation; cheap to clone.
+#[derive(Clone)]
+pub struct TidingsService {
+    engine: Engine,
+    limits: Limits,
+    entity_types: Vec<String>,
+}
+
+impl TidingsService {
+    /// A service over `engine` enforcing `limits`.
+    pub fn new(engine: Engine, limits: Limits) -> Self {
+        let entity_types = engine.models().entity_types();
+        Self {
+            engine,
+            limits,
+            entity_types,
+        }
+    }
+
+    /// Validates and analyzes one request.
+    async fn analyze_one(&self, req: proto::AnalyzeRequest, admission: Admission) -> Result<proto::AnalyzeResponse, Status> {
+        let started = Instant::now();
+        let id = req.id.clone();
+        let (article, labels) = article_from_proto(req, &self.limits, &self.entity_types)?;
+        let (analysis, timing) = self
+            .engine
+            .analyze(article, labels.as_deref(), admission)
+            .await
+            .map_err(status_of)?;
+        let mut resp = analysis_to_proto(analysis, timing, started.elapsed());
+        resp.id = id;
+        Ok(resp)
+    }
+}
+
+/// Records the count and latency of one RPC by status code.
+fn record(rpc: &'static str, code: Code, started: Instant) {
+    let code = format!("{code:?}");
+    metrics::counter!("tidings_requests_total", "rpc" => rpc, "code" => code.clone()).increment(1);
+    metrics::histogram!("tidings_request_seconds", "rpc" => rpc, "code" => code)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Prefixes a status message with the item id it belongs to, keeping the code and details.
+fn with_id(status: Status, id: &str) -> Status {
+    if id.is_empty() {
+        return status;
+    }
+    Status::with_details(
+        status.code(),
+        format!("item {id:?}: {}", status.message()),
+        status.details().to_vec().into(),
+    )
+}
+
+type AnalyzeStreamOut = Pin<Box<dyn Stream<Item = Result<proto::AnalyzeResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Tidings for TidingsService {
+    async fn analyze(&self, request: Request<proto::AnalyzeRequest>) -> Result<Response<proto::AnalyzeResponse>, Status> {
+        let started = Instant::now();
+        let res = self.analyze_one(request.into_inner(), Admission::FailFast).await;
+        record("Analyze", res.as_ref().map_or_else(|s| s.code(), |_| Code::Ok), started);
+        res.map(Response::new)
+    }
+
+    async fn analyze_batch(
+        &self,
+        request: Request<proto::AnalyzeBatchRequest>,
+    ) -> Result<Response<proto::AnalyzeBatchResponse>, Status> {
+        let started = Instant::now();
+        let requests = request.into_inner().requests;
+        if requests.len() > self.limits.max_batch_items {
+            let s = invalid(
+                "requests",
+                format!(
+                    "has {} items, more than the limit of {} (max_batch_items)",
+                    requests.len(),
+                    self.limits.max_batch_items
+                ),
+            );
+            record("AnalyzeBatch", s.code(), started);
+            return Err(s);
+        }
+        let items = futures::future::join_all(requests.into_iter().map(|r| async move {
+            let id = r.id.clone();
+            match self.analyze_one(r, Admission::FailFast).await {
+                Ok(resp) => proto::AnalyzeBatchItem {
+                    outcome: Some(proto::analyze_batch_item::Outcome::Response(resp)),
+                },
+                Err(s) => proto::AnalyzeBatchItem {
+                    outcome: Some(proto::analyze_batch_item::Outcome::Error(proto::ItemError {
+                        code: s.code() as i32,
+                        message: s.message().to_string(),
+                        id,
+                    })),
+                },
+            }
+        }))
+        .await;
+        record("AnalyzeBatch", Code::Ok, started);
+        Ok(Response::new(proto::AnalyzeBatchResponse { items }))
+    }
+
+    type AnalyzeStreamStream = AnalyzeStreamOut;
+
+    async fn analyze_stream(
+        &self,
+        request: Request<Streaming<proto::AnalyzeRequest>>,
+    ) -> Result<Response<Self::AnalyzeStreamStream>, Status> {
+        let mut input = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<proto::AnalyzeResponse, Status>>(STREAM_IN_FLIGHT);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut in_flight = FuturesUnordered::new();
+            let mut input_done = false;
+            let mut outcome = Code::Ok;
+            loop {
+                tokio::select! {
+                    msg = input.message(), if !input_done && in_flight.len() < STREAM_IN_FLIGHT => match msg {
+                        Ok(Some(req)) => {
+                            let svc = svc.clone();
+                            in_flight.push(async move {
+                                let id = req.id.clone();
+                                // Streams wait for queue room instead of failing: back-pressure.
+                                svc.analyze_one(req, Admission::Wait).await.map_err(|s| with_id(s, &id))
+                            });
+                        }
+                        Ok(None) => input_done = true,
+                        Err(status) => {
+                            outcome = status.code();
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                    },
+                    Some(res) = in_flight.next(), if !in_flight.is_empty() => {
+                        let failed = res.as_ref().err().map(|s| s.code());
+                        if tx.send(res).await.is_err() {
+                            outcome = Code::Cancelled;
+                            break;
+                        }
+                        if let Some(code) = failed {
+                            outcome = code;
+                            break;
+                        }
+                    }
+                    else => break,
+                }
+            }
+            record("AnalyzeStream", outcome, started);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as Self::AnalyzeStreamStream))
+    }
+
+    async fn get_info(&self, _request: Request<proto::GetInfoRequest>) -> Result<Response<proto::GetInfoResponse>, Status> {
+        let models = self.engine.models();
+        let mut infos = Vec::new();
+        if let Some(n) = &models.ner {
+            infos.push(proto::ModelInfo {
+                task: "entities".into(),
+                path: n.dir.dir.display().to_string(),
+                architecture: n.dir.config.model_type.clone(),
+                labels: n.model.labels().to_vec(),
+                max_tokens: (n.window.size + 2) as u32,
+                dtype: "f32".into(),
+            });
+        }
+        if let Some(t) = &models.topics {
+            infos.push(proto::ModelInfo {
+                task: "topics".into(),
+                path: t.dir.dir.display().to_string(),
+                architecture: t.dir.config.model_type.clone(),
+                labels: Vec::new(),
+                max_tokens: (t.window.size + 2) as u32,
+                dtype: "f32".into(),
+            });
+        }
+        let cfg = self.engine.config();
+        Ok(Response::new(proto::GetInfoResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            models: infos,
+            default_topics: models
+                .topics
+                .as_ref()
+                .map(|t| t.default_labels.iter().map(|l| l.name.clone()).collect())
+                .unwrap_or_default(),
+            limits: Some(proto::Limits {
+                max_text_chars: self.limits.max_text_chars as u32,
+                max_labels: self.limits.max_labels as u32,
+                max_batch_items: self.limits.max_batch_items as u32,
+                max_queue_tokens: cfg.max_queue_tokens as u32,
+                max_batch_tokens: cfg.max_batch_tokens as u32,
+            }),
+        }))
+    }
+}

@@ -1,0 +1,131 @@
+//! `tidings eval ner FILE` and `tidings eval topics FILE`: scores through the serving
+//! pipeline.
+
+use super::{LimitArgs, ModelArgs};
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use std::path::PathBuf;
+use tidings::engine::Admission;
+use tidings::model::ModelDir;
+use tidings::pipeline::analysis::{Article, Options};
+use tidings::pipeline::topics::Taxonomy;
+use tidings::train::{conll, ner};
+
+/// What to score.
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Strict entity-level P/R/F1 per type on a CoNLL file.
+    Ner {
+        /// CoNLL file.
+        #[arg(default_value = "../shared/data/conll2003/valid.txt")]
+        file: PathBuf,
+        #[command(flatten)]
+        models: ModelArgs,
+    },
+    /// Topic accuracy on a CSV of `label,title,description` (AG News layout), with the
+    /// labels of a taxonomy file passed as request-time labels (label i+1 = entry i).
+    Topics {
+        /// CSV file.
+        #[arg(default_value = "../shared/data/ag_news/dev.csv")]
+        file: PathBuf,
+        /// Taxonomy whose labels, in order, are the CSV's classes 1..N.
+        #[arg(long, default_value = "models/topics/ag_news.json")]
+        labels: PathBuf,
+        /// Use only the first N rows (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[command(flatten)]
+        models: ModelArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// Runs an evaluation and prints its table.
+pub fn run(c: EvalCommand) -> Result<()> {
+    match c {
+        EvalCommand::Ner { file, models } => {
+            let started = std::time::Instant::now();
+            let docs = conll::read(&file)?;
+            let m = ModelArgs {
+                topic_model: "none".into(),
+                ..models
+            }
+            .load()?;
+            let ner_model = m.ner.as_ref().context("no NER model loaded")?;
+            let dir: &ModelDir = &ner_model.dir;
+            let scorer = ner::evaluate(&ner_model.model, dir, &docs, ner_model.window, &m.device)?;
+            println!("{}", file.display());
+            print!("{}", scorer.table());
+            println!("({:.1}s)", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        EvalCommand::Topics {
+            file,
+            labels,
+            limit,
+            models,
+            limits,
+        } => {
+            let tax: Taxonomy = serde_json::from_slice(&std::fs::read(&labels).with_context(|| format!("reading {}", labels.display()))?)?;
+            let mut rdr = csv::Reader::from_path(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut rows = Vec::new();
+            for rec in rdr.records() {
+                let rec = rec?;
+                let label: usize = rec.get(0).unwrap_or("").trim().parse().context("label column")?;
+                rows.push((label, rec.get(1).unwrap_or("").to_string(), rec.get(2).unwrap_or("").to_string()));
+                if limit > 0 && rows.len() >= limit {
+                    break;
+                }
+            }
+            let m = ModelArgs {
+                ner_model: "none".into(),
+                ..models
+            }
+            .load()?;
+            let engine = limits.engine(m);
+            let rt = super::runtime()?;
+            let started = std::time::Instant::now();
+            let results = rt.block_on(async {
+                let futs = rows.iter().enumerate().map(|(i, (_, title, desc))| {
+                    let engine = engine.clone();
+                    let labels = &tax.labels;
+                    async move {
+                        let article = Article {
+                            id: i.to_string(),
+                            text: desc.clone(),
+                            title: title.clone(),
+                            options: Options {
+                                entities: false,
+                                ..Options::default()
+                            },
+                        };
+                        engine.analyze(article, Some(labels), Admission::Wait).await
+                    }
+                });
+                futures::future::join_all(futs).await
+            });
+            let n = tax.labels.len();
+            let mut confusion = vec![vec![0usize; n]; n];
+            let mut correct = 0;
+            let mut nll = 0f64;
+            for ((gold, _, _), res) in rows.iter().zip(results) {
+                let (a, _) = res.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let best = &a.topics[0].label;
+                let pred = tax.labels.iter().position(|l| &l.name == best).unwrap_or(0);
+                let gold_i = gold - 1;
+                confusion[gold_i][pred] += 1;
+                correct += usize::from(pred == gold_i);
+                let p = a.topics.iter().find(|t| t.label == tax.labels[gold_i].name).map_or(1e-9, |t| t.score);
+                nll -= (p.max(1e-9) as f64).ln();
+            }
+            println!("{} ({} rows), labels from {}", file.display(), rows.len(), labels.display());
+            println!("accuracy {:.4}  mean NLL {:.4}  ({:.1}s)", correct as f64 / rows.len() as f64, nll / rows.len() as f64, started.elapsed().as_secs_f64());
+            println!("confusion (rows gold, columns predicted): {}", tax.labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", "));
+            for (l, row) in tax.labels.iter().zip(&confusion) {
+                println!("{:>10} {:?}", l.name, row);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Command-line interface: flags (each with an environment variable where a deployment
+//! would set it) and the subcommands' bodies.
+
+mod analyze;
+mod eval;
+mod serve;
+mod train;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use tidings::api::convert::Limits;
+use tidings::engine::{Engine, EngineConfig};
+use tidings::pipeline::analysis::Models;
+use tidings::pipeline::WindowSpec;
+
+/// Tidings: topics and named entities of news articles, over gRPC.
+#[derive(Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "TIDINGS_LOG_JSON")]
+    pub log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server.
+    Serve(serve::ServeArgs),
+    /// Analyze one file (or stdin, `-`) locally, without a server; prints JSON.
+    Analyze(analyze::AnalyzeArgs),
+    /// Fine-tune models.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// Score models on labelled data.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub fn run(self) -> Result<()> {
+        match self.command {
+            Command::Serve(a) => serve::run(a),
+            Command::Analyze(a) => analyze::run(a),
+            Command::Train(c) => train::run(c),
+            Command::Eval(c) => eval::run(c),
+        }
+    }
+}
+
+/// Sets up tracing from `RUST_LOG` (default `info`).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Which models to load, shared by `serve`, `analyze` and `eval`.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// NER model directory (HF format, token classification). "none" to disable entities.
+    #[arg(long, env = "TIDINGS_NER_MODEL", default_value = "models/ner")]
+    pub ner_model: PathBuf,
+    /// Topic encoder directory (HF format; mean-pooled embeddings). "none" to disable topics.
+    #[arg(long, env = "TIDINGS_TOPIC_MODEL", default_value = "models/minilm")]
+    pub topic_model: PathBuf,
+    /// Default topic taxonomy (JSON).
+    #[arg(long, env = "TIDINGS_TAXONOMY", default_value = "models/topics/news.json")]
+    pub taxonomy: PathBuf,
+    /// Pieces per model window (special tokens excluded).
+    #[arg(long, env = "TIDINGS_WINDOW", default_value_t = 254)]
+    pub window: usize,
+    /// Pieces shared by consecutive windows.
+    #[arg(long, env = "TIDINGS_WINDOW_OVERLAP", default_value_t = 64)]
+    pub window_overlap: usize,
+}
+
+fn some_path(p: &PathBuf) -> Option<&std::path::Path> {
+    (p.as_os_str() != "none").then_some(p.as_path())
+}
+
+impl ModelArgs {
+    /// Loads the models named by the flags.
+    pub fn load(&self) -> Result<Models> {
+        let started = std::time::Instant::now();
+        let models = Models::load(
+            some_path(&self.ner_model),
+            some_path(&self.topic_model),
+            some_path(&self.taxonomy),
+            WindowSpec {
+                size: self.window,
+                overlap: self.window_overlap,
+            },
+        )?;
+        tracing::info!(
+            ner = models.ner.is_some(),
+            topics = models.topics.is_some(),
+            shared_tokenizer = models.shared_tokenizer,
+            ms = started.elapsed().as_millis() as u64,
+            "models loaded"
+        );
+        Ok(models)
+    }
+}
+
+/// Engine and request limits, shared by `serve` and `analyze`.
+#[derive(Args, Clone, Debug)]
+pub struct LimitArgs {
+    /// Most characters in an article's text.
+    #[arg(long, env = "TIDINGS_MAX_TEXT_CHARS", default_value_t = Limits::default().max_text_chars)]
+    pub max_text_chars: usize,
+    /// Most request-time topic labels.
+    #[arg(long, env = "TIDINGS_MAX_LABELS", default_value_t = Limits::default().max_labels)]
+    pub max_labels: usize,
+    /// Most items in one AnalyzeBatch call.
+    #[arg(long, env = "TIDINGS_MAX_BATCH_ITEMS", default_value_t = Limits::default().max_batch_items)]
+    pub max_batch_items: usize,
+    /// Most padded tokens in one forward pass.
+    #[arg(long, env = "TIDINGS_MAX_BATCH_TOKENS", default_value_t = EngineConfig::default().max_batch_tokens)]
+    pub max_batch_tokens: usize,
+    /// Most padded tokens of work admitted at once (beyond: RESOURCE_EXHAUSTED / back-pressure).
+    #[arg(long, env = "TIDINGS_MAX_QUEUE_TOKENS", default_value_t = EngineConfig::default().max_queue_tokens)]
+    pub max_queue_tokens: usize,
+    /// Milliseconds the batcher waits to fill a batch.
+    #[arg(long, env = "TIDINGS_MAX_WAIT_MS", default_value_t = 2)]
+    pub max_wait_ms: u64,
+}
+
+impl LimitArgs {
+    /// The request limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_text_chars: self.max_text_chars,
+            max_labels: self.max_labels,
+            max_batch_items: self.max_batch_items,
+            ..Limits::default()
+        }
+    }
+
+    /// Starts an engine over `models` with these limits.
+    pub fn engine(&self, models: Models) -> Engine {
+        Engine::start(
+            std::sync::Arc::new(models),
+            EngineConfig {
+                max_batch_tokens: self.max_batch_tokens,
+                max_queue_tokens: self.max_queue_tokens,
+                max_wait: std::time::Duration::from_millis(self.max_wait_ms),
+                ..EngineConfig::default()
+            },
+        )
+    }
+}
+
+/// A multi-threaded tokio runtime for the async subcommands.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

@@ -1,0 +1,75 @@
+//! `tidings serve`: load the models, start the engine and the gRPC server.
+
+use super::{LimitArgs, ModelArgs};
+use anyhow::{Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tidings::api::{self, ServerConfig};
+
+/// Flags of `tidings serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TIDINGS_ADDR", default_value = "127.0.0.1:50051")]
+    addr: SocketAddr,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9090); off when unset.
+    #[arg(long, env = "TIDINGS_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Largest gRPC message decoded or encoded, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_MESSAGE_BYTES", default_value_t = ServerConfig::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Most calls served at once per connection.
+    #[arg(long, env = "TIDINGS_MAX_CONCURRENT", default_value_t = ServerConfig::default().max_concurrent_per_connection)]
+    max_concurrent: usize,
+    /// Longest a call may run (seconds), whatever deadline the client set.
+    #[arg(long, env = "TIDINGS_REQUEST_TIMEOUT_S", default_value_t = 300)]
+    request_timeout_s: u64,
+    /// Seconds in-flight calls get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "TIDINGS_GRACE_S", default_value_t = 30)]
+    grace_s: u64,
+    #[command(flatten)]
+    models: ModelArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub fn run(a: ServeArgs) -> Result<()> {
+    let rt = super::runtime()?;
+    rt.block_on(async move {
+        // Bind first: a port in use fails before minutes of model loading.
+        let listener = api::bind(a.addr).await?;
+        if let Some(m) = a.metrics_addr {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(m)
+                .install()
+                .with_context(|| format!("starting the metrics exporter on {m}"))?;
+            tracing::info!(addr = %m, "metrics on /metrics");
+        }
+        let models = tokio::task::spawn_blocking({
+            let m = a.models.clone();
+            move || m.load()
+        })
+        .await??;
+        let engine = a.limits.engine(models);
+        // Compute the default taxonomy's prototypes before the first request.
+        if engine.models().topics.is_some() {
+            engine
+                .default_label_set()
+                .await
+                .map_err(|e| anyhow::anyhow!("embedding the default taxonomy: {e}"))?;
+        }
+        let cfg = ServerConfig {
+            limits: a.limits.limits(),
+            max_message_bytes: a.max_message_bytes,
+            max_concurrent_per_connection: a.max_concurrent,
+            request_timeout: Duration::from_secs(a.request_timeout_s),
+            grace: Duration::from_secs(a.grace_s),
+            ..ServerConfig::default()
+        };
+        api::serve(listener, engine, cfg, api::shutdown_signal()).await?;
+        tracing::info!("server stopped");
+        Ok(())
+    })
+}

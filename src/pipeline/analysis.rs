@@ -1,0 +1,407 @@
+//! One article end to end, split into the three steps the engine schedules: `prepare`
+//! (tokenize once, cut windows), the model runs on rows (batched across articles by the
+//! engine), and `finish` (merge windows, decode entities, score topics).
+
+use super::entities::{self, Group, Mention, TagSet};
+use super::topics::{self, Label};
+use super::tokens::{self, Tokens};
+use super::windows::{self, Window};
+use super::{batch::Row, Specials, WindowSpec};
+use crate::model::{ModelDir, ModelError, SentenceEmbedder, TokenClassifier};
+use candle_core::Device;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+/// What to compute for an article.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// Run topic classification.
+    pub topics: bool,
+    /// Run entity recognition.
+    pub entities: bool,
+    /// Topics to return, best first; 0 = all.
+    pub top_k: usize,
+    /// Drop entities scoring below this.
+    pub min_entity_score: f32,
+    /// Entity types to keep; empty = all.
+    pub entity_types: HashSet<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            topics: true,
+            entities: true,
+            top_k: 0,
+            min_entity_score: 0.0,
+            entity_types: HashSet::new(),
+        }
+    }
+}
+
+/// Topic labels with their prototype embeddings.
+#[derive(Debug, Clone)]
+pub struct LabelSet {
+    /// Label names, in the caller's order.
+    pub names: Vec<String>,
+    /// Unit-length prototype of each label.
+    pub prototypes: Vec<Vec<f32>>,
+}
+
+/// A validated article.
+#[derive(Debug, Clone)]
+pub struct Article {
+    /// Caller's id.
+    pub id: String,
+    /// Body.
+    pub text: String,
+    /// Optional headline (topics only).
+    pub title: String,
+    /// What to compute.
+    pub options: Options,
+}
+
+/// How the text was read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Reading {
+    /// Pieces in the body.
+    pub tokens: u32,
+    /// Windows the body was read in.
+    pub windows: u32,
+    /// Whether anything was left unread (never, today).
+    pub truncated: bool,
+}
+
+/// A topic and its probability.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TopicScore {
+    /// Label name.
+    pub label: String,
+    /// Probability among the labels considered.
+    pub score: f32,
+}
+
+/// The result for one article.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Analysis {
+    /// Caller's id.
+    pub id: String,
+    /// Topics, best first.
+    pub topics: Vec<TopicScore>,
+    /// Entity mentions in text order.
+    pub entities: Vec<Mention>,
+    /// One group per distinct entity.
+    pub entity_groups: Vec<Group>,
+    /// How the text was read.
+    pub reading: Reading,
+}
+
+/// An article cut into model rows, waiting for its forward passes.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The article.
+    pub article: Article,
+    /// Body pieces for the NER model.
+    pub ner_tokens: Option<Arc<Tokens>>,
+    /// Its windows.
+    pub ner_windows: Vec<Window>,
+    /// Body pieces for the topic model (the same `Arc` when the tokenizers are shared).
+    pub topic_tokens: Option<Arc<Tokens>>,
+    /// Its windows.
+    pub topic_windows: Vec<Window>,
+    /// Title pieces for the topic model (cut to one window).
+    pub title_tokens: Option<Tokens>,
+}
+
+impl Prepared {
+    /// NER rows, one per window.
+    pub fn ner_rows(&self) -> Vec<Row<'_>> {
+        match &self.ner_tokens {
+            Some(t) => super::window_rows(t, &self.ner_windows),
+            None => Vec::new(),
+        }
+    }
+
+    /// Topic rows: the body's windows, then the title if any.
+    pub fn topic_rows(&self) -> Vec<Row<'_>> {
+        let mut rows = match &self.topic_tokens {
+            Some(t) => super::window_rows(t, &self.topic_windows),
+            None => Vec::new(),
+        };
+        if let Some(t) = &self.title_tokens {
+            rows.push(Row {
+                ids: &t.ids,
+                casing: &t.casing,
+            });
+        }
+        rows
+    }
+
+    /// Padded tokens the rows will cost (a queue-budget measure).
+    pub fn cost(&self) -> usize {
+        self.ner_rows()
+            .iter()
+            .chain(self.topic_rows().iter())
+            .map(|r| r.ids.len() + 2)
+            .sum()
+    }
+}
+
+/// Model outputs for one prepared article.
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    /// Tag probabilities per NER window.
+    pub ner: Vec<Vec<f32>>,
+    /// Embedding per topic row (body windows, then title).
+    pub topics: Vec<Vec<f32>>,
+}
+
+/// The NER model and what decoding it needs.
+#[derive(Debug)]
+pub struct NerModel {
+    /// Its directory.
+    pub dir: ModelDir,
+    /// The network.
+    pub model: TokenClassifier,
+    /// Its tag set.
+    pub tags: TagSet,
+    /// Its special tokens.
+    pub specials: Specials,
+    /// Its windows.
+    pub window: WindowSpec,
+}
+
+/// The topic encoder, its default taxonomy and the softmax scale.
+#[derive(Debug)]
+pub struct TopicModel {
+    /// Its directory.
+    pub dir: ModelDir,
+    /// The network.
+    pub model: SentenceEmbedder,
+    /// Its special tokens.
+    pub specials: Specials,
+    /// Its windows.
+    pub window: WindowSpec,
+    /// Default labels (used when a request brings none).
+    pub default_labels: Vec<Label>,
+    /// Multiplier of cosine similarities before the softmax.
+    pub scale: f32,
+}
+
+/// Both models, loaded once at start-up.
+#[derive(Debug)]
+pub struct Models {
+    /// Entity model, if loaded.
+    pub ner: Option<NerModel>,
+    /// Topic model, if loaded.
+    pub topics: Option<TopicModel>,
+    /// Where they run.
+    pub device: Device,
+    /// Whether the two models share one tokenizer (the text is then tokenized once).
+    pub shared_tokenizer: bool,
+}
+
+fn specials_of(dir: &ModelDir) -> Result<Specials, ModelError> {
+    let (cls, sep) = dir.special_ids()?;
+    Ok(Specials {
+        cls,
+        sep,
+        pad: dir.config.pad_token_id as u32,
+    })
+}
+
+impl Models {
+    /// Loads the NER model from `ner_dir` and the topic encoder from `topic_dir` with the
+    /// taxonomy in `taxonomy` (JSON, see [`topics::Taxonomy`]). Either model may be absent.
+    pub fn load(
+        ner_dir: Option<&Path>,
+        topic_dir: Option<&Path>,
+        taxonomy: Option<&Path>,
+        window: WindowSpec,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let device = Device::Cpu;
+        let ner = match ner_dir {
+            Some(p) => {
+                let dir = ModelDir::open(p)?;
+                let model = TokenClassifier::load(&dir, &device)?;
+                let tags = TagSet::new(model.labels());
+                let specials = specials_of(&dir)?;
+                let window = window.fit(dir.config.max_tokens());
+                Some(NerModel {
+                    dir,
+                    model,
+                    tags,
+                    specials,
+                    window,
+                })
+            }
+            None => None,
+        };
+        let topics = match topic_dir {
+            Some(p) => {
+                let dir = ModelDir::open(p)?;
+                let model = SentenceEmbedder::load(&dir, &device)?;
+                let specials = specials_of(&dir)?;
+                let default_labels = match taxonomy {
+                    Some(t) => {
+                        let bytes = std::fs::read(t)
+                            .with_context(|| format!("reading taxonomy {}", t.display()))?;
+                        let tax: topics::Taxonomy = serde_json::from_slice(&bytes)
+                            .with_context(|| format!("parsing taxonomy {}", t.display()))?;
+                        tax.labels
+                    }
+                    None => Vec::new(),
+                };
+                let window = window.fit(dir.config.max_tokens());
+                Some(TopicModel {
+                    dir,
+                    model,
+                    specials,
+                    window,
+                    default_labels,
+                    scale: topics::DEFAULT_SCALE,
+                })
+            }
+            None => None,
+        };
+        let shared_tokenizer = match (&ner, &topics) {
+            (Some(n), Some(t)) => n.dir.tokenizer_json == t.dir.tokenizer_json && n.window == t.window,
+            _ => false,
+        };
+        Ok(Self {
+            ner,
+            topics,
+            device,
+            shared_tokenizer,
+        })
+    }
+
+    /// Entity types the NER model produces (empty without one).
+    pub fn entity_types(&self) -> Vec<String> {
+        self.ner
+            .as_ref()
+            .map(|n| n.tags.entity_types())
+            .unwrap_or_default()
+    }
+
+    /// Tokenizes and windows an article (the text once when the tokenizers are shared).
+    pub fn prepare(&self, article: Article) -> Result<Prepared, tokens::TokenizeError> {
+        let mut p = Prepared {
+            ner_tokens: None,
+            ner_windows: Vec::new(),
+            topic_tokens: None,
+            topic_windows: Vec::new(),
+            title_tokens: None,
+            article,
+        };
+        let opts = &p.article.options;
+        if let (true, Some(ner)) = (opts.entities, &self.ner) {
+            let t = Arc::new(tokens::tokenize(&ner.dir.tokenizer, &p.article.text)?);
+            p.ner_windows = windows::plan(t.len(), ner.window.size, ner.window.overlap);
+            p.ner_tokens = Some(t);
+        }
+        if let (true, Some(tm)) = (opts.topics, &self.topics) {
+            let t = match (&p.ner_tokens, self.shared_tokenizer) {
+                (Some(t), true) => t.clone(),
+                _ => Arc::new(tokens::tokenize(&tm.dir.tokenizer, &p.article.text)?),
+            };
+            p.topic_windows = windows::plan(t.len(), tm.window.size, tm.window.overlap);
+            p.topic_tokens = Some(t);
+            if !p.article.title.trim().is_empty() {
+                let mut title = tokens::tokenize(&tm.dir.tokenizer, &p.article.title)?;
+                let keep = tm.window.size.min(title.len());
+                title.ids.truncate(keep);
+                title.casing.truncate(keep);
+                title.offsets.truncate(keep);
+                title.words.truncate(keep);
+                if !title.is_empty() {
+                    p.title_tokens = Some(title);
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Tokenizes label texts for embedding: one row each, cut to one window.
+    pub fn tokenize_texts(&self, texts: &[String]) -> Result<Vec<Tokens>, tokens::TokenizeError> {
+        let Some(tm) = &self.topics else {
+            return Ok(Vec::new());
+        };
+        texts
+            .iter()
+            .map(|t| {
+                let mut toks = tokens::tokenize(&tm.dir.tokenizer, t)?;
+                let keep = tm.window.size.min(toks.len());
+                toks.ids.truncate(keep);
+                toks.casing.truncate(keep);
+                Ok(toks)
+            })
+            .collect()
+    }
+
+    /// Turns model outputs into the article's analysis, using `labels` for topics.
+    pub fn finish(&self, p: &Prepared, out: &Outputs, labels: Option<&LabelSet>) -> Analysis {
+        let opts = &p.article.options;
+        let mut analysis = Analysis {
+            id: p.article.id.clone(),
+            ..Analysis::default()
+        };
+        let body = p.ner_tokens.as_ref().or(p.topic_tokens.as_ref());
+        if let Some(t) = body {
+            analysis.reading.tokens = t.len() as u32;
+            analysis.reading.windows = p.ner_windows.len().max(p.topic_windows.len()) as u32;
+        }
+        if let (Some(ner), Some(toks)) = (&self.ner, &p.ner_tokens) {
+            let n = ner.tags.tags().len();
+            let probs = super::merge_windows(toks.len(), &p.ner_windows, &out.ner, n);
+            let mentions = entities::decode(&p.article.text, toks, &probs, &ner.tags);
+            analysis.entities = mentions
+                .into_iter()
+                .filter(|m| m.score >= opts.min_entity_score)
+                .filter(|m| opts.entity_types.is_empty() || opts.entity_types.contains(&m.label))
+                .collect();
+            analysis.entity_groups = entities::group(&analysis.entities);
+        }
+        if let (Some(tm), Some(labels)) = (&self.topics, labels) {
+            if !out.topics.is_empty() && !labels.names.is_empty() {
+                let article = article_embedding(p, &out.topics);
+                let protos: Vec<&[f32]> = labels.prototypes.iter().map(|v| v.as_slice()).collect();
+                let probs = topics::score(&article, &protos, tm.scale);
+                let mut scored: Vec<TopicScore> = labels
+                    .names
+                    .iter()
+                    .cloned()
+                    .zip(probs)
+                    .map(|(label, score)| TopicScore { label, score })
+                    .collect();
+                scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+                if opts.top_k > 0 {
+                    scored.truncate(opts.top_k);
+                }
+                analysis.topics = scored;
+            }
+        }
+        analysis
+    }
+}
+
+/// The article's embedding: body windows weighted by their length, and the title (if any)
+/// weighted as much as the whole body, since a headline states the topic most densely.
+pub fn article_embedding(p: &Prepared, rows: &[Vec<f32>]) -> Vec<f32> {
+    let mut vecs: Vec<&[f32]> = Vec::new();
+    let mut weights: Vec<f32> = Vec::new();
+    let body: f32 = p.topic_windows.iter().map(|w| w.len() as f32).sum();
+    for (w, v) in p.topic_windows.iter().zip(rows) {
+        vecs.push(v);
+        weights.push(w.len() as f32 / body.max(1.0));
+    }
+    if p.title_tokens.is_some() {
+        if let Some(v) = rows.get(p.topic_windows.len()) {
+            vecs.push(v);
+            weights.push(1.0);
+        }
+    }
+    topics::mean_unit(&vecs, &weights)
+}

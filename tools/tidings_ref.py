@@ -1,0 +1,220 @@
+"""Reference (PyTorch + Hugging Face transformers) implementation of Tidings' model semantics.
+
+Shared by tools/parity.py and bench/reference_server.py. Everything here mirrors what the
+Rust service does, so that its outputs can be checked against an independent implementation:
+
+- tokenization: the model dir's tokenizer.json with padding and truncation OFF and no special
+  tokens; [CLS] ... [SEP] are added per window;
+- windows: at most WINDOW_PIECES pieces, consecutive windows sharing WINDOW_OVERLAP pieces;
+  each piece is read from the window where it has the most context (ties: earlier window);
+- casing: a word-shape id per piece (see `shape`), computed on the ORIGINAL text under the
+  piece's offsets; its embedding row is added to the word embedding (NER models whose
+  config.json has "tidings_casing": true);
+- NER: BertForTokenClassification in float32 (weights may be stored in f16);
+- embeddings: BertModel, mean pooling over the attention mask, L2 normalisation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is not reachable; never try it
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+from transformers import BertConfig, BertForTokenClassification, BertModel  # noqa: E402
+
+WINDOW_PIECES = 254  # pieces per window, without [CLS]/[SEP]
+WINDOW_OVERLAP = 64  # pieces shared by consecutive windows
+CASING_NAME = "bert.embeddings.casing_embeddings.weight"
+
+# Word shapes (src/pipeline/casing.rs).
+NONE, LOWER, TITLE, UPPER, MIXED, NO_LETTERS = range(6)
+
+
+def _is_alpha(c: str) -> bool:
+    # Rust's char::is_alphabetic is the Unicode "Alphabetic" property: letters (L*), letter
+    # numbers (Nl) and Other_Alphabetic (some combining marks, circled letters). Python has no
+    # Other_Alphabetic table; L* + Nl agrees on all ordinary text, including accented letters.
+    return c.isalpha() or unicodedata.category(c) == "Nl"
+
+
+def shape(piece: str) -> int:
+    """Word shape of `piece`, the original text under one token (same rules as the Rust)."""
+    letters = uppers = 0
+    first_upper = False
+    for c in piece:
+        if _is_alpha(c):
+            if c.isupper():
+                uppers += 1
+                if letters == 0:
+                    first_upper = True
+            letters += 1
+    if letters == 0:
+        return NO_LETTERS if piece else NONE
+    if uppers == 0:
+        return LOWER
+    if letters == 1 and uppers == 1:
+        return TITLE
+    if letters == uppers:
+        return UPPER
+    if uppers == 1 and first_upper:
+        return TITLE
+    return MIXED
+
+
+def plan_windows(n: int, size: int = WINDOW_PIECES, overlap: int = WINDOW_OVERLAP):
+    """[(start, end)] windows over n pieces (src/pipeline/windows.rs `plan`)."""
+    size = max(size, 1)
+    step = size - min(overlap, size - 1)
+    out, start = [], 0
+    while start < n:
+        end = min(start + size, n)
+        out.append((start, end))
+        if end == n:
+            break
+        start += step
+    return out
+
+
+def owners(n: int, windows) -> list[int]:
+    """For each piece, the window reading it with the largest margin; ties go to the earlier."""
+    best = [(-1, -1)] * n
+    for w, (s, e) in enumerate(windows):
+        for t in range(s, min(e, n)):
+            margin = min(t - s, e - 1 - t)
+            if margin > best[t][1]:
+                best[t] = (w, margin)
+    return [w for w, _ in best]
+
+
+@dataclass
+class Pieces:
+    """A text's word pieces, without special tokens."""
+    ids: list[int]
+    offsets: list[tuple[int, int]]  # char offsets into the original text
+    words: list[int | None]
+    casing: list[int]
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def tokenize(tok: Tokenizer, texts: list[str]) -> list[Pieces]:
+    out = []
+    for text, enc in zip(texts, tok.encode_batch(texts, add_special_tokens=False)):
+        offs = [tuple(o) for o in enc.offsets]
+        out.append(Pieces(list(enc.ids), offs, list(enc.word_ids),
+                          [shape(text[s:e]) for s, e in offs]))
+    return out
+
+
+def pad_rows(rows: list[list[int]], cls_id: int, sep_id: int, pad_id: int = 0):
+    """Wraps each row of piece ids as [CLS] row [SEP], pads to the longest; (ids, mask)."""
+    width = max(len(r) for r in rows) + 2
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r) + 2] = torch.tensor([cls_id, *r, sep_id], dtype=torch.long)
+        mask[i, : len(r) + 2] = 1
+    return ids, mask
+
+
+def pad_casing(rows: list[list[int]], width: int):
+    """Casing ids laid out like `pad_rows` (0 for [CLS], [SEP] and padding)."""
+    cas = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            cas[i, 1 : len(r) + 1] = torch.tensor(r, dtype=torch.long)
+    return cas
+
+
+def _read_weights(model_dir) -> dict[str, torch.Tensor]:
+    sd = load_file(str(Path(model_dir) / "model.safetensors"))
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], ignore=()):
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # Buffers (position_ids, token_type_ids) may or may not be stored; weights must all be.
+    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
+    unexpected = [k for k in unexpected
+                  if not k.endswith(("position_ids", "token_type_ids")) and not k.startswith(ignore)]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def _special_ids(tok: Tokenizer) -> tuple[int, int, int]:
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    pad_id = tok.token_to_id("[PAD]") or 0
+    if cls_id is None or sep_id is None:
+        raise ValueError("tokenizer has no [CLS]/[SEP]")
+    return cls_id, sep_id, pad_id
+
+
+class NerModel:
+    """BertForTokenClassification (+ Tidings' casing embedding) in float32."""
+
+    def __init__(self, model_dir):
+        self.dir = str(model_dir)
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        self.config = BertConfig.from_pretrained(self.dir)
+        self.labels = [self.config.id2label[i] for i in range(len(self.config.id2label))]
+        self.model = BertForTokenClassification(self.config).eval()
+        sd = _read_weights(model_dir)
+        casing = sd.pop(CASING_NAME, None)
+        if raw.get("tidings_casing") and casing is None:
+            raise ValueError(f"{self.dir}: tidings_casing is set but {CASING_NAME} is missing")
+        self.casing = casing if raw.get("tidings_casing") else None
+        _load_into(self.model, sd)
+        self.tok = load_tokenizer(model_dir)
+        self.cls_id, self.sep_id, self.pad_id = _special_ids(self.tok)
+
+    @torch.inference_mode()
+    def logits(self, rows: list[list[int]], casing: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [batch, width, labels] of windows given as piece ids (no specials); and mask."""
+        ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
+        emb = self.model.bert.embeddings.word_embeddings(ids)
+        if self.casing is not None:
+            emb = emb + self.casing[pad_casing(casing, ids.shape[1])]
+        out = self.model(inputs_embeds=emb, attention_mask=mask,
+                         token_type_ids=torch.zeros_like(ids))
+        return out.logits, mask
+
+
+class EmbedModel:
+    """BertModel with mean pooling over the attention mask and L2 normalisation."""
+
+    def __init__(self, model_dir):
+        self.dir = str(model_dir)
+        self.config = BertConfig.from_pretrained(self.dir)
+        self.model = BertModel(self.config, add_pooling_layer=False).eval()
+        sd = _read_weights(model_dir)
+        if any(k.startswith("bert.") for k in sd):
+            sd = {k[5:]: v for k, v in sd.items() if k.startswith("bert.")}
+        _load_into(self.model, sd, ignore=("pooler.",))
+        self.tok = load_tokenizer(model_dir)
+        self.cls_id, self.sep_id, self.pad_id = _special_ids(self.tok)
+
+    @torch.inference_mode()
+    def sums(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the sum of hidden states over the mask [batch, hidden] and the mask count."""
+        ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
+        h = self.model(input_ids=ids, attention_mask=mask,
+                       token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1), m.sum(1)
+
+    def embed(self, rows: list[list[int]]) -> torch.Tensor:
+        """Unit mean-pooled embeddings [batch, hidden]."""
+        s, n = self.sums(rows)
+        return torch.nn.functional.normalize(s / n.clamp(min=1), dim=-1)
