@@ -7,12 +7,12 @@
 //!
 //! # Layout
 //! The layers call only downwards:
-//! - [`api`]: tonic services, protobuf <-> domain types, status mapping, health, reflection.
-//! - [`engine`]: the bounded queue and the dynamic batcher thread that runs the models.
-//! - [`pipeline`]: text -> pieces -> windows -> rows; model outputs -> entities and topics.
-//! - [`model`]: HF-format model directories, the BERT-family encoder and its heads.
-//! - [`train`]: CoNLL reading, fine-tuning, scoring.
-//! - [`proto`]: the code generated from `proto/tidings/v1/tidings.proto`.
+//! - [`api`] — tonic services, protobuf <-> domain types, status mapping, health, reflection.
+//! - [`engine`] — the bounded queue and the dynamic batcher thread that runs the models.
+//! - [`pipeline`] — text -> pieces -> windows -> rows; model outputs -> entities and topics.
+//! - [`model`] — HF-format model directories, the BERT-family encoder and its heads.
+//! - [`train`] — CoNLL reading, fine-tuning, scoring.
+//! - [`proto`] — the code generated from `proto/tidings/v1/tidings.proto`.
 
 pub mod api;
 pub mod engine;

@@ -87,7 +87,7 @@ def compare(mine: dict, theirs: dict, tol: float) -> int:
                 if diff > tol:
                     errors.append(f"over tol {tol:g}")
         problems += bool(errors)
-        notes = "; ".join([e.upper() for e in errors] + info)
+        notes = "; ".join([f"FAIL: {e}" for e in errors] + info)
         print(f"[{i}] max|diff| {diff:.3e}  {notes}  {a['text'][:50]!r}")
     print(f"overall max|diff| = {worst:.3e}: {'OK' if not problems else f'{problems} problem(s)'} (tol {tol:g})")
     return 1 if problems else 0

@@ -64,14 +64,20 @@ pub fn article_from_proto(
     if chars > limits.max_text_chars {
         return Err(invalid(
             "text",
-            format!("has {chars} characters, more than the limit of {} (max_text_chars)", limits.max_text_chars),
+            format!(
+                "has {chars} characters, more than the limit of {} (max_text_chars)",
+                limits.max_text_chars
+            ),
         ));
     }
     let title_chars = req.title.chars().count();
     if title_chars > limits.max_title_chars {
         return Err(invalid(
             "title",
-            format!("has {title_chars} characters, more than the limit of {} (max_title_chars)", limits.max_title_chars),
+            format!(
+                "has {title_chars} characters, more than the limit of {} (max_title_chars)",
+                limits.max_title_chars
+            ),
         ));
     }
     let mut options = Options {
@@ -100,7 +106,10 @@ pub fn article_from_proto(
         if !entity_types.iter().any(|k| k == t) {
             return Err(invalid(
                 &format!("entity_types[{i}]"),
-                format!("unknown entity type {t:?}; the model knows {}", entity_types.join(", ")),
+                format!(
+                    "unknown entity type {t:?}; the model knows {}",
+                    entity_types.join(", ")
+                ),
             ));
         }
         options.entity_types.insert(t.clone());
@@ -117,14 +126,21 @@ pub fn article_from_proto(
     ))
 }
 
-fn labels_from_proto(labels: Vec<proto::TopicLabel>, limits: &Limits) -> Result<Option<Vec<Label>>, Status> {
+fn labels_from_proto(
+    labels: Vec<proto::TopicLabel>,
+    limits: &Limits,
+) -> Result<Option<Vec<Label>>, Status> {
     if labels.is_empty() {
         return Ok(None);
     }
     if labels.len() > limits.max_labels {
         return Err(invalid(
             "labels",
-            format!("has {} labels, more than the limit of {} (max_labels)", labels.len(), limits.max_labels),
+            format!(
+                "has {} labels, more than the limit of {} (max_labels)",
+                labels.len(),
+                limits.max_labels
+            ),
         ));
     }
     let mut seen = HashSet::new();
@@ -135,12 +151,19 @@ fn labels_from_proto(labels: Vec<proto::TopicLabel>, limits: &Limits) -> Result<
             return Err(invalid(&format!("labels[{i}].name"), "must not be empty"));
         }
         if !seen.insert(name.to_lowercase()) {
-            return Err(invalid(&format!("labels[{i}].name"), format!("duplicate label {name:?}")));
+            return Err(invalid(
+                &format!("labels[{i}].name"),
+                format!("duplicate label {name:?}"),
+            ));
         }
         if l.examples.len() > limits.max_label_examples {
             return Err(invalid(
                 &format!("labels[{i}].examples"),
-                format!("has {} examples, more than the limit of {}", l.examples.len(), limits.max_label_examples),
+                format!(
+                    "has {} examples, more than the limit of {}",
+                    l.examples.len(),
+                    limits.max_label_examples
+                ),
             ));
         }
         let too_long = std::iter::once(&name)
@@ -150,7 +173,10 @@ fn labels_from_proto(labels: Vec<proto::TopicLabel>, limits: &Limits) -> Result<
         if too_long {
             return Err(invalid(
                 &format!("labels[{i}]"),
-                format!("a label text is longer than {} characters", limits.max_label_chars),
+                format!(
+                    "a label text is longer than {} characters",
+                    limits.max_label_chars
+                ),
             ));
         }
         out.push(Label {
@@ -163,7 +189,11 @@ fn labels_from_proto(labels: Vec<proto::TopicLabel>, limits: &Limits) -> Result<
 }
 
 /// The response for an analysis.
-pub fn analysis_to_proto(a: Analysis, timing: Timing, total: std::time::Duration) -> proto::AnalyzeResponse {
+pub fn analysis_to_proto(
+    a: Analysis,
+    timing: Timing,
+    total: std::time::Duration,
+) -> proto::AnalyzeResponse {
     proto::AnalyzeResponse {
         id: a.id,
         topics: a
@@ -245,27 +275,54 @@ mod tests {
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().starts_with("text:"));
         let long = "x".repeat(l.max_text_chars + 1);
-        assert!(article_from_proto(req(&long), &l, &types()).unwrap_err().message().contains("max_text_chars"));
+        assert!(article_from_proto(req(&long), &l, &types())
+            .unwrap_err()
+            .message()
+            .contains("max_text_chars"));
         let mut r = req("ok");
         r.tasks = vec![0];
-        assert!(article_from_proto(r, &l, &types()).unwrap_err().message().starts_with("tasks[0]"));
+        assert!(article_from_proto(r, &l, &types())
+            .unwrap_err()
+            .message()
+            .starts_with("tasks[0]"));
         let mut r = req("ok");
         r.entity_types = vec!["PER".into(), "FOO".into()];
-        assert!(article_from_proto(r, &l, &types()).unwrap_err().message().starts_with("entity_types[1]"));
+        assert!(article_from_proto(r, &l, &types())
+            .unwrap_err()
+            .message()
+            .starts_with("entity_types[1]"));
         let mut r = req("ok");
         r.labels = vec![
-            proto::TopicLabel { name: "Sports".into(), ..Default::default() },
-            proto::TopicLabel { name: "sports".into(), ..Default::default() },
+            proto::TopicLabel {
+                name: "Sports".into(),
+                ..Default::default()
+            },
+            proto::TopicLabel {
+                name: "sports".into(),
+                ..Default::default()
+            },
         ];
-        assert!(article_from_proto(r, &l, &types()).unwrap_err().message().contains("duplicate"));
+        assert!(article_from_proto(r, &l, &types())
+            .unwrap_err()
+            .message()
+            .contains("duplicate"));
         let mut r = req("ok");
         r.labels = vec![proto::TopicLabel::default()];
-        assert!(article_from_proto(r, &l, &types()).unwrap_err().message().starts_with("labels[0].name"));
+        assert!(article_from_proto(r, &l, &types())
+            .unwrap_err()
+            .message()
+            .starts_with("labels[0].name"));
         let mut r = req("ok");
         r.labels = (0..=l.max_labels)
-            .map(|i| proto::TopicLabel { name: format!("l{i}"), ..Default::default() })
+            .map(|i| proto::TopicLabel {
+                name: format!("l{i}"),
+                ..Default::default()
+            })
             .collect();
-        assert!(article_from_proto(r, &l, &types()).unwrap_err().message().contains("max_labels"));
+        assert!(article_from_proto(r, &l, &types())
+            .unwrap_err()
+            .message()
+            .contains("max_labels"));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The edge: the gRPC server with the Tidings service, grpc.health.v1, server reflection,
 //! message-size and concurrency limits, and graceful shutdown.
 //!
-//! - [`convert`]: protobuf <-> domain types, validation, status mapping.
-//! - [`service`]: the `tidings.v1.Tidings` implementation.
+//! - [`convert`] — protobuf <-> domain types, validation, status mapping.
+//! - [`service`] — the `tidings.v1.Tidings` implementation.
 
 pub mod convert;
 pub mod service;

@@ -35,7 +35,11 @@ impl TidingsService {
     }
 
     /// Validates and analyzes one request.
-    async fn analyze_one(&self, req: proto::AnalyzeRequest, admission: Admission) -> Result<proto::AnalyzeResponse, Status> {
+    async fn analyze_one(
+        &self,
+        req: proto::AnalyzeRequest,
+        admission: Admission,
+    ) -> Result<proto::AnalyzeResponse, Status> {
         let started = Instant::now();
         let id = req.id.clone();
         let (article, labels) = article_from_proto(req, &self.limits, &self.entity_types)?;
@@ -58,26 +62,42 @@ fn record(rpc: &'static str, code: Code, started: Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
-/// Prefixes a status message with the item id it belongs to, keeping the code and details.
+/// Names the item a stream status belongs to: in the message, and in the `tidings-item-id`
+/// metadata for clients (such as `tidings batch`) that act on it. Code and details are kept.
 fn with_id(status: Status, id: &str) -> Status {
     if id.is_empty() {
         return status;
     }
-    Status::with_details(
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    if let Ok(v) = id.parse() {
+        metadata.insert("tidings-item-id", v);
+    }
+    Status::with_details_and_metadata(
         status.code(),
         format!("item {id:?}: {}", status.message()),
         status.details().to_vec().into(),
+        metadata,
     )
 }
 
-type AnalyzeStreamOut = Pin<Box<dyn Stream<Item = Result<proto::AnalyzeResponse, Status>> + Send + 'static>>;
+type AnalyzeStreamOut =
+    Pin<Box<dyn Stream<Item = Result<proto::AnalyzeResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Tidings for TidingsService {
-    async fn analyze(&self, request: Request<proto::AnalyzeRequest>) -> Result<Response<proto::AnalyzeResponse>, Status> {
+    async fn analyze(
+        &self,
+        request: Request<proto::AnalyzeRequest>,
+    ) -> Result<Response<proto::AnalyzeResponse>, Status> {
         let started = Instant::now();
-        let res = self.analyze_one(request.into_inner(), Admission::FailFast).await;
-        record("Analyze", res.as_ref().map_or_else(|s| s.code(), |_| Code::Ok), started);
+        let res = self
+            .analyze_one(request.into_inner(), Admission::FailFast)
+            .await;
+        record(
+            "Analyze",
+            res.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
+            started,
+        );
         res.map(Response::new)
     }
 
@@ -106,11 +126,13 @@ impl Tidings for TidingsService {
                     outcome: Some(proto::analyze_batch_item::Outcome::Response(resp)),
                 },
                 Err(s) => proto::AnalyzeBatchItem {
-                    outcome: Some(proto::analyze_batch_item::Outcome::Error(proto::ItemError {
-                        code: s.code() as i32,
-                        message: s.message().to_string(),
-                        id,
-                    })),
+                    outcome: Some(proto::analyze_batch_item::Outcome::Error(
+                        proto::ItemError {
+                            code: s.code() as i32,
+                            message: s.message().to_string(),
+                            id,
+                        },
+                    )),
                 },
             }
         }))
@@ -167,10 +189,15 @@ impl Tidings for TidingsService {
             }
             record("AnalyzeStream", outcome, started);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as Self::AnalyzeStreamStream))
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as Self::AnalyzeStreamStream
+        ))
     }
 
-    async fn get_info(&self, _request: Request<proto::GetInfoRequest>) -> Result<Response<proto::GetInfoResponse>, Status> {
+    async fn get_info(
+        &self,
+        _request: Request<proto::GetInfoRequest>,
+    ) -> Result<Response<proto::GetInfoResponse>, Status> {
         let models = self.engine.models();
         let mut infos = Vec::new();
         if let Some(n) = &models.ner {

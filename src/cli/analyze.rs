@@ -36,16 +36,22 @@ pub struct AnalyzeArgs {
 pub fn run(a: AnalyzeArgs) -> Result<()> {
     let mut text = String::new();
     if a.input.as_os_str() == "-" {
-        std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
     } else {
-        text = std::fs::read_to_string(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+        text = std::fs::read_to_string(&a.input)
+            .with_context(|| format!("reading {}", a.input.display()))?;
     }
     if text.trim().is_empty() {
         bail!("the input is empty");
     }
     let limits = a.limits.limits();
     if text.chars().count() > limits.max_text_chars {
-        bail!("the input is longer than --max-text-chars {}", limits.max_text_chars);
+        bail!(
+            "the input is longer than --max-text-chars {}",
+            limits.max_text_chars
+        );
     }
     let mut options = Options {
         top_k: a.top_k,
@@ -80,7 +86,11 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         options,
     };
     let (analysis, _) = rt
-        .block_on(engine.analyze(article, (!labels.is_empty()).then_some(&labels[..]), Admission::Wait))
+        .block_on(engine.analyze(
+            article,
+            (!labels.is_empty()).then_some(&labels[..]),
+            Admission::Wait,
+        ))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", serde_json::to_string_pretty(&analysis)?);
     Ok(())

@@ -39,9 +39,25 @@ pub enum EvalCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Raw logits (`--task ner`) or embeddings (`--task embed`) of the sentences in a
+    /// tools/parity.py JSON file, as JSON in the same format.
+    Parity {
+        /// `ner` or `embed`.
+        #[arg(long)]
+        task: String,
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON written by tools/parity.py (its sentences are recomputed).
+        #[arg(long)]
+        sentences: PathBuf,
+    },
 }
 
 /// Runs an evaluation and prints its table.
+///
+/// `Parity` prints Tidings' raw outputs for the sentences of a `tools/parity.py` JSON file, in
+/// the same format, so that the script can diff them against PyTorch.
 pub fn run(c: EvalCommand) -> Result<()> {
     match c {
         EvalCommand::Ner { file, models } => {
@@ -60,6 +76,11 @@ pub fn run(c: EvalCommand) -> Result<()> {
             println!("({:.1}s)", started.elapsed().as_secs_f64());
             Ok(())
         }
+        EvalCommand::Parity {
+            task,
+            model,
+            sentences,
+        } => parity(&task, &model, &sentences),
         EvalCommand::Topics {
             file,
             labels,
@@ -67,13 +88,25 @@ pub fn run(c: EvalCommand) -> Result<()> {
             models,
             limits,
         } => {
-            let tax: Taxonomy = serde_json::from_slice(&std::fs::read(&labels).with_context(|| format!("reading {}", labels.display()))?)?;
-            let mut rdr = csv::Reader::from_path(&file).with_context(|| format!("reading {}", file.display()))?;
+            let tax: Taxonomy = serde_json::from_slice(
+                &std::fs::read(&labels).with_context(|| format!("reading {}", labels.display()))?,
+            )?;
+            let mut rdr = csv::Reader::from_path(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let mut rows = Vec::new();
             for rec in rdr.records() {
                 let rec = rec?;
-                let label: usize = rec.get(0).unwrap_or("").trim().parse().context("label column")?;
-                rows.push((label, rec.get(1).unwrap_or("").to_string(), rec.get(2).unwrap_or("").to_string()));
+                let label: usize = rec
+                    .get(0)
+                    .unwrap_or("")
+                    .trim()
+                    .parse()
+                    .context("label column")?;
+                rows.push((
+                    label,
+                    rec.get(1).unwrap_or("").to_string(),
+                    rec.get(2).unwrap_or("").to_string(),
+                ));
                 if limit > 0 && rows.len() >= limit {
                     break;
                 }
@@ -116,16 +149,95 @@ pub fn run(c: EvalCommand) -> Result<()> {
                 let gold_i = gold - 1;
                 confusion[gold_i][pred] += 1;
                 correct += usize::from(pred == gold_i);
-                let p = a.topics.iter().find(|t| t.label == tax.labels[gold_i].name).map_or(1e-9, |t| t.score);
+                let p = a
+                    .topics
+                    .iter()
+                    .find(|t| t.label == tax.labels[gold_i].name)
+                    .map_or(1e-9, |t| t.score);
                 nll -= (p.max(1e-9) as f64).ln();
             }
-            println!("{} ({} rows), labels from {}", file.display(), rows.len(), labels.display());
-            println!("accuracy {:.4}  mean NLL {:.4}  ({:.1}s)", correct as f64 / rows.len() as f64, nll / rows.len() as f64, started.elapsed().as_secs_f64());
-            println!("confusion (rows gold, columns predicted): {}", tax.labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", "));
+            println!(
+                "{} ({} rows), labels from {}",
+                file.display(),
+                rows.len(),
+                labels.display()
+            );
+            println!(
+                "accuracy {:.4}  mean NLL {:.4}  ({:.1}s)",
+                correct as f64 / rows.len() as f64,
+                nll / rows.len() as f64,
+                started.elapsed().as_secs_f64()
+            );
+            println!(
+                "confusion (rows gold, columns predicted): {}",
+                tax.labels
+                    .iter()
+                    .map(|l| l.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             for (l, row) in tax.labels.iter().zip(&confusion) {
                 println!("{:>10} {:?}", l.name, row);
             }
             Ok(())
         }
     }
+}
+
+fn parity(task: &str, model: &std::path::Path, sentences: &std::path::Path) -> Result<()> {
+    use tidings::model::{SentenceEmbedder, TokenClassifier};
+    use tidings::pipeline::{batch, tokens};
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(sentences).with_context(|| format!("reading {}", sentences.display()))?,
+    )?;
+    let dir = ModelDir::open(model)?;
+    let (cls, sep) = dir.special_ids()?;
+    let pad = dir.config.pad_token_id as u32;
+    let device = candle_core::Device::Cpu;
+    let ner_model = (task == "ner")
+        .then(|| TokenClassifier::load(&dir, &device))
+        .transpose()?;
+    let embedder = (task == "embed")
+        .then(|| SentenceEmbedder::load(&dir, &device))
+        .transpose()?;
+    if ner_model.is_none() && embedder.is_none() {
+        anyhow::bail!("--task must be ner or embed");
+    }
+    let mut out = Vec::new();
+    for s in reference["sentences"]
+        .as_array()
+        .context("no sentences array")?
+    {
+        let text = s["text"].as_str().context("sentence without text")?;
+        let toks = tokens::tokenize(&dir.tokenizer, text)?;
+        let row = batch::Row {
+            ids: &toks.ids,
+            casing: &toks.casing,
+        };
+        let input = batch::encode_rows(&[row], cls, sep, pad, &device)?;
+        let ids: Vec<u32> = input.input_ids.squeeze(0)?.to_vec1()?;
+        let casing: Vec<u32> = input
+            .casing
+            .as_ref()
+            .context("casing")?
+            .squeeze(0)?
+            .to_vec1()?;
+        let mut item = serde_json::json!({"text": text, "ids": ids, "casing": casing});
+        if let Some(m) = &ner_model {
+            let logits: Vec<Vec<f32>> = m
+                .forward(&input, tidings::model::Mode::INFERENCE)?
+                .squeeze(0)?
+                .to_vec2()?;
+            item["logits"] = serde_json::json!(logits);
+        }
+        if let Some(e) = &embedder {
+            let v: Vec<f32> = e.forward(&input)?.squeeze(0)?.to_vec1()?;
+            item["embedding"] = serde_json::json!(v);
+        }
+        out.push(item);
+    }
+    let doc =
+        serde_json::json!({"model": model.display().to_string(), "task": task, "sentences": out});
+    println!("{}", serde_json::to_string(&doc)?);
+    Ok(())
 }

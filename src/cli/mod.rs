@@ -2,6 +2,7 @@
 //! would set it) and the subcommands' bodies.
 
 mod analyze;
+mod batch;
 mod eval;
 mod serve;
 mod train;
@@ -31,6 +32,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Analyze one file (or stdin, `-`) locally, without a server; prints JSON.
     Analyze(analyze::AnalyzeArgs),
+    /// Run a JSONL file of articles through a server (resumable).
+    Batch(batch::BatchArgs),
     /// Fine-tune models.
     #[command(subcommand)]
     Train(train::TrainCommand),
@@ -45,6 +48,7 @@ impl Cli {
         match self.command {
             Command::Serve(a) => serve::run(a),
             Command::Analyze(a) => analyze::run(a),
+            Command::Batch(a) => batch::run(a),
             Command::Train(c) => train::run(c),
             Command::Eval(c) => eval::run(c),
         }
@@ -75,8 +79,16 @@ pub struct ModelArgs {
     #[arg(long, env = "TIDINGS_TOPIC_MODEL", default_value = "models/minilm")]
     pub topic_model: PathBuf,
     /// Default topic taxonomy (JSON).
-    #[arg(long, env = "TIDINGS_TAXONOMY", default_value = "models/topics/news.json")]
+    #[arg(
+        long,
+        env = "TIDINGS_TAXONOMY",
+        default_value = "models/topics/news.json"
+    )]
     pub taxonomy: PathBuf,
+    /// Multiplier of cosine similarities before the topic softmax (the calibration
+    /// temperature's inverse).
+    #[arg(long, env = "TIDINGS_TOPIC_SCALE", default_value_t = tidings::pipeline::topics::DEFAULT_SCALE)]
+    pub topic_scale: f32,
     /// Pieces per model window (special tokens excluded).
     #[arg(long, env = "TIDINGS_WINDOW", default_value_t = 254)]
     pub window: usize,
@@ -85,15 +97,16 @@ pub struct ModelArgs {
     pub window_overlap: usize,
 }
 
-fn some_path(p: &PathBuf) -> Option<&std::path::Path> {
-    (p.as_os_str() != "none").then_some(p.as_path())
+/// `None` for the word `none`, which disables a model.
+fn some_path(p: &std::path::Path) -> Option<&std::path::Path> {
+    (p.as_os_str() != "none").then_some(p)
 }
 
 impl ModelArgs {
     /// Loads the models named by the flags.
     pub fn load(&self) -> Result<Models> {
         let started = std::time::Instant::now();
-        let models = Models::load(
+        let mut models = Models::load(
             some_path(&self.ner_model),
             some_path(&self.topic_model),
             some_path(&self.taxonomy),
@@ -102,6 +115,9 @@ impl ModelArgs {
                 overlap: self.window_overlap,
             },
         )?;
+        if let Some(t) = models.topics.as_mut() {
+            t.scale = self.topic_scale;
+        }
         tracing::info!(
             ner = models.ner.is_some(),
             topics = models.topics.is_some(),
@@ -163,5 +179,7 @@ impl LimitArgs {
 
 /// A multi-threaded tokio runtime for the async subcommands.
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

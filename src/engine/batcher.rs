@@ -133,7 +133,11 @@ fn run_jobs(models: &Models, jobs: &[Job], budget: usize) -> candle_core::Result
                     .collect(),
                 (Work::Texts(_), Target::Ner) => Vec::new(),
             };
-            slots.extend(rows.into_iter().enumerate().map(|(index, row)| Slot { job: j, index, row }));
+            slots.extend(rows.into_iter().enumerate().map(|(index, row)| Slot {
+                job: j,
+                index,
+                row,
+            }));
         }
         if slots.is_empty() {
             continue;
@@ -144,11 +148,17 @@ fn run_jobs(models: &Models, jobs: &[Job], budget: usize) -> candle_core::Result
             let rows: Vec<Row> = slots[range.clone()].iter().map(|s| s.row).collect();
             let results = match target {
                 Target::Ner => {
-                    let ner = models.ner.as_ref().ok_or_else(|| candle_core::Error::Msg("no NER model".into()))?;
+                    let ner = models
+                        .ner
+                        .as_ref()
+                        .ok_or_else(|| candle_core::Error::Msg("no NER model".into()))?;
                     token_probs(&ner.model, &rows, ner.specials, &models.device)?
                 }
                 Target::Topics => {
-                    let tm = models.topics.as_ref().ok_or_else(|| candle_core::Error::Msg("no topic model".into()))?;
+                    let tm = models
+                        .topics
+                        .as_ref()
+                        .ok_or_else(|| candle_core::Error::Msg("no topic model".into()))?;
                     embeddings(&tm.model, &rows, tm.specials, &models.device)?
                 }
             };

@@ -7,7 +7,7 @@
 //! thread packs the windows of many articles into forward passes by a token budget, sorted by
 //! length to waste little padding, and skips work whose caller has gone away.
 //!
-//! - [`batcher`]: the thread and its packing.
+//! - [`batcher`] — the thread and its packing.
 
 pub mod batcher;
 
@@ -124,6 +124,9 @@ pub struct Engine {
     permits: Arc<Semaphore>,
     cfg: EngineConfig,
     labels: Arc<Mutex<HashMap<String, Vec<f32>>>>,
+    /// Held while label embeddings are computed, so that concurrent requests with the same
+    /// new labels embed them once instead of once each.
+    embedding_labels: Arc<tokio::sync::Mutex<()>>,
     default_labels: Arc<Mutex<Option<LabelSet>>>,
 }
 
@@ -142,6 +145,7 @@ impl Engine {
             permits: Arc::new(Semaphore::new(cfg.max_queue_tokens)),
             cfg,
             labels: Arc::new(Mutex::new(HashMap::new())),
+            embedding_labels: Arc::new(tokio::sync::Mutex::new(())),
             default_labels: Arc::new(Mutex::new(None)),
         }
     }
@@ -161,7 +165,12 @@ impl Engine {
         self.cfg.max_queue_tokens - self.permits.available_permits()
     }
 
-    async fn submit(&self, work: Work, cost: usize, admission: Admission) -> Result<(Outputs, Timing), EngineError> {
+    async fn submit(
+        &self,
+        work: Work,
+        cost: usize,
+        admission: Admission,
+    ) -> Result<(Outputs, Timing), EngineError> {
         let limit = self.cfg.max_queue_tokens;
         if cost > limit {
             return Err(EngineError::TooLarge { cost, limit });
@@ -197,10 +206,25 @@ impl Engine {
     }
 
     /// Embeddings of texts through the topic model, from the cache where possible.
-    async fn embed(&self, texts: &[String], admission: Admission) -> Result<Vec<Vec<f32>>, EngineError> {
+    async fn embed(
+        &self,
+        texts: &[String],
+        admission: Admission,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let missing =
+            |cache: &HashMap<String, Vec<f32>>| texts.iter().any(|t| !cache.contains_key(t));
+        let _single_flight = if missing(&self.labels.lock().unwrap_or_else(|e| e.into_inner())) {
+            Some(self.embedding_labels.lock().await)
+        } else {
+            None
+        };
         let missing: Vec<String> = {
             let cache = self.labels.lock().unwrap_or_else(|e| e.into_inner());
-            let mut m: Vec<String> = texts.iter().filter(|t| !cache.contains_key(*t)).cloned().collect();
+            let mut m: Vec<String> = texts
+                .iter()
+                .filter(|t| !cache.contains_key(*t))
+                .cloned()
+                .collect();
             m.sort();
             m.dedup();
             m
@@ -228,14 +252,21 @@ impl Engine {
     }
 
     /// Prototype embeddings of labels: the mean of their texts' embeddings.
-    pub async fn label_set(&self, labels: &[Label], admission: Admission) -> Result<LabelSet, EngineError> {
+    pub async fn label_set(
+        &self,
+        labels: &[Label],
+        admission: Admission,
+    ) -> Result<LabelSet, EngineError> {
         let per_label: Vec<Vec<String>> = labels.iter().map(Label::prototype_texts).collect();
         let all: Vec<String> = per_label.iter().flatten().cloned().collect();
         let embs = self.embed(&all, admission).await?;
         let mut at = 0;
         let mut prototypes = Vec::with_capacity(labels.len());
         for texts in &per_label {
-            let vs: Vec<&[f32]> = embs[at..at + texts.len()].iter().map(|v| v.as_slice()).collect();
+            let vs: Vec<&[f32]> = embs[at..at + texts.len()]
+                .iter()
+                .map(|v| v.as_slice())
+                .collect();
             prototypes.push(topics::mean_unit(&vs, &vec![1.0; vs.len()]));
             at += texts.len();
         }
@@ -247,7 +278,12 @@ impl Engine {
 
     /// The default taxonomy's label set, computed once.
     pub async fn default_label_set(&self) -> Result<LabelSet, EngineError> {
-        if let Some(s) = self.default_labels.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(s) = self
+            .default_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Ok(s);
         }
         let labels = match &self.models.topics {
@@ -255,7 +291,10 @@ impl Engine {
             None => return Err(EngineError::NoModel("topic")),
         };
         let set = self.label_set(&labels, Admission::Wait).await?;
-        *self.default_labels.lock().unwrap_or_else(|e| e.into_inner()) = Some(set.clone());
+        *self
+            .default_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(set.clone());
         Ok(set)
     }
 
@@ -291,12 +330,14 @@ impl Engine {
         let (out, timing) = if cost == 0 {
             (Outputs::default(), Timing::default())
         } else {
-            self.submit(Work::Article(prepared.clone()), cost, admission).await?
+            self.submit(Work::Article(prepared.clone()), cost, admission)
+                .await?
         };
         let models = self.models.clone();
-        let analysis = tokio::task::spawn_blocking(move || models.finish(&prepared, &out, label_set.as_ref()))
-            .await
-            .map_err(|e| EngineError::Model(e.to_string()))?;
+        let analysis =
+            tokio::task::spawn_blocking(move || models.finish(&prepared, &out, label_set.as_ref()))
+                .await
+                .map_err(|e| EngineError::Model(e.to_string()))?;
         Ok((analysis, timing))
     }
 }

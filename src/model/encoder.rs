@@ -78,7 +78,13 @@ impl Mode {
         let mask: Vec<f32> = {
             let mut rng = DROPOUT_RNG.lock().unwrap_or_else(|e| e.into_inner());
             (0..n)
-                .map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 })
+                .map(|_| {
+                    if rng.random::<f32>() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                })
                 .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
@@ -93,7 +99,8 @@ static DROPOUT_RNG: std::sync::LazyLock<std::sync::Mutex<rand::rngs::StdRng>> =
 
 /// Seeds the dropout masks of every later training step.
 pub fn seed_dropout(seed: u64) {
-    *DROPOUT_RNG.lock().unwrap_or_else(|e| e.into_inner()) = rand::rngs::StdRng::seed_from_u64(seed);
+    *DROPOUT_RNG.lock().unwrap_or_else(|e| e.into_inner()) =
+        rand::rngs::StdRng::seed_from_u64(seed);
 }
 
 /// A batch of token windows, all tensors `[batch, seq]` on the model's device.
@@ -123,7 +130,11 @@ impl Embeddings {
     fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let h = cfg.hidden_size;
         let token_type = if cfg.type_vocab_size > 0 {
-            Some(embedding(cfg.type_vocab_size, h, vb.pp("token_type_embeddings"))?)
+            Some(embedding(
+                cfg.type_vocab_size,
+                h,
+                vb.pp("token_type_embeddings"),
+            )?)
         } else {
             None
         };
@@ -304,7 +315,7 @@ impl Encoder {
                 "model_type {other:?} is not supported (bert, roberta, xlm-roberta, distilbert)"
             ),
         };
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!("hidden_size is not a multiple of num_attention_heads");
         }
         let stack = match layout {

@@ -98,12 +98,11 @@ impl ModelDir {
                 source,
             })
         };
-        let config: ModelConfig = serde_json::from_slice(&read(&config_path)?).map_err(|source| {
-            ModelError::Config {
+        let config: ModelConfig =
+            serde_json::from_slice(&read(&config_path)?).map_err(|source| ModelError::Config {
                 path: config_path.clone(),
                 source,
-            }
-        })?;
+            })?;
         let tokenizer_json = read(&tokenizer_path)?;
         let mut tokenizer =
             Tokenizer::from_bytes(&tokenizer_json).map_err(|e| ModelError::Tokenizer {
@@ -131,7 +130,11 @@ impl ModelDir {
     }
 
     /// Memory-maps the weights, converting them to `dtype`.
-    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, ModelError> {
+    pub fn var_builder(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>, ModelError> {
         // SAFETY: the file is memory-mapped read-only; Tidings never writes to a model it
         // serves. A file truncated by someone else under a running server is outside what any
         // mmap-based loader (candle's examples, TEI) can guard against.

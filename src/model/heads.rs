@@ -87,7 +87,10 @@ impl SentenceEmbedder {
     /// Unit-length embeddings `[batch, hidden]`.
     pub fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
         let hidden = self.encoder.forward(input, Mode::INFERENCE)?;
-        let mask = input.attention_mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+        let mask = input
+            .attention_mask
+            .to_dtype(hidden.dtype())?
+            .unsqueeze(2)?;
         let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
         let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
         let mean = summed.broadcast_div(&counts)?;

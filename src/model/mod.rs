@@ -1,9 +1,9 @@
 //! The model layer: Hugging Face-format model directories loaded into candle.
 //!
-//! - [`config`]: `config.json`.
-//! - [`encoder`]: the BERT-family transformer body (BERT, RoBERTa/XLM-R, DistilBERT).
-//! - [`files`]: a model directory on disk (config, tokenizer, weights) and its loading errors.
-//! - [`heads`]: what sits on the encoder: token classification (NER) and mean-pooled
+//! - [`config`] — `config.json`.
+//! - [`encoder`] — the BERT-family transformer body (BERT, RoBERTa/XLM-R, DistilBERT).
+//! - [`files`] — a model directory on disk (config, tokenizer, weights) and its loading errors.
+//! - [`heads`] — what sits on the encoder: token classification (NER) and mean-pooled
 //!   sentence embeddings (topics).
 
 pub mod config;

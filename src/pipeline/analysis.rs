@@ -3,8 +3,8 @@
 //! engine), and `finish` (merge windows, decode entities, score topics).
 
 use super::entities::{self, Group, Mention, TagSet};
-use super::topics::{self, Label};
 use super::tokens::{self, Tokens};
+use super::topics::{self, Label};
 use super::windows::{self, Window};
 use super::{batch::Row, Specials, WindowSpec};
 use crate::model::{ModelDir, ModelError, SentenceEmbedder, TokenClassifier};
@@ -267,7 +267,9 @@ impl Models {
             None => None,
         };
         let shared_tokenizer = match (&ner, &topics) {
-            (Some(n), Some(t)) => n.dir.tokenizer_json == t.dir.tokenizer_json && n.window == t.window,
+            (Some(n), Some(t)) => {
+                n.dir.tokenizer_json == t.dir.tokenizer_json && n.window == t.window
+            }
             _ => false,
         };
         Ok(Self {

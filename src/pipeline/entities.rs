@@ -235,7 +235,8 @@ pub fn decode(text: &str, tokens: &Tokens, probs: &[f32], tags: &TagSet) -> Vec<
             continue;
         }
         last_end = byte_end;
-        let score = (first..last).map(|t| probs[t * n + path[t]]).sum::<f32>() / (last - first) as f32;
+        let score =
+            (first..last).map(|t| probs[t * n + path[t]]).sum::<f32>() / (last - first) as f32;
         let start = chars.at(byte_start);
         let end = chars.at(byte_end);
         mentions.push(Mention {
@@ -328,7 +329,11 @@ mod tests {
         let mut v = Vec::new();
         for &t in tags {
             for k in 0..n {
-                v.push(if k == t { p } else { (1.0 - p) / (n - 1) as f32 });
+                v.push(if k == t {
+                    p
+                } else {
+                    (1.0 - p) / (n - 1) as f32
+                });
             }
         }
         v
@@ -368,7 +373,10 @@ mod tests {
             ]
         );
         // A raw I- after another type opens a new entity when spans are read leniently.
-        assert_eq!(ts.spans(&[2, 4]), vec![(0, 1, "PER".into()), (1, 2, "LOC".into())]);
+        assert_eq!(
+            ts.spans(&[2, 4]),
+            vec![(0, 1, "PER".into()), (1, 2, "LOC".into())]
+        );
         assert!(ts.spans(&[]).is_empty());
     }
 
@@ -401,7 +409,10 @@ mod tests {
         // widen to "Köln".
         let probs = one_hot(&[0, 1, 0, 1, 0, 0, 3, 0], 5, 0.9);
         let ms = decode(text, &tokens, &probs, &ts);
-        let got: Vec<(&str, &str)> = ms.iter().map(|m| (m.text.as_str(), m.label.as_str())).collect();
+        let got: Vec<(&str, &str)> = ms
+            .iter()
+            .map(|m| (m.text.as_str(), m.label.as_str()))
+            .collect();
         assert_eq!(got, vec![("Élan", "PER"), ("Zoë", "PER"), ("Köln", "LOC")]);
         let chars: Vec<char> = text.chars().collect();
         for m in &ms {

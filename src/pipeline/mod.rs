@@ -1,12 +1,13 @@
 //! The text pipeline: text -> pieces -> windows -> model rows; model outputs -> entities and
 //! topics. Nothing here knows about gRPC or queues.
 //!
-//! - [`casing`]: word shape of a piece.
-//! - [`tokens`]: tokenization with byte offsets.
-//! - [`windows`]: overlapping windows and which window speaks for each piece.
-//! - [`batch`]: padded tensors from rows.
-//! - [`entities`]: BIO decoding, offsets, grouping.
-//! - [`topics`]: zero-shot scoring of an article embedding against label embeddings.
+//! - [`casing`] — word shape of a piece.
+//! - [`tokens`] — tokenization with byte offsets.
+//! - [`windows`] — overlapping windows and which window speaks for each piece.
+//! - [`analysis`] — one article end to end: prepare, model outputs, finish.
+//! - [`batch`] — padded tensors from rows.
+//! - [`entities`] — BIO decoding, offsets, grouping.
+//! - [`topics`] — zero-shot scoring of an article embedding against label embeddings.
 
 pub mod analysis;
 pub mod batch;

@@ -30,7 +30,12 @@ impl Label {
         if !self.description.trim().is_empty() {
             out.push(self.description.clone());
         }
-        out.extend(self.examples.iter().filter(|e| !e.trim().is_empty()).cloned());
+        out.extend(
+            self.examples
+                .iter()
+                .filter(|e| !e.trim().is_empty())
+                .cloned(),
+        );
         out
     }
 }

@@ -79,7 +79,12 @@ pub fn parse(text: &str) -> Result<Vec<Document>, (usize, String)> {
         }
         if line.starts_with("-DOCSTART-") {
             flush(&mut docs, &mut sent);
-            if !docs.last().expect("docs is never empty").sentences.is_empty() {
+            if !docs
+                .last()
+                .expect("docs is never empty")
+                .sentences
+                .is_empty()
+            {
                 docs.push(Document::default());
             }
             continue;
@@ -171,8 +176,18 @@ mod tests {
         let (text, words, gold) = docs[0].text();
         assert_eq!(text, "EU rejects German call\nPeter Blackburn");
         assert_eq!(words.len(), 6);
-        let got: Vec<(&str, &str)> = gold.iter().map(|(a, b, t)| (&text[*a..*b], t.as_str())).collect();
-        assert_eq!(got, vec![("EU", "ORG"), ("German", "MISC"), ("Peter Blackburn", "PER")]);
+        let got: Vec<(&str, &str)> = gold
+            .iter()
+            .map(|(a, b, t)| (&text[*a..*b], t.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("EU", "ORG"),
+                ("German", "MISC"),
+                ("Peter Blackburn", "PER")
+            ]
+        );
     }
 
     #[test]

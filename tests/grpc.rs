@@ -1,0 +1,492 @@
+//! A user's session over real gRPC: the real server on loopback, the real models, the
+//! generated tonic client.
+
+mod common;
+
+use common::{assert_offsets_slice, client, request, seed_article, server};
+use futures::StreamExt;
+use std::collections::HashSet;
+use std::time::Duration;
+use tidings::api::ServerConfig;
+use tidings::engine::EngineConfig;
+use tidings::proto::{self, analyze_batch_item::Outcome, AnalyzeBatchRequest, TopicLabel};
+use tonic::Code;
+
+#[tokio::test]
+async fn seed_article_is_world_news_about_kim_and_putin() {
+    let mut c = client(server()).await;
+    let text = seed_article();
+    let resp = c
+        .analyze(request("seed", &text))
+        .await
+        .expect("analyze")
+        .into_inner();
+    assert_eq!(resp.id, "seed");
+    let first = &resp.topics[0].label;
+    assert!(
+        first == "world" || first == "politics",
+        "first topic {first:?}: {:?}",
+        resp.topics
+    );
+    let sum: f32 = resp.topics.iter().map(|t| t.score).sum();
+    assert!((sum - 1.0).abs() < 1e-3, "topic scores sum to {sum}");
+    assert!(resp.topics.windows(2).all(|w| w[0].score >= w[1].score));
+    assert_offsets_slice(&text, &resp);
+    let groups: HashSet<(String, String)> = resp
+        .entity_groups
+        .iter()
+        .map(|g| (g.text.clone(), g.label.clone()))
+        .collect();
+    for (t, l) in [
+        ("Kim Jong Un", "PER"),
+        ("Vladimir Putin", "PER"),
+        ("Donald Trump", "PER"),
+        ("Russia", "LOC"),
+        ("North Korea", "LOC"),
+        ("Pyongyang", "LOC"),
+        ("Khasan", "LOC"),
+    ] {
+        assert!(
+            groups.contains(&(t.to_string(), l.to_string())),
+            "missing {l} {t}: {groups:?}"
+        );
+    }
+    let kim = resp
+        .entity_groups
+        .iter()
+        .find(|g| g.text == "Kim Jong Un")
+        .unwrap();
+    assert!(
+        kim.mentions >= 4,
+        "Kim Jong Un mentioned {} times",
+        kim.mentions
+    );
+    let reading = resp.reading.unwrap();
+    assert!(
+        reading.tokens > 300 && reading.windows >= 2 && !reading.truncated,
+        "{reading:?}"
+    );
+    assert!(resp.timing.unwrap().total_us > 0);
+}
+
+#[tokio::test]
+async fn offsets_slice_back_through_emoji_and_accents() {
+    let mut c = client(server()).await;
+    let text = "😀🎉 Zoë Saldaña met Emmanuel Macron in Zürich 🇨🇭 and São Paulo’s mayor, then flew to Kraków. Ｔｏｋｙｏ e\u{301}te\u{301} 🙂 Angela Merkel";
+    let resp = c
+        .analyze(request("uni", text))
+        .await
+        .expect("analyze")
+        .into_inner();
+    assert_offsets_slice(text, &resp);
+    let found: Vec<&str> = resp.entities.iter().map(|e| e.text.as_str()).collect();
+    assert!(found.contains(&"Emmanuel Macron"), "{found:?}");
+    assert!(found.iter().any(|f| f.contains("Zürich")), "{found:?}");
+    let macron = resp
+        .entities
+        .iter()
+        .find(|e| e.text == "Emmanuel Macron")
+        .unwrap();
+    // "😀🎉 " is 3 chars but 9 bytes: char and byte offsets must differ by that much.
+    assert_eq!(
+        macron.byte_start - macron.start,
+        text[..macron.byte_start as usize].len() as u32
+            - text[..macron.byte_start as usize].chars().count() as u32
+    );
+}
+
+#[tokio::test]
+async fn request_time_labels_and_options() {
+    let mut c = client(server()).await;
+    let mut req = request(
+        "labels",
+        "The striker scored twice as the club won the cup final on Saturday.",
+    );
+    req.labels = vec![
+        TopicLabel {
+            name: "Sports".into(),
+            description: "games, teams and players".into(),
+            examples: vec![],
+        },
+        TopicLabel {
+            name: "Business".into(),
+            ..Default::default()
+        },
+        TopicLabel {
+            name: "Science".into(),
+            ..Default::default()
+        },
+    ];
+    req.top_k = 2;
+    req.tasks = vec![proto::Task::Topics as i32];
+    let resp = c.analyze(req).await.expect("analyze").into_inner();
+    assert_eq!(resp.topics.len(), 2);
+    assert_eq!(resp.topics[0].label, "Sports");
+    assert!(resp.entities.is_empty(), "entities not requested");
+
+    let mut req = request("types", &seed_article());
+    req.tasks = vec![proto::Task::Entities as i32];
+    req.entity_types = vec!["PER".into()];
+    req.min_entity_score = 0.5;
+    let resp = c.analyze(req).await.expect("analyze").into_inner();
+    assert!(resp.topics.is_empty());
+    assert!(!resp.entities.is_empty());
+    assert!(resp
+        .entities
+        .iter()
+        .all(|e| e.label == "PER" && e.score >= 0.5));
+}
+
+#[tokio::test]
+async fn batch_answers_every_item_in_order_and_isolates_errors() {
+    let mut c = client(server()).await;
+    let mut requests: Vec<_> = (0..6)
+        .map(|i| {
+            request(
+                &format!("b{i}"),
+                &format!("Item {i}: Angela Merkel visited Paris."),
+            )
+        })
+        .collect();
+    requests[3].text = "   ".into();
+    let resp = c
+        .analyze_batch(AnalyzeBatchRequest { requests })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(resp.items.len(), 6);
+    for (i, item) in resp.items.iter().enumerate() {
+        match item.outcome.as_ref().expect("outcome") {
+            Outcome::Response(r) => {
+                assert_ne!(i, 3);
+                assert_eq!(r.id, format!("b{i}"));
+                assert!(
+                    r.entities.iter().any(|e| e.text == "Paris"),
+                    "{:?}",
+                    r.entities
+                );
+            }
+            Outcome::Error(e) => {
+                assert_eq!(i, 3);
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+                assert_eq!(e.id, "b3");
+                assert!(e.message.contains("text"));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn stream_returns_every_id() {
+    let mut c = client(server()).await;
+    let n = 40;
+    let reqs: Vec<_> = (0..n)
+        .map(|i| {
+            request(
+                &format!("s{i}"),
+                &format!(
+                    "Article {i}. Shares of Apple rose in New York after the earnings report."
+                ),
+            )
+        })
+        .collect();
+    let out = c
+        .analyze_stream(futures::stream::iter(reqs))
+        .await
+        .expect("stream")
+        .into_inner();
+    let ids: Vec<String> = out.map(|r| r.expect("item").id).collect().await;
+    assert_eq!(ids.len(), n);
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), n, "duplicated ids");
+    assert!((0..n).all(|i| unique.contains(&format!("s{i}"))));
+}
+
+#[tokio::test]
+async fn stream_with_an_invalid_item_ends_with_its_status() {
+    let mut c = client(server()).await;
+    let reqs = vec![request("ok", "Berlin is big."), request("bad", "")];
+    let mut out = c
+        .analyze_stream(futures::stream::iter(reqs))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut err = None;
+    while let Some(item) = out.next().await {
+        if let Err(s) = item {
+            err = Some(s);
+            break;
+        }
+    }
+    let s = err.expect("the invalid item must end the stream with a status");
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("bad"), "{}", s.message());
+}
+
+#[tokio::test]
+async fn bad_input_gets_invalid_argument_naming_the_field() {
+    let mut c = client(server()).await;
+    let info = c
+        .get_info(proto::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let limits = info.limits.unwrap();
+    let cases: Vec<(&str, proto::AnalyzeRequest)> = vec![
+        ("text", request("e", "")),
+        ("text", request("w", " \n\t ")),
+        (
+            "max_text_chars",
+            request(
+                "big",
+                &"word ".repeat(limits.max_text_chars as usize / 5 + 1),
+            ),
+        ),
+        (
+            "tasks[0]",
+            proto::AnalyzeRequest {
+                tasks: vec![0],
+                ..request("t", "ok")
+            },
+        ),
+        (
+            "tasks[0]",
+            proto::AnalyzeRequest {
+                tasks: vec![99],
+                ..request("t", "ok")
+            },
+        ),
+        (
+            "entity_types[0]",
+            proto::AnalyzeRequest {
+                entity_types: vec!["DATE".into()],
+                ..request("t", "ok")
+            },
+        ),
+        (
+            "labels[0].name",
+            proto::AnalyzeRequest {
+                labels: vec![TopicLabel::default()],
+                ..request("t", "ok")
+            },
+        ),
+        (
+            "duplicate",
+            proto::AnalyzeRequest {
+                labels: vec![
+                    TopicLabel {
+                        name: "a".into(),
+                        ..Default::default()
+                    },
+                    TopicLabel {
+                        name: "A".into(),
+                        ..Default::default()
+                    },
+                ],
+                ..request("t", "ok")
+            },
+        ),
+        (
+            "max_labels",
+            proto::AnalyzeRequest {
+                labels: (0..=limits.max_labels)
+                    .map(|i| TopicLabel {
+                        name: format!("l{i}"),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..request("t", "ok")
+            },
+        ),
+    ];
+    for (needle, req) in cases {
+        let s = c.analyze(req).await.expect_err(needle);
+        assert_eq!(s.code(), Code::InvalidArgument, "{needle}: {s:?}");
+        assert!(
+            s.message().contains(needle),
+            "{needle} not in {:?}",
+            s.message()
+        );
+    }
+    let too_many = AnalyzeBatchRequest {
+        requests: (0..=limits.max_batch_items)
+            .map(|i| request(&i.to_string(), "ok"))
+            .collect(),
+    };
+    let s = c.analyze_batch(too_many).await.expect_err("too many items");
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("max_batch_items"));
+    // The server still answers a normal request.
+    assert!(c
+        .analyze(request("after", "Paris is in France."))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn deadline_exceeded_is_reported_and_the_server_survives() {
+    let mut c = client(server()).await;
+    let mut req = tonic::Request::new(request("late", &seed_article().repeat(20)));
+    req.set_timeout(Duration::from_millis(1));
+    let s = c.analyze(req).await.expect_err("1 ms cannot be enough");
+    assert!(
+        matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{s:?}"
+    );
+    assert!(c
+        .analyze(request("after", "Rome is in Italy."))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn health_reflection_and_info() {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server().addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "tidings.v1.Tidings"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.next().await.unwrap().unwrap();
+    match msg.message_response.unwrap() {
+        MessageResponse::ListServicesResponse(l) => {
+            assert!(
+                l.service.iter().any(|s| s.name == "tidings.v1.Tidings"),
+                "{l:?}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut c = client(server()).await;
+    let info = c
+        .get_info(proto::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.models.len(), 2);
+    let ner = info.models.iter().find(|m| m.task == "entities").unwrap();
+    assert!(ner.labels.contains(&"B-PER".to_string()));
+    assert!(info.default_topics.contains(&"world".to_string()));
+}
+
+#[tokio::test]
+async fn concurrent_clients_get_the_single_request_answer() {
+    let srv = server();
+    let texts: Vec<String> = (0..8)
+        .map(|i| format!("Report {i}: Angela Merkel and Emmanuel Macron met in Berlin to discuss trade with China. {}", "The talks went on. ".repeat(i * 10)))
+        .collect();
+    let mut c = client(srv).await;
+    let mut alone = Vec::new();
+    for (i, t) in texts.iter().enumerate() {
+        alone.push(
+            c.analyze(request(&i.to_string(), t))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let tasks = (0..32).map(|k| {
+        let t = texts[k % texts.len()].clone();
+        async move {
+            let mut c = client(srv).await;
+            (
+                k % 8,
+                c.analyze(request(&(k % 8).to_string(), &t))
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            )
+        }
+    });
+    for (i, got) in futures::future::join_all(tasks).await {
+        let want = &alone[i];
+        assert_eq!(got.entities.len(), want.entities.len(), "item {i}");
+        for (g, w) in got.entities.iter().zip(&want.entities) {
+            assert_eq!(
+                (&g.text, &g.label, g.start, g.end),
+                (&w.text, &w.label, w.start, w.end)
+            );
+            assert!(
+                (g.score - w.score).abs() < 1e-3,
+                "batched vs alone score {} vs {}",
+                g.score,
+                w.score
+            );
+        }
+        for (g, w) in got.topics.iter().zip(&want.topics) {
+            assert_eq!(g.label, w.label);
+            assert!((g.score - w.score).abs() < 1e-3);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_resource_exhausted_and_recovers() {
+    // A queue that holds about one long article: concurrent long articles must overflow it.
+    let srv = common::start(
+        EngineConfig {
+            max_queue_tokens: 3000,
+            max_wait: Duration::from_millis(20),
+            ..EngineConfig::default()
+        },
+        ServerConfig::default(),
+    );
+    let text = seed_article().repeat(3);
+    let calls = (0..12).map(|i| {
+        let text = text.clone();
+        let srv = &srv;
+        async move {
+            let mut c = client(srv).await;
+            c.analyze(request(&i.to_string(), &text)).await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let exhausted = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted))
+        .count();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert!(exhausted > 0, "no call was refused");
+    assert!(ok > 0, "no call was served");
+    assert_eq!(ok + exhausted, 12, "{results:?}");
+    // An article larger than the whole queue is refused as too large, not left waiting.
+    let mut c = client(&srv).await;
+    let s = c
+        .analyze(request("huge", &seed_article().repeat(12)))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(c
+        .analyze(request("after", "Madrid is in Spain."))
+        .await
+        .is_ok());
+}
