@@ -230,16 +230,17 @@ fn start_up_faults_exit_non_zero_with_a_clear_message() {
 #[test]
 fn sigterm_drains_in_flight_calls_and_stops() {
     let port = free_port();
-    let server = serve(port, &["--grace-s", "20"]);
+    let server = serve(port, &["--grace-s", "120"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let long = common::seed_article().repeat(30);
+    let long = common::seed_article().repeat(8);
     let in_flight = rt.spawn(async move {
         let mut c = TidingsClient::connect(format!("http://127.0.0.1:{port}"))
             .await
             .unwrap();
         c.analyze(common::request("long", &long)).await
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Let the request reach the server (it then runs for seconds), then ask it to stop.
+    std::thread::sleep(Duration::from_millis(1500));
     sigterm(&server);
     let res = rt.block_on(in_flight).unwrap();
     assert!(res.is_ok(), "the in-flight call must finish: {res:?}");

@@ -227,7 +227,7 @@ impl Tidings for TidingsService {
             default_topics: models
                 .topics
                 .as_ref()
-                .map(|t| t.default_labels.iter().map(|l| l.name.clone()).collect())
+                .map(|t| t.default_names())
                 .unwrap_or_default(),
             limits: Some(proto::Limits {
                 max_text_chars: self.limits.max_text_chars as u32,

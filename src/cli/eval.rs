@@ -91,22 +91,13 @@ pub fn run(c: EvalCommand) -> Result<()> {
             let tax: Taxonomy = serde_json::from_slice(
                 &std::fs::read(&labels).with_context(|| format!("reading {}", labels.display()))?,
             )?;
-            let mut rdr = csv::Reader::from_path(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
             let mut rows = Vec::new();
-            for rec in rdr.records() {
-                let rec = rec?;
-                let label: usize = rec
-                    .get(0)
-                    .unwrap_or("")
-                    .trim()
-                    .parse()
-                    .context("label column")?;
-                rows.push((
-                    label,
-                    rec.get(1).unwrap_or("").to_string(),
-                    rec.get(2).unwrap_or("").to_string(),
-                ));
+            for ex in tidings::train::topics::read_examples(&file)? {
+                let label: usize = ex.label.parse().context("label column must be 1..N")?;
+                if label == 0 || label > tax.labels.len() {
+                    anyhow::bail!("label {label} has no entry in {}", labels.display());
+                }
+                rows.push((label, ex.title, ex.text));
                 if limit > 0 && rows.len() >= limit {
                     break;
                 }

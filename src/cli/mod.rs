@@ -7,7 +7,7 @@ mod eval;
 mod serve;
 mod train;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use tidings::api::convert::Limits;
@@ -85,6 +85,9 @@ pub struct ModelArgs {
         default_value = "models/topics/news.json"
     )]
     pub taxonomy: PathBuf,
+    /// A trained topic head (`tidings train topics`), used when a request brings no labels.
+    #[arg(long, env = "TIDINGS_TOPIC_HEAD")]
+    pub topic_head: Option<PathBuf>,
     /// Multiplier of cosine similarities before the topic softmax (the calibration
     /// temperature's inverse).
     #[arg(long, env = "TIDINGS_TOPIC_SCALE", default_value_t = tidings::pipeline::topics::DEFAULT_SCALE)]
@@ -117,6 +120,24 @@ impl ModelArgs {
         )?;
         if let Some(t) = models.topics.as_mut() {
             t.scale = self.topic_scale;
+            if let Some(p) = &self.topic_head {
+                let head: tidings::pipeline::analysis::LabelSet = serde_json::from_slice(
+                    &std::fs::read(p)
+                        .with_context(|| format!("reading topic head {}", p.display()))?,
+                )
+                .with_context(|| format!("parsing topic head {}", p.display()))?;
+                let dim = t.model.dim();
+                if head.weights.iter().any(|w| w.len() != dim)
+                    || head.bias.len() != head.names.len()
+                    || head.weights.len() != head.names.len()
+                {
+                    anyhow::bail!(
+                        "topic head {} does not fit the {dim}-wide topic encoder",
+                        p.display()
+                    );
+                }
+                t.head = Some(head);
+            }
         }
         tracing::info!(
             ner = models.ner.is_some(),

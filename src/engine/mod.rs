@@ -261,18 +261,25 @@ impl Engine {
         let all: Vec<String> = per_label.iter().flatten().cloned().collect();
         let embs = self.embed(&all, admission).await?;
         let mut at = 0;
-        let mut prototypes = Vec::with_capacity(labels.len());
+        let mut weights = Vec::with_capacity(labels.len());
         for texts in &per_label {
             let vs: Vec<&[f32]> = embs[at..at + texts.len()]
                 .iter()
                 .map(|v| v.as_slice())
                 .collect();
-            prototypes.push(topics::mean_unit(&vs, &vec![1.0; vs.len()]));
+            weights.push(topics::mean_unit(&vs, &vec![1.0; vs.len()]));
             at += texts.len();
         }
+        let scale = self
+            .models
+            .topics
+            .as_ref()
+            .map_or(topics::DEFAULT_SCALE, |t| t.scale);
         Ok(LabelSet {
             names: labels.iter().map(|l| l.name.clone()).collect(),
-            prototypes,
+            bias: vec![0.0; weights.len()],
+            weights,
+            scale,
         })
     }
 

@@ -40,13 +40,29 @@ impl Default for Options {
     }
 }
 
-/// Topic labels with their prototype embeddings.
-#[derive(Debug, Clone)]
+/// Topic labels and how an article embedding is scored against them:
+/// `softmax(scale * (weights . article) + bias)`.
+///
+/// Zero-shot labels have unit-length prototypes as weights, no bias and the calibrated
+/// scale; a trained head (`tidings train topics`) has its own weights and bias and scale 1.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LabelSet {
     /// Label names, in the caller's order.
     pub names: Vec<String>,
-    /// Unit-length prototype of each label.
-    pub prototypes: Vec<Vec<f32>>,
+    /// One weight vector per label (for zero-shot labels: the unit-length prototype).
+    pub weights: Vec<Vec<f32>>,
+    /// One bias per label (zeros for zero-shot labels).
+    pub bias: Vec<f32>,
+    /// Multiplier of the dot products.
+    pub scale: f32,
+}
+
+impl LabelSet {
+    /// Probabilities of each label for a unit-length article embedding.
+    pub fn score(&self, article: &[f32]) -> Vec<f32> {
+        let w: Vec<&[f32]> = self.weights.iter().map(|v| v.as_slice()).collect();
+        topics::score(article, &w, &self.bias, self.scale)
+    }
 }
 
 /// A validated article.
@@ -95,6 +111,9 @@ pub struct Analysis {
     pub entity_groups: Vec<Group>,
     /// How the text was read.
     pub reading: Reading,
+    /// The article's unit-length embedding (when topics ran); not part of the API.
+    #[serde(skip)]
+    pub embedding: Vec<f32>,
 }
 
 /// An article cut into model rows, waiting for its forward passes.
@@ -187,6 +206,9 @@ pub struct TopicModel {
     pub default_labels: Vec<Label>,
     /// Multiplier of cosine similarities before the softmax.
     pub scale: f32,
+    /// A trained classification head, used instead of the taxonomy when a request brings no
+    /// labels.
+    pub head: Option<LabelSet>,
 }
 
 /// Both models, loaded once at start-up.
@@ -200,6 +222,16 @@ pub struct Models {
     pub device: Device,
     /// Whether the two models share one tokenizer (the text is then tokenized once).
     pub shared_tokenizer: bool,
+}
+
+impl TopicModel {
+    /// Names of the labels used when a request brings none.
+    pub fn default_names(&self) -> Vec<String> {
+        match &self.head {
+            Some(h) => h.names.clone(),
+            None => self.default_labels.iter().map(|l| l.name.clone()).collect(),
+        }
+    }
 }
 
 fn specials_of(dir: &ModelDir) -> Result<Specials, ModelError> {
@@ -262,6 +294,7 @@ impl Models {
                     window,
                     default_labels,
                     scale: topics::DEFAULT_SCALE,
+                    head: None,
                 })
             }
             None => None,
@@ -366,11 +399,10 @@ impl Models {
                 .collect();
             analysis.entity_groups = entities::group(&analysis.entities);
         }
-        if let (Some(tm), Some(labels)) = (&self.topics, labels) {
+        if let (Some(_), Some(labels)) = (&self.topics, labels) {
             if !out.topics.is_empty() && !labels.names.is_empty() {
                 let article = article_embedding(p, &out.topics);
-                let protos: Vec<&[f32]> = labels.prototypes.iter().map(|v| v.as_slice()).collect();
-                let probs = topics::score(&article, &protos, tm.scale);
+                let probs = labels.score(&article);
                 let mut scored: Vec<TopicScore> = labels
                     .names
                     .iter()
@@ -383,6 +415,7 @@ impl Models {
                     scored.truncate(opts.top_k);
                 }
                 analysis.topics = scored;
+                analysis.embedding = article;
             }
         }
         analysis

@@ -63,11 +63,16 @@ pub fn mean_unit(vectors: &[&[f32]], weights: &[f32]) -> Vec<f32> {
     acc
 }
 
-/// Probabilities of each label for an article: softmax of `scale * cosine`.
-pub fn score(article: &[f32], labels: &[&[f32]], scale: f32) -> Vec<f32> {
+/// Probabilities of each label for an article: `softmax(scale * (label . article) + bias)`;
+/// with unit vectors and no bias, a softmax of scaled cosines.
+pub fn score(article: &[f32], labels: &[&[f32]], bias: &[f32], scale: f32) -> Vec<f32> {
     let logits: Vec<f32> = labels
         .iter()
-        .map(|l| scale * l.iter().zip(article).map(|(a, b)| a * b).sum::<f32>())
+        .enumerate()
+        .map(|(i, l)| {
+            scale * l.iter().zip(article).map(|(a, b)| a * b).sum::<f32>()
+                + bias.get(i).copied().unwrap_or(0.0)
+        })
         .collect();
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
@@ -84,9 +89,16 @@ mod tests {
         let a = [1.0, 0.0];
         let l1 = [0.9, 0.436];
         let l2 = [0.0, 1.0];
-        let s = score(&a, &[&l1, &l2], DEFAULT_SCALE);
+        let s = score(&a, &[&l1, &l2], &[], DEFAULT_SCALE);
         assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(s[0] > s[1]);
+    }
+
+    #[test]
+    fn bias_shifts_scores() {
+        let a = [1.0, 0.0];
+        let s = score(&a, &[&[1.0, 0.0], &[0.0, 1.0]], &[0.0, 5.0], 1.0);
+        assert!(s[1] > s[0]);
     }
 
     #[test]
