@@ -230,9 +230,9 @@ fn start_up_faults_exit_non_zero_with_a_clear_message() {
 #[test]
 fn sigterm_drains_in_flight_calls_and_stops() {
     let port = free_port();
-    let server = serve(port, &["--grace-s", "120"]);
+    let server = serve(port, &["--grace-s", "120", "--drain-delay-ms", "3000"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let long = common::seed_article().repeat(8);
+    let long = common::seed_article().repeat(40);
     let in_flight = rt.spawn(async move {
         let mut c = TidingsClient::connect(format!("http://127.0.0.1:{port}"))
             .await
@@ -240,8 +240,42 @@ fn sigterm_drains_in_flight_calls_and_stops() {
         c.analyze(common::request("long", &long)).await
     });
     // Let the request reach the server (it then runs for seconds), then ask it to stop.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1000));
     sigterm(&server);
+    // Health turns NOT_SERVING first, while the server still answers.
+    let health = rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+        h.check(tonic_health::pb::HealthCheckRequest {
+            service: "tidings.v1.Tidings".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+    });
+    assert_eq!(
+        health,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    // After the drain delay, new calls are refused with UNAVAILABLE.
+    std::thread::sleep(Duration::from_millis(3500));
+    let refused = rt.block_on(async {
+        match TidingsClient::connect(format!("http://127.0.0.1:{port}")).await {
+            Ok(mut c) => c
+                .analyze(common::request("late", "Paris."))
+                .await
+                .err()
+                .map(|s| s.code()),
+            Err(_) => Some(tonic::Code::Unavailable),
+        }
+    });
+    assert_eq!(refused, Some(tonic::Code::Unavailable));
     let res = rt.block_on(in_flight).unwrap();
     assert!(res.is_ok(), "the in-flight call must finish: {res:?}");
     let mut server = server;

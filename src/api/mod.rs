@@ -1,9 +1,11 @@
 //! The edge: the gRPC server with the Tidings service, grpc.health.v1, server reflection,
 //! message-size and concurrency limits, and graceful shutdown.
 //!
+//! - [`auth`] — the optional bearer-token check.
 //! - [`convert`] — protobuf <-> domain types, validation, status mapping.
 //! - [`service`] — the `tidings.v1.Tidings` implementation.
 
+pub mod auth;
 pub mod convert;
 pub mod service;
 
@@ -32,6 +34,25 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// How long in-flight calls may finish after a shutdown signal.
     pub grace: Duration,
+    /// How long health reports NOT_SERVING before the listener closes, so that load
+    /// balancers stop routing here before connections are refused.
+    pub drain_delay: Duration,
+    /// Serve TLS with this certificate and key (and require client certificates signed by
+    /// `client_ca` when set: mutual TLS).
+    pub tls: Option<TlsConfig>,
+    /// Require `authorization: Bearer <token>` on Tidings calls.
+    pub auth_token: Option<String>,
+}
+
+/// PEM contents for TLS.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Server certificate chain.
+    pub cert: Vec<u8>,
+    /// Server private key.
+    pub key: Vec<u8>,
+    /// CA that client certificates must chain to (mutual TLS); `None` = no client certs.
+    pub client_ca: Option<Vec<u8>>,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +64,9 @@ impl Default for ServerConfig {
             max_concurrent_streams: 256,
             request_timeout: Duration::from_secs(300),
             grace: Duration::from_secs(30),
+            drain_delay: Duration::from_millis(500),
+            tls: None,
+            auth_token: None,
         }
     }
 }
@@ -68,13 +92,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = TidingsServer::new(TidingsService::new(engine, cfg.limits.clone()))
-        .max_decoding_message_size(cfg.max_message_bytes)
-        .max_encoding_message_size(cfg.max_message_bytes);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        TidingsServer::new(TidingsService::new(engine, cfg.limits.clone()))
+            .max_decoding_message_size(cfg.max_message_bytes)
+            .max_encoding_message_size(cfg.max_message_bytes),
+        auth::BearerAuth::new(cfg.auth_token.clone()),
+    );
 
     // `true` once shutdown has begun: health flips first, then the listener closes.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let grace = cfg.grace;
+    let drain_delay = cfg.drain_delay;
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
@@ -84,12 +112,24 @@ pub async fn serve(
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        tokio::time::sleep(drain_delay).await;
         let _ = stop_tx.send(true);
     });
     let mut drain_rx = stop_rx.clone();
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "serving tidings.v1.Tidings, grpc.health.v1, reflection");
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        let mut t = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(ca) = &tls.client_ca {
+            t = t.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(t)
+            .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+    }
+    let server = builder
         .concurrency_limit_per_connection(cfg.max_concurrent_per_connection)
         .max_concurrent_streams(cfg.max_concurrent_streams)
         .timeout(cfg.request_timeout)

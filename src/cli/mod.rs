@@ -3,6 +3,7 @@
 
 mod analyze;
 mod batch;
+mod bench;
 mod eval;
 mod serve;
 mod train;
@@ -34,6 +35,8 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Run a JSONL file of articles through a server (resumable).
     Batch(batch::BatchArgs),
+    /// Measure the model path in-process: matmul peak, forward throughput, FLOP efficiency.
+    Bench(bench::BenchArgs),
     /// Fine-tune models.
     #[command(subcommand)]
     Train(train::TrainCommand),
@@ -49,6 +52,7 @@ impl Cli {
             Command::Serve(a) => serve::run(a),
             Command::Analyze(a) => analyze::run(a),
             Command::Batch(a) => batch::run(a),
+            Command::Bench(a) => bench::run(a),
             Command::Train(c) => train::run(c),
             Command::Eval(c) => eval::run(c),
         }

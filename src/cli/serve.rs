@@ -4,8 +4,13 @@ use super::{LimitArgs, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tidings::api::{self, ServerConfig};
+use tidings::api::{self, ServerConfig, TlsConfig};
+
+fn read(p: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {what} {}", p.display()))
+}
 
 /// Flags of `tidings serve`.
 #[derive(Args, Debug)]
@@ -28,6 +33,22 @@ pub struct ServeArgs {
     /// Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "TIDINGS_GRACE_S", default_value_t = 30)]
     grace_s: u64,
+    /// Milliseconds health reports NOT_SERVING before the listener closes on shutdown.
+    #[arg(long, env = "TIDINGS_DRAIN_DELAY_MS", default_value_t = 500)]
+    drain_delay_ms: u64,
+    /// TLS certificate chain (PEM); with --tls-key, serves TLS.
+    #[arg(long, env = "TIDINGS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "TIDINGS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: mutual TLS.
+    #[arg(long, env = "TIDINGS_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// File holding a bearer token that every Tidings call must send
+    /// (`authorization: Bearer <token>`). TIDINGS_AUTH_TOKEN sets the token itself.
+    #[arg(long, env = "TIDINGS_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
     #[command(flatten)]
     models: ModelArgs,
     #[command(flatten)]
@@ -36,6 +57,28 @@ pub struct ServeArgs {
 
 /// Runs the server until SIGINT/SIGTERM.
 pub fn run(a: ServeArgs) -> Result<()> {
+    // Access settings are read before anything starts: a bad file fails fast.
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(TlsConfig {
+            cert: read(c, "TLS certificate")?,
+            key: read(k, "TLS key")?,
+            client_ca: a
+                .tls_client_ca
+                .as_deref()
+                .map(|p| read(p, "client CA"))
+                .transpose()?,
+        }),
+        _ => None,
+    };
+    let auth_token = match (&a.auth_token_file, std::env::var("TIDINGS_AUTH_TOKEN").ok()) {
+        (Some(p), _) => Some(
+            String::from_utf8(read(p, "auth token file")?).context("auth token is not UTF-8")?,
+        ),
+        (None, t) => t,
+    };
+    if auth_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        anyhow::bail!("the auth token is empty");
+    }
     let rt = super::runtime()?;
     rt.block_on(async move {
         // Bind first: a port in use fails before minutes of model loading.
@@ -66,6 +109,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_concurrent_per_connection: a.max_concurrent,
             request_timeout: Duration::from_secs(a.request_timeout_s),
             grace: Duration::from_secs(a.grace_s),
+            drain_delay: Duration::from_millis(a.drain_delay_ms),
+            tls,
+            auth_token,
             ..ServerConfig::default()
         };
         api::serve(listener, engine, cfg, api::shutdown_signal()).await?;

@@ -281,37 +281,99 @@ impl<'a> CharCounter<'a> {
     }
 }
 
-/// Groups mentions of the same entity (same type, same text up to case and spacing), in order
-/// of first mention.
+/// Groups mentions of the same entity, in order of first mention.
+///
+/// Mentions with the same text (up to case and spacing) form one group, whose type is the
+/// type most of them got (the model may tag one mention of "Kim Jong Un" ORG among four PER).
+/// A person mentioned by part of a name ("Putin") joins the one person group whose full name
+/// contains those words ("Vladimir Putin"); when several would fit, it stays on its own.
 pub fn group(mentions: &[Mention]) -> Vec<Group> {
-    let mut index: HashMap<(String, String), usize> = HashMap::new();
-    let mut groups: Vec<Group> = Vec::new();
+    struct Acc {
+        text: String,
+        words: Vec<String>,
+        labels: Vec<(String, u32, f32)>,
+        mentions: u32,
+        score: f32,
+    }
+    let norm = |t: &str| {
+        t.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut groups: Vec<Acc> = Vec::new();
     for m in mentions {
-        let key = (
-            m.label.clone(),
-            m.text
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-                .to_lowercase(),
-        );
-        match index.get(&key) {
-            Some(&g) => {
-                groups[g].mentions += 1;
-                groups[g].score = groups[g].score.max(m.score);
+        let key = norm(&m.text);
+        let g = *index.entry(key.clone()).or_insert_with(|| {
+            groups.push(Acc {
+                text: m.text.clone(),
+                words: key.split(' ').map(str::to_string).collect(),
+                labels: Vec::new(),
+                mentions: 0,
+                score: 0.0,
+            });
+            groups.len() - 1
+        });
+        let acc = &mut groups[g];
+        acc.mentions += 1;
+        acc.score = acc.score.max(m.score);
+        match acc.labels.iter_mut().find(|(l, _, _)| *l == m.label) {
+            Some(entry) => {
+                entry.1 += 1;
+                entry.2 = entry.2.max(m.score);
             }
-            None => {
-                index.insert(key, groups.len());
-                groups.push(Group {
-                    text: m.text.clone(),
-                    label: m.label.clone(),
-                    mentions: 1,
-                    score: m.score,
-                });
+            None => acc.labels.push((m.label.clone(), 1, m.score)),
+        }
+    }
+    let label_of = |a: &Acc| -> String {
+        a.labels
+            .iter()
+            .max_by(|x, y| x.1.cmp(&y.1).then(x.2.total_cmp(&y.2)))
+            .map(|l| l.0.clone())
+            .unwrap_or_default()
+    };
+    let labels: Vec<String> = groups.iter().map(label_of).collect();
+    // Partial person names join the one longer person name that contains them.
+    let mut target: Vec<Option<usize>> = vec![None; groups.len()];
+    for (i, g) in groups.iter().enumerate() {
+        if labels[i] != "PER" {
+            continue;
+        }
+        let fits: Vec<usize> = (0..groups.len())
+            .filter(|&j| {
+                j != i
+                    && labels[j] == "PER"
+                    && groups[j].words.len() > g.words.len()
+                    && g.words.iter().all(|w| groups[j].words.contains(w))
+            })
+            .collect();
+        if let [j] = fits[..] {
+            target[i] = Some(j);
+        }
+    }
+    let mut out: Vec<Option<Group>> = groups
+        .iter()
+        .zip(&labels)
+        .map(|(a, l)| {
+            Some(Group {
+                text: a.text.clone(),
+                label: l.clone(),
+                mentions: a.mentions,
+                score: a.score,
+            })
+        })
+        .collect();
+    for (i, t) in target.iter().enumerate() {
+        let Some(j) = *t else { continue };
+        if let Some(part) = out[i].take() {
+            if let Some(full) = out[j].as_mut() {
+                full.mentions += part.mentions;
+                full.score = full.score.max(part.score);
             }
         }
     }
-    groups
+    out.into_iter().flatten().collect()
 }
 
 #[cfg(test)]
@@ -439,9 +501,30 @@ mod tests {
             m("Russia", "LOC", 0.8),
             m("Kim  Jong Un", "PER", 0.95),
             m("Russia", "ORG", 0.5),
+            m("Kim Jong Un", "ORG", 0.6),
+            m("Kim", "PER", 0.7),
+            m("Putin", "PER", 0.9),
+            m("Vladimir Putin", "PER", 0.8),
+            m("Vladimir Putin", "PER", 0.8),
+            m("Lee", "PER", 0.9),
+            m("Lee Ann", "PER", 0.9),
+            m("Lee Bo", "PER", 0.9),
         ]);
-        assert_eq!(g.len(), 3);
-        assert_eq!((g[0].mentions, g[0].score), (2, 0.95));
-        assert_eq!(g[0].text, "Kim Jong Un");
+        let got: Vec<(&str, &str, u32)> = g
+            .iter()
+            .map(|g| (g.text.as_str(), g.label.as_str(), g.mentions))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("Kim Jong Un", "PER", 4),
+                ("Russia", "LOC", 2),
+                ("Vladimir Putin", "PER", 3),
+                ("Lee", "PER", 1),
+                ("Lee Ann", "PER", 1),
+                ("Lee Bo", "PER", 1),
+            ]
+        );
+        assert_eq!(g[0].score, 0.95);
     }
 }
