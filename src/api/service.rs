@@ -80,6 +80,23 @@ fn with_id(status: Status, id: &str) -> Status {
     )
 }
 
+/// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 type AnalyzeStreamOut =
     Pin<Box<dyn Stream<Item = Result<proto::AnalyzeResponse, Status>> + Send + 'static>>;
 
@@ -147,6 +164,7 @@ impl Tidings for TidingsService {
         &self,
         request: Request<Streaming<proto::AnalyzeRequest>>,
     ) -> Result<Response<Self::AnalyzeStreamStream>, Status> {
+        let deadline = grpc_timeout(request.metadata()).map(|d| tokio::time::Instant::now() + d);
         let mut input = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<proto::AnalyzeResponse, Status>>(STREAM_IN_FLIGHT);
         let svc = self.clone();
@@ -155,8 +173,24 @@ impl Tidings for TidingsService {
             let mut in_flight = FuturesUnordered::new();
             let mut input_done = false;
             let mut outcome = Code::Ok;
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             loop {
+                if input_done && in_flight.is_empty() {
+                    break;
+                }
                 tokio::select! {
+                    // The client's deadline covers the whole stream, not just its start.
+                    _ = &mut expired => {
+                        outcome = Code::DeadlineExceeded;
+                        let _ = tx.send(Err(Status::deadline_exceeded("the stream's deadline passed"))).await;
+                        break;
+                    }
                     msg = input.message(), if !input_done && in_flight.len() < STREAM_IN_FLIGHT => match msg {
                         Ok(Some(req)) => {
                             let svc = svc.clone();
@@ -184,7 +218,6 @@ impl Tidings for TidingsService {
                             break;
                         }
                     }
-                    else => break,
                 }
             }
             record("AnalyzeStream", outcome, started);
@@ -237,5 +270,25 @@ impl Tidings for TidingsService {
                 max_batch_tokens: cfg.max_batch_tokens as u32,
             }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&md), None);
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(
+            grpc_timeout(&md),
+            Some(std::time::Duration::from_millis(250))
+        );
+        md.insert("grpc-timeout", "2S".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), Some(std::time::Duration::from_secs(2)));
+        md.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), None);
     }
 }
