@@ -161,38 +161,35 @@ fn output_lines(p: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Runs `tidings serve` with `args`, expecting it to fail at start-up; returns its stderr.
+fn serve_fails(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .current_dir(common::root())
+        .arg("serve")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn start_up_faults_exit_non_zero_with_a_clear_message() {
     common::models();
+    let addr = || format!("127.0.0.1:{}", free_port());
     // Port in use.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
-    let out = Command::new(BIN)
-        .current_dir(common::root())
-        .args(["serve", "--addr", &format!("127.0.0.1:{port}")])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot listen"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let in_use = taken.local_addr().unwrap().to_string();
+    let err = serve_fails(&["--addr", &in_use]);
+    assert!(err.contains("cannot listen"), "{err}");
     // Missing model files.
     let empty = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .current_dir(common::root())
-        .args([
-            "serve",
-            "--addr",
-            &format!("127.0.0.1:{}", free_port()),
-            "--ner-model",
-            empty.path().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails(&[
+        "--addr",
+        &addr(),
+        "--ner-model",
+        empty.path().to_str().unwrap(),
+    ]);
     assert!(err.contains("missing config.json"), "{err}");
     // Corrupt weights.
     let bad = tempfile::tempdir().unwrap();
@@ -208,23 +205,13 @@ fn start_up_faults_exit_non_zero_with_a_clear_message() {
         b"not a safetensors file",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .current_dir(common::root())
-        .args([
-            "serve",
-            "--addr",
-            &format!("127.0.0.1:{}", free_port()),
-            "--ner-model",
-            bad.path().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot load weights"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = serve_fails(&[
+        "--addr",
+        &addr(),
+        "--ner-model",
+        bad.path().to_str().unwrap(),
+    ]);
+    assert!(err.contains("cannot load weights"), "{err}");
 }
 
 #[test]

@@ -32,6 +32,18 @@ pub struct Specials {
     pub pad: u32,
 }
 
+/// The padded input of `rows`, or `None` when there are none.
+fn encode(
+    rows: &[Row<'_>],
+    sp: Specials,
+    device: &Device,
+) -> Result<Option<crate::model::EncoderInput>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    batch::encode_rows(rows, sp.cls, sp.sep, sp.pad, device).map(Some)
+}
+
 /// Tag probabilities of each row's pieces (special tokens and padding removed):
 /// one `[len, labels]` row-major vector per row.
 pub fn token_probs(
@@ -40,10 +52,9 @@ pub fn token_probs(
     sp: Specials,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    if rows.is_empty() {
+    let Some(input) = encode(rows, sp, device)? else {
         return Ok(Vec::new());
-    }
-    let input = batch::encode_rows(rows, sp.cls, sp.sep, sp.pad, device)?;
+    };
     let logits = model.forward(&input, Mode::INFERENCE)?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?;
     let (_, seq, n) = probs.dims3()?;
@@ -65,10 +76,9 @@ pub fn embeddings(
     sp: Specials,
     device: &Device,
 ) -> Result<Vec<Vec<f32>>> {
-    if rows.is_empty() {
+    let Some(input) = encode(rows, sp, device)? else {
         return Ok(Vec::new());
-    }
-    let input = batch::encode_rows(rows, sp.cls, sp.sep, sp.pad, device)?;
+    };
     model.forward(&input)?.to_vec2::<f32>()
 }
 
