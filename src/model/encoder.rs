@@ -10,7 +10,7 @@
 
 use super::config::ModelConfig;
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 use rand::{Rng, SeedableRng};
 
 /// Number of word-shape classes of the casing embedding (see [`crate::pipeline::casing`]).
@@ -23,6 +23,58 @@ enum Layout {
     Bert,
     /// DistilBERT: `transformer.layer.N.attention.q_lin`, ...
     DistilBert,
+}
+
+/// A linear layer `x W^T + b`. For inference the weight is transposed once at load time into
+/// a contiguous `[in, out]` matrix: gemm then packs its right-hand side from contiguous rows,
+/// which for the short rows of small batches costs as much as the multiplication itself when
+/// done from the strided `W^T` view on every call. Trainable weights (candle `Var`s) keep the
+/// view, so that updates are always seen.
+#[derive(Debug, Clone)]
+struct Dense {
+    weight: Tensor,
+    transposed: Option<Tensor>,
+    bias: Tensor,
+}
+
+impl Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (in_dim, lead) = match dims.split_last() {
+            Some((&i, lead)) => (i, lead.iter().product::<usize>()),
+            None => candle_core::bail!("dense layer on a scalar"),
+        };
+        let x2 = x.reshape((lead, in_dim))?;
+        let y = match &self.transposed {
+            Some(wt) => x2.matmul(wt)?,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
+        let y = y.broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = y.dim(1)?;
+        }
+        y.reshape(out_dims)
+    }
+}
+
+fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
+    let l = candle_nn::linear(in_dim, out_dim, vb)?;
+    let weight = l.weight().clone();
+    let bias = l
+        .bias()
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("linear layer without bias".into()))?;
+    let transposed = if weight.is_variable() {
+        None
+    } else {
+        Some(weight.t()?.contiguous()?)
+    };
+    Ok(Dense {
+        weight,
+        transposed,
+        bias,
+    })
 }
 
 /// Layer norm that uses candle's fused kernel for inference and a differentiable
@@ -181,13 +233,13 @@ impl Embeddings {
 
 #[derive(Debug, Clone)]
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attn_out: Dense,
     attn_norm: Norm,
-    ffn_in: Linear,
-    ffn_out: Linear,
+    ffn_in: Dense,
+    ffn_out: Dense,
     out_norm: Norm,
     heads: usize,
     head_dim: usize,
