@@ -346,11 +346,7 @@ impl Models {
             p.topic_tokens = Some(t);
             if !p.article.title.trim().is_empty() {
                 let mut title = tokens::tokenize(&tm.dir.tokenizer, &p.article.title)?;
-                let keep = tm.window.size.min(title.len());
-                title.ids.truncate(keep);
-                title.casing.truncate(keep);
-                title.offsets.truncate(keep);
-                title.words.truncate(keep);
+                title.truncate(tm.window.size);
                 if !title.is_empty() {
                     p.title_tokens = Some(title);
                 }
@@ -368,9 +364,7 @@ impl Models {
             .iter()
             .map(|t| {
                 let mut toks = tokens::tokenize(&tm.dir.tokenizer, t)?;
-                let keep = tm.window.size.min(toks.len());
-                toks.ids.truncate(keep);
-                toks.casing.truncate(keep);
+                toks.truncate(tm.window.size);
                 Ok(toks)
             })
             .collect()

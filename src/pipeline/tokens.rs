@@ -31,6 +31,14 @@ impl Tokens {
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
+
+    /// Keeps the first `n` pieces (all of them when there are fewer).
+    pub fn truncate(&mut self, n: usize) {
+        self.ids.truncate(n);
+        self.offsets.truncate(n);
+        self.casing.truncate(n);
+        self.words.truncate(n);
+    }
 }
 
 /// Tokenizes `text` once, for every model that shares `tokenizer`.
