@@ -5,9 +5,7 @@ use super::{LimitArgs, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
-use tidings::engine::Admission;
 use tidings::model::ModelDir;
-use tidings::pipeline::analysis::{Article, Options};
 use tidings::pipeline::topics::Taxonomy;
 use tidings::train::{conll, ner};
 
@@ -110,31 +108,16 @@ pub fn run(c: EvalCommand) -> Result<()> {
             let engine = limits.engine(m);
             let rt = super::runtime()?;
             let started = std::time::Instant::now();
-            let results = rt.block_on(async {
-                let futs = rows.iter().enumerate().map(|(i, (_, title, desc))| {
-                    let engine = engine.clone();
-                    let labels = &tax.labels;
-                    async move {
-                        let article = Article {
-                            id: i.to_string(),
-                            text: desc.clone(),
-                            title: title.clone(),
-                            options: Options {
-                                entities: false,
-                                ..Options::default()
-                            },
-                        };
-                        engine.analyze(article, Some(labels), Admission::Wait).await
-                    }
-                });
-                futures::future::join_all(futs).await
-            });
+            let articles: Vec<(String, String)> = rows
+                .iter()
+                .map(|(_, t, d)| (t.clone(), d.clone()))
+                .collect();
+            let results = super::analyze_topics(&rt, &engine, &articles, Some(&tax.labels))?;
             let n = tax.labels.len();
             let mut confusion = vec![vec![0usize; n]; n];
             let mut correct = 0;
             let mut nll = 0f64;
-            for ((gold, _, _), res) in rows.iter().zip(results) {
-                let (a, _) = res.map_err(|e| anyhow::anyhow!("{e}"))?;
+            for ((gold, _, _), a) in rows.iter().zip(results) {
                 let best = &a.topics[0].label;
                 let pred = tax.labels.iter().position(|l| &l.name == best).unwrap_or(0);
                 let gold_i = gold - 1;

@@ -208,3 +208,38 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()?)
 }
+
+/// Topics of many `(title, text)` articles through the engine, all queued at once (streams'
+/// back-pressure keeps memory bounded); `labels` = `None` uses the server's defaults.
+pub fn analyze_topics(
+    rt: &tokio::runtime::Runtime,
+    engine: &Engine,
+    articles: &[(String, String)],
+    labels: Option<&[tidings::pipeline::topics::Label]>,
+) -> Result<Vec<tidings::pipeline::analysis::Analysis>> {
+    use tidings::pipeline::analysis::{Article, Options};
+    rt.block_on(async {
+        let futs = articles.iter().enumerate().map(|(i, (title, text))| {
+            let article = Article {
+                id: i.to_string(),
+                text: text.clone(),
+                title: title.clone(),
+                options: Options {
+                    entities: false,
+                    ..Options::default()
+                },
+            };
+            async move {
+                engine
+                    .analyze(article, labels, tidings::engine::Admission::Wait)
+                    .await
+                    .map(|(a, _)| a)
+            }
+        });
+        futures::future::join_all(futs)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}

@@ -137,8 +137,6 @@ pub fn run(c: TrainCommand) -> Result<()> {
 
 fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     use anyhow::Context;
-    use tidings::engine::Admission;
-    use tidings::pipeline::analysis::{Article, Options};
     use tidings::train::topics::{self, HeadConfig};
     let started = std::time::Instant::now();
     let examples = topics::read_examples(&a.data)?;
@@ -175,32 +173,14 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     let engine = a.limits.engine(models);
     let rt = super::runtime()?;
     eprintln!("embedding {} articles...", examples.len());
-    let x: Vec<Vec<f32>> = rt
-        .block_on(async {
-            let futs = examples.iter().enumerate().map(|(i, ex)| {
-                let engine = engine.clone();
-                async move {
-                    let article = Article {
-                        id: i.to_string(),
-                        text: ex.text.clone(),
-                        title: ex.title.clone(),
-                        options: Options {
-                            entities: false,
-                            ..Options::default()
-                        },
-                    };
-                    engine
-                        .analyze(article, None, Admission::Wait)
-                        .await
-                        .map(|(an, _)| an.embedding)
-                }
-            });
-            futures::future::join_all(futs)
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let articles: Vec<(String, String)> = examples
+        .iter()
+        .map(|e| (e.title.clone(), e.text.clone()))
+        .collect();
+    let x: Vec<Vec<f32>> = super::analyze_topics(&rt, &engine, &articles, None)?
+        .into_iter()
+        .map(|a| a.embedding)
+        .collect();
     let embedded = started.elapsed();
     let cfg = HeadConfig {
         steps: a.steps,
