@@ -10,12 +10,7 @@ use tidings::proto::{self, TopicLabel};
 use tonic::Code;
 
 async fn still_serving() {
-    let mut c = client(server()).await;
-    let r = c
-        .analyze(request("alive", "Angela Merkel visited Paris."))
-        .await
-        .expect("server still answers");
-    assert!(r.into_inner().entities.iter().any(|e| e.text == "Paris"));
+    common::assert_still_serving(server()).await;
 }
 
 #[tokio::test]

@@ -317,10 +317,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field() {
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("max_batch_items"));
     // The server still answers a normal request.
-    assert!(c
-        .analyze(request("after", "Paris is in France."))
-        .await
-        .is_ok());
+    common::assert_still_serving(server()).await;
 }
 
 #[tokio::test]
@@ -333,10 +330,7 @@ async fn deadline_exceeded_is_reported_and_the_server_survives() {
         matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{s:?}"
     );
-    assert!(c
-        .analyze(request("after", "Rome is in Italy."))
-        .await
-        .is_ok());
+    common::assert_still_serving(server()).await;
 }
 
 #[tokio::test]
@@ -485,8 +479,5 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    assert!(c
-        .analyze(request("after", "Madrid is in Spain."))
-        .await
-        .is_ok());
+    common::assert_still_serving(&srv).await;
 }

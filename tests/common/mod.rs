@@ -144,3 +144,13 @@ pub fn assert_offsets_slice(text: &str, resp: &tidings::proto::AnalyzeResponse) 
         );
     }
 }
+
+/// Checks that `server` still answers a normal request correctly (after a bad one).
+pub async fn assert_still_serving(server: &TestServer) {
+    let mut c = client(server).await;
+    let r = c
+        .analyze(request("alive", "Angela Merkel visited Paris."))
+        .await
+        .expect("server still answers");
+    assert!(r.into_inner().entities.iter().any(|e| e.text == "Paris"));
+}
