@@ -17,7 +17,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// Server-level settings.
 #[derive(Debug, Clone)]
@@ -118,6 +117,11 @@ pub async fn serve(
     let mut drain_rx = stop_rx.clone();
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "serving tidings.v1.Tidings, grpc.health.v1, reflection");
+    // Nagle's algorithm plus the peer's delayed ACK held small responses back by up to 40 ms
+    // (measured: unary p50 at concurrency 1 alternated between 50 and 82 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.tls {
         let mut t = tonic::transport::ServerTlsConfig::new()
@@ -136,7 +140,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         });
     // The graceful drain gets `grace`; past it the server future is dropped.
