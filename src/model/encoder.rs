@@ -9,6 +9,7 @@
 //! - one code path for the three checkpoint layouts, with the tensor names of each.
 
 use super::config::ModelConfig;
+use super::fused::{FusedActivation, FusedLayer, FusedLinear, FusedNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use rand::{Rng, SeedableRng};
@@ -347,11 +348,54 @@ impl Layer {
     }
 }
 
+impl Layer {
+    /// The same layer for the fused CPU inference path.
+    fn fuse(&self) -> Result<FusedLayer> {
+        let lin = |d: &Dense| FusedLinear::new(&d.weight, &d.bias);
+        let norm = |n: &Norm| -> Result<FusedNorm> {
+            Ok(FusedNorm {
+                gamma: n.weight.to_vec1::<f32>()?,
+                beta: n.bias.to_vec1::<f32>()?,
+                eps: n.eps,
+            })
+        };
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        Ok(FusedLayer {
+            qkv: FusedLinear::concat(&[
+                (&lin(&self.query)?, scale),
+                (&lin(&self.key)?, 1.0),
+                (&lin(&self.value)?, 1.0),
+            ])?,
+            attn_out: lin(&self.attn_out)?,
+            attn_norm: norm(&self.attn_norm)?,
+            ffn_in: lin(&self.ffn_in)?,
+            ffn_out: lin(&self.ffn_out)?,
+            out_norm: norm(&self.out_norm)?,
+            heads: self.heads,
+            head_dim: self.head_dim,
+            act: match self.act {
+                Activation::GeluErf => FusedActivation::GeluErf,
+                Activation::GeluTanh => FusedActivation::GeluTanh,
+                Activation::Relu => FusedActivation::Relu,
+            },
+        })
+    }
+}
+
+/// How the transformer layers run.
+#[derive(Debug, Clone)]
+enum Stack {
+    /// As candle tensor ops: differentiable, any device and dtype.
+    Graph(Vec<Layer>),
+    /// The fused f32 CPU kernels of [`super::fused`]: inference only.
+    Fused(Vec<FusedLayer>),
+}
+
 /// The transformer body: embeddings and layers, no head.
 #[derive(Debug, Clone)]
 pub struct Encoder {
     embeddings: Embeddings,
-    layers: Vec<Layer>,
+    stack: Stack,
     dtype: DType,
     hidden_size: usize,
 }
@@ -359,7 +403,43 @@ pub struct Encoder {
 impl Encoder {
     /// Loads the encoder whose tensors sit under `vb` (already narrowed to the model prefix,
     /// e.g. `bert` for a `BertForTokenClassification` checkpoint, nothing for a bare model).
+    ///
+    /// Frozen f32 weights on the CPU get the fused inference kernels; trainable weights
+    /// (a `VarMap`-backed builder), other dtypes and devices run as candle ops.
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let enc = Self::load_graph(vb, cfg)?;
+        let frozen = match &enc.stack {
+            Stack::Graph(layers) => layers.iter().all(|l| !l.query.weight.is_variable()),
+            Stack::Fused(_) => true,
+        };
+        let cpu = enc.embeddings.word.embeddings().device().is_cpu();
+        if frozen && cpu && enc.dtype == DType::F32 {
+            enc.fused()
+        } else {
+            Ok(enc)
+        }
+    }
+
+    /// This encoder with its layers on the fused CPU kernels (the weights are copied out of
+    /// the tensors, which are then dropped). Inference only: a fused encoder refuses
+    /// [`Mode::train`].
+    pub fn fused(self) -> Result<Self> {
+        let stack = match self.stack {
+            Stack::Graph(layers) => {
+                Stack::Fused(layers.iter().map(Layer::fuse).collect::<Result<_>>()?)
+            }
+            fused => fused,
+        };
+        Ok(Self { stack, ..self })
+    }
+
+    /// Whether the layers run on the fused CPU kernels.
+    pub fn is_fused(&self) -> bool {
+        matches!(self.stack, Stack::Fused(_))
+    }
+
+    /// Like [`Encoder::load`], but always as candle ops (the differentiable path).
+    pub fn load_graph(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let layout = match cfg.model_type.as_str() {
             "distilbert" => Layout::DistilBert,
             "bert" | "roberta" | "xlm-roberta" | "camembert" => Layout::Bert,
@@ -379,7 +459,7 @@ impl Encoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embeddings: Embeddings::load(vb.pp("embeddings"), cfg)?,
-            layers,
+            stack: Stack::Graph(layers),
             dtype: vb.dtype(),
             hidden_size: cfg.hidden_size,
         })
@@ -398,11 +478,21 @@ impl Encoder {
     /// Runs the encoder; returns the last hidden states `[batch, seq, hidden]`.
     pub fn forward(&self, input: &EncoderInput, mode: Mode) -> Result<Tensor> {
         let mask = input.attention_mask.to_dtype(self.dtype)?;
+        let layers = match &self.stack {
+            Stack::Fused(layers) => {
+                if mode.train {
+                    candle_core::bail!("this encoder was loaded for inference and cannot train");
+                }
+                let x = self.embeddings.forward(input, mode)?;
+                return super::fused::forward(layers, &x, &mask);
+            }
+            Stack::Graph(layers) => layers,
+        };
         let (b, s) = mask.dims2()?;
         // 0 where attended, a large negative number where padded.
         let bias = ((mask - 1.0)? * 10_000.0)?.reshape((b, 1, 1, s))?;
         let mut x = self.embeddings.forward(input, mode)?;
-        for layer in &self.layers {
+        for layer in layers {
             x = layer.forward(&x, &bias, mode)?;
         }
         Ok(x)

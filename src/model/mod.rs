@@ -2,6 +2,7 @@
 //!
 //! - [`config`] — `config.json`.
 //! - [`encoder`] — the BERT-family transformer body (BERT, RoBERTa/XLM-R, DistilBERT).
+//! - [`fused`] and [`kernels`] — the fused, unpadded f32 CPU inference path of the layers.
 //! - [`files`] — a model directory on disk (config, tokenizer, weights) and its loading errors.
 //! - [`heads`] — what sits on the encoder: token classification (NER) and mean-pooled
 //!   sentence embeddings (topics).
@@ -9,7 +10,9 @@
 pub mod config;
 pub mod encoder;
 pub mod files;
+mod fused;
 pub mod heads;
+mod kernels;
 
 pub use config::ModelConfig;
 pub use encoder::{Encoder, EncoderInput, Mode};

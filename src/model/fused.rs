@@ -1,0 +1,329 @@
+//! The fused CPU inference path of the encoder's transformer layers.
+//!
+//! candle runs a layer as some twenty tensor ops, each a pass over memory with its own
+//! allocation and thread fork. Here a layer is five matrix products (`gemm`, the crate candle
+//! itself uses) and a few one-pass kernels ([`super::kernels`]) over buffers reused for the
+//! whole forward pass:
+//! - one product for query, key and value together (their weights side by side, the query's
+//!   pre-multiplied by `1/sqrt(head_dim)`), with the bias written into the output first;
+//! - attention per (sequence, head) read straight out of that product with strides, no
+//!   transposes or copies;
+//! - residual connections added by accumulating the products into them.
+//!
+//! Sequences are **unpadded**: only tokens whose attention-mask value is 1 are packed, one
+//! after another, and each attends to the tokens of its own sequence only. Padding costs no
+//! work at all, and the result for every real token is the same as the padded, masked
+//! computation (a masked key gets probability `exp(-10000)`, which is 0 in f32).
+
+use super::kernels;
+use candle_core::{Result, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// `y = x W^T + b` with `W^T` stored contiguous, `[in, out]` row-major.
+#[derive(Debug, Clone)]
+pub(super) struct FusedLinear {
+    wt: Vec<f32>,
+    bias: Vec<f32>,
+    inp: usize,
+    out: usize,
+}
+
+impl FusedLinear {
+    /// From candle tensors `weight: [out, in]`, `bias: [out]`.
+    pub(super) fn new(weight: &Tensor, bias: &Tensor) -> Result<Self> {
+        let (out, inp) = weight.dims2()?;
+        Ok(Self {
+            wt: weight.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            bias: bias.to_vec1::<f32>()?,
+            inp,
+            out,
+        })
+    }
+
+    /// Several layers reading the same input, side by side: `[in, out_1 + out_2 + ...]`,
+    /// each scaled by its factor.
+    pub(super) fn concat(parts: &[(&FusedLinear, f32)]) -> Result<Self> {
+        let inp = parts.first().map_or(0, |(p, _)| p.inp);
+        if parts.iter().any(|(p, _)| p.inp != inp) {
+            candle_core::bail!("concatenated linear layers differ in input width");
+        }
+        let out: usize = parts.iter().map(|(p, _)| p.out).sum();
+        let mut wt = Vec::with_capacity(inp * out);
+        for r in 0..inp {
+            for (p, s) in parts {
+                wt.extend(p.wt[r * p.out..(r + 1) * p.out].iter().map(|w| w * s));
+            }
+        }
+        let bias = parts
+            .iter()
+            .flat_map(|(p, s)| p.bias.iter().map(move |b| b * s))
+            .collect();
+        Ok(Self { wt, bias, inp, out })
+    }
+
+    /// `y[rows, out] = x[rows, in] W^T + b (+ residual)`.
+    fn forward(&self, x: &[f32], rows: usize, residual: Option<&[f32]>, y: &mut [f32]) {
+        let y = &mut y[..rows * self.out];
+        match residual {
+            Some(res) => {
+                for (yr, rr) in y.chunks_exact_mut(self.out).zip(res.chunks_exact(self.out)) {
+                    for ((o, b), r) in yr.iter_mut().zip(&self.bias).zip(rr) {
+                        *o = b + r;
+                    }
+                }
+            }
+            None => {
+                for yr in y.chunks_exact_mut(self.out) {
+                    yr.copy_from_slice(&self.bias);
+                }
+            }
+        }
+        if rows == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        // SAFETY: every matrix is row-major and contiguous with the dimensions given; `y`
+        // holds rows * out, `x` rows * inp, `wt` inp * out elements.
+        unsafe {
+            gemm::gemm(
+                rows,
+                self.out,
+                self.inp,
+                y.as_mut_ptr(),
+                1,
+                self.out as isize,
+                true,
+                x.as_ptr(),
+                1,
+                self.inp as isize,
+                self.wt.as_ptr(),
+                1,
+                self.out as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+}
+
+/// Layer-norm parameters.
+#[derive(Debug, Clone)]
+pub(super) struct FusedNorm {
+    pub(super) gamma: Vec<f32>,
+    pub(super) beta: Vec<f32>,
+    pub(super) eps: f32,
+}
+
+/// The non-linearity between the two feed-forward products.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum FusedActivation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+/// One transformer layer with its weights in plain buffers.
+#[derive(Debug, Clone)]
+pub(super) struct FusedLayer {
+    pub(super) qkv: FusedLinear,
+    pub(super) attn_out: FusedLinear,
+    pub(super) attn_norm: FusedNorm,
+    pub(super) ffn_in: FusedLinear,
+    pub(super) ffn_out: FusedLinear,
+    pub(super) out_norm: FusedNorm,
+    pub(super) heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) act: FusedActivation,
+}
+
+/// Buffers of one forward pass, sized for its token count and reused by every layer.
+#[derive(Debug, Default)]
+pub(super) struct Scratch {
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    mid: Vec<f32>,
+    ffn: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only to write disjoint (sequence rows x head columns) blocks of one buffer.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Rows per parallel task of the element-wise kernels.
+const ROWS_PER_TASK: usize = 16;
+
+fn rows_in_parallel(x: &mut [f32], cols: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    if cols == 0 {
+        return;
+    }
+    x.par_chunks_mut(cols * ROWS_PER_TASK).for_each(f);
+}
+
+impl FusedLayer {
+    /// Runs the layer over the packed hidden states `x: [n, h]` of sequences `segments`
+    /// (`(first row, length)`, covering `0..n`); the result replaces `x`.
+    pub(super) fn forward(
+        &self,
+        x: &mut Vec<f32>,
+        segments: &[(usize, usize)],
+        scratch: &mut Scratch,
+    ) {
+        let h = self.attn_out.out;
+        let n = x.len() / h;
+        let three_h = self.qkv.out;
+        let d = self.head_dim;
+        scratch.qkv.resize(n * three_h, 0.0);
+        scratch.ctx.resize(n * h, 0.0);
+        scratch.mid.resize(n * h, 0.0);
+        scratch.ffn.resize(n * self.ffn_in.out, 0.0);
+        scratch.out.resize(n * h, 0.0);
+
+        self.qkv.forward(x, n, None, &mut scratch.qkv);
+
+        // Attention, one task per (sequence, head).
+        let qkv = &scratch.qkv;
+        let ctx = SharedMut(scratch.ctx.as_mut_ptr());
+        let tasks: Vec<(usize, usize, usize)> = segments
+            .iter()
+            .flat_map(|&(start, len)| (0..self.heads).map(move |hd| (start, len, hd)))
+            .collect();
+        tasks
+            .par_iter()
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, &(start, len, hd)| {
+                if len == 0 {
+                    return;
+                }
+                scores.resize(len * len, 0.0);
+                let q = qkv[start * three_h + hd * d..].as_ptr();
+                let k = qkv[start * three_h + h + hd * d..].as_ptr();
+                let v = qkv[start * three_h + 2 * h + hd * d..].as_ptr();
+                // SAFETY: q, k, v address `len` rows of `d` columns with row stride 3h
+                // inside `qkv`; scores is len x len; this task alone writes the ctx block
+                // rows start..start+len, columns hd*d..(hd+1)*d.
+                unsafe {
+                    // scores = Q K^T (Q is pre-scaled by 1/sqrt(d))
+                    gemm::gemm(
+                        len,
+                        len,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        len as isize,
+                        false,
+                        q,
+                        1,
+                        three_h as isize,
+                        k,
+                        three_h as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                    kernels::softmax_rows(scores, len);
+                    gemm::gemm(
+                        len,
+                        d,
+                        len,
+                        ctx.ptr().add(start * h + hd * d),
+                        1,
+                        h as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        len as isize,
+                        v,
+                        1,
+                        three_h as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            });
+
+        // Output projection + residual, then layer norm.
+        self.attn_out
+            .forward(&scratch.ctx, n, Some(x), &mut scratch.mid);
+        let norm = &self.attn_norm;
+        rows_in_parallel(&mut scratch.mid, h, |rows| {
+            kernels::layer_norm_rows(rows, &norm.gamma, &norm.beta, norm.eps)
+        });
+
+        // Feed-forward + residual, then layer norm.
+        self.ffn_in.forward(&scratch.mid, n, None, &mut scratch.ffn);
+        let act = self.act;
+        rows_in_parallel(&mut scratch.ffn, self.ffn_in.out, |rows| match act {
+            FusedActivation::GeluErf => kernels::gelu_erf(rows),
+            FusedActivation::GeluTanh => kernels::gelu_tanh(rows),
+            FusedActivation::Relu => kernels::relu(rows),
+        });
+        self.ffn_out
+            .forward(&scratch.ffn, n, Some(&scratch.mid), &mut scratch.out);
+        let norm = &self.out_norm;
+        rows_in_parallel(&mut scratch.out, h, |rows| {
+            kernels::layer_norm_rows(rows, &norm.gamma, &norm.beta, norm.eps)
+        });
+        std::mem::swap(x, &mut scratch.out);
+    }
+}
+
+/// Runs `layers` over padded hidden states `[b, s, h]` with the `[b, s]` attention mask:
+/// packs the attended tokens, runs the layers unpadded, and puts the results back in the
+/// padded layout (zeros at padding).
+pub(super) fn forward(layers: &[FusedLayer], hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, s, h) = hidden.dims3()?;
+    let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
+    let mask = mask
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut kept = Vec::with_capacity(b * s);
+    let mut segments = Vec::with_capacity(b);
+    for row in 0..b {
+        let start = kept.len();
+        kept.extend((row * s..(row + 1) * s).filter(|&p| mask[p] != 0.0));
+        segments.push((start, kept.len() - start));
+    }
+    let mut x = Vec::with_capacity(kept.len() * h);
+    for &p in &kept {
+        x.extend_from_slice(&flat[p * h..(p + 1) * h]);
+    }
+    drop(flat);
+    let mut scratch = Scratch::default();
+    for layer in layers {
+        layer.forward(&mut x, &segments, &mut scratch);
+    }
+    let mut out = vec![0f32; b * s * h];
+    for (i, &p) in kept.iter().enumerate() {
+        out[p * h..(p + 1) * h].copy_from_slice(&x[i * h..(i + 1) * h]);
+    }
+    Tensor::from_vec(out, (b, s, h), hidden.device())
+}
