@@ -156,7 +156,17 @@ async fn streams_that_misbehave_do_not_hurt_the_server() {
     let _ = out.next().await;
     drop(out);
     // A client that never reads its responses: the server stops reading its requests
-    // (back-pressure) instead of buffering without bound.
+    // (back-pressure) instead of buffering without bound. The client's HTTP/2 receive
+    // window is kept small, so that the unread answers fill it after a few dozen articles
+    // rather than megabytes of them.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", srv.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let mut c = proto::tidings_client::TidingsClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let long = common::seed_article();
     let sender = tokio::spawn(async move {
