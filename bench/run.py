@@ -39,16 +39,21 @@ def load_articles(seed: Path, dev: Path, n: int) -> list[str]:
     return out
 
 
-def peak_rss_mib(pid):
+def status_mib(pid, key):
+    """A memory figure of /proc/PID/status (e.g. VmHWM, VmRSS) in MiB, or None."""
     if not pid:
         return None
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def peak_rss_mib(pid):
+    return status_mib(pid, "VmHWM")
 
 
 def pct(sorted_vals, q):

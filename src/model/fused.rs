@@ -20,6 +20,63 @@ use candle_core::{Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// A row-major view of a matrix for [`matmul`]: where it starts, and its row stride (columns
+/// are contiguous unless `col_stride` says otherwise).
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl View {
+    fn rows(ptr: *const f32, row_stride: usize) -> Self {
+        Self {
+            ptr,
+            row_stride: row_stride as isize,
+            col_stride: 1,
+        }
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] rhs[k, n]`; `dst` has row stride `dst_rs`, contiguous columns.
+///
+/// # Safety
+/// Every view must address valid memory for its dimensions, and `dst` must not overlap the
+/// inputs or memory another thread uses.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+    par: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.col_stride,
+        lhs.row_stride,
+        rhs.ptr,
+        rhs.col_stride,
+        rhs.row_stride,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
 /// `y = x W^T + b` with `W^T` stored contiguous, `[in, out]` row-major.
 #[derive(Debug, Clone)]
 pub(super) struct FusedLinear {
@@ -91,25 +148,13 @@ impl FusedLinear {
         // SAFETY: every matrix is row-major and contiguous with the dimensions given; `y`
         // holds rows * out, `x` rows * inp, `wt` inp * out elements.
         unsafe {
-            gemm::gemm(
-                rows,
-                self.out,
-                self.inp,
+            matmul(
+                (rows, self.out, self.inp),
                 y.as_mut_ptr(),
-                1,
-                self.out as isize,
+                self.out,
                 true,
-                x.as_ptr(),
-                1,
-                self.inp as isize,
-                self.wt.as_ptr(),
-                1,
-                self.out as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                View::rows(x.as_ptr(), self.inp),
+                View::rows(self.wt.as_ptr(), self.out),
                 par,
             );
         }
@@ -222,50 +267,22 @@ impl FusedLayer {
                 // inside `qkv`; scores is len x len; this task alone writes the ctx block
                 // rows start..start+len, columns hd*d..(hd+1)*d.
                 unsafe {
-                    // scores = Q K^T (Q is pre-scaled by 1/sqrt(d))
-                    gemm::gemm(
-                        len,
-                        len,
-                        d,
-                        scores.as_mut_ptr(),
-                        1,
-                        len as isize,
-                        false,
-                        q,
-                        1,
-                        three_h as isize,
-                        k,
-                        three_h as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                    // scores = Q K^T (Q is pre-scaled by 1/sqrt(d)); K^T is K read with
+                    // rows and columns swapped.
+                    let k_t = View {
+                        ptr: k,
+                        row_stride: 1,
+                        col_stride: three_h as isize,
+                    };
+                    let seq = (len, len, d);
+                    let one = Parallelism::None;
+                    let q = View::rows(q, three_h);
+                    matmul(seq, scores.as_mut_ptr(), len, false, q, k_t, one);
                     kernels::softmax_rows(scores, len);
-                    gemm::gemm(
-                        len,
-                        d,
-                        len,
-                        ctx.ptr().add(start * h + hd * d),
-                        1,
-                        h as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        len as isize,
-                        v,
-                        1,
-                        three_h as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                    let dst = ctx.ptr().add(start * h + hd * d);
+                    let p = View::rows(scores.as_ptr(), len);
+                    let v = View::rows(v, three_h);
+                    matmul((len, d, len), dst, h, false, p, v, one);
                 }
             });
 
