@@ -29,7 +29,8 @@ pub struct ServerConfig {
     pub max_concurrent_per_connection: usize,
     /// Most HTTP/2 streams (calls) a client may open at once on one connection.
     pub max_concurrent_streams: u32,
-    /// Longest any request may run, whatever deadline the client set.
+    /// Longest a unary call may run, whatever deadline the client set (streams, which may
+    /// carry a whole batch job, are bounded only by the client's own deadline).
     pub request_timeout: Duration,
     /// How long in-flight calls may finish after a shutdown signal.
     pub grace: Duration,
@@ -92,9 +93,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let service = tonic::service::interceptor::InterceptedService::new(
-        TidingsServer::new(TidingsService::new(engine, cfg.limits.clone()))
-            .max_decoding_message_size(cfg.max_message_bytes)
-            .max_encoding_message_size(cfg.max_message_bytes),
+        TidingsServer::new(TidingsService::new(
+            engine,
+            cfg.limits.clone(),
+            cfg.request_timeout,
+        ))
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes),
         auth::BearerAuth::new(cfg.auth_token.clone()),
     );
 
@@ -136,7 +141,6 @@ pub async fn serve(
     let server = builder
         .concurrency_limit_per_connection(cfg.max_concurrent_per_connection)
         .max_concurrent_streams(cfg.max_concurrent_streams)
-        .timeout(cfg.request_timeout)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)

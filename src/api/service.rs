@@ -7,7 +7,7 @@ use crate::proto::{self, tidings_server::Tidings};
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -21,17 +21,41 @@ pub struct TidingsService {
     engine: Engine,
     limits: Limits,
     entity_types: Vec<String>,
+    request_timeout: Duration,
 }
 
 impl TidingsService {
-    /// A service over `engine` enforcing `limits`.
-    pub fn new(engine: Engine, limits: Limits) -> Self {
+    /// A service over `engine` enforcing `limits`; unary calls run for at most
+    /// `request_timeout`, or the client's deadline if that is sooner.
+    pub fn new(engine: Engine, limits: Limits, request_timeout: Duration) -> Self {
         let entity_types = engine.models().entity_types();
         Self {
             engine,
             limits,
             entity_types,
+            request_timeout,
         }
+    }
+
+    /// Runs a unary call's work within its deadline: the client's `grpc-timeout`, capped by
+    /// the server's request timeout. Past it the work is dropped (its queued rows are skipped
+    /// by the batcher) and the call ends with DEADLINE_EXCEEDED, the code gRPC defines for it.
+    /// (tonic's own server timeout answers CANCELLED, which clients cannot tell from a
+    /// cancellation.)
+    async fn within_deadline<T>(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        work: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let (limit, whose) = match grpc_timeout(md) {
+            Some(d) if d < self.request_timeout => (d, "the call's deadline"),
+            _ => (self.request_timeout, "the server's request timeout"),
+        };
+        tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "{whose} of {limit:?} passed before the answer was ready"
+            )))
+        })
     }
 
     /// Validates and analyzes one request.
@@ -51,6 +75,44 @@ impl TidingsService {
         let mut resp = analysis_to_proto(analysis, timing, started.elapsed());
         resp.id = id;
         Ok(resp)
+    }
+}
+
+impl TidingsService {
+    /// AnalyzeBatch's work: every item analyzed, each answered or failed on its own.
+    async fn batch(
+        &self,
+        requests: Vec<proto::AnalyzeRequest>,
+    ) -> Result<proto::AnalyzeBatchResponse, Status> {
+        if requests.len() > self.limits.max_batch_items {
+            return Err(invalid(
+                "requests",
+                format!(
+                    "has {} items, more than the limit of {} (max_batch_items)",
+                    requests.len(),
+                    self.limits.max_batch_items
+                ),
+            ));
+        }
+        let items = futures::future::join_all(requests.into_iter().map(|r| async move {
+            let id = r.id.clone();
+            match self.analyze_one(r, Admission::FailFast).await {
+                Ok(resp) => proto::AnalyzeBatchItem {
+                    outcome: Some(proto::analyze_batch_item::Outcome::Response(resp)),
+                },
+                Err(s) => proto::AnalyzeBatchItem {
+                    outcome: Some(proto::analyze_batch_item::Outcome::Error(
+                        proto::ItemError {
+                            code: s.code() as i32,
+                            message: s.message().to_string(),
+                            id,
+                        },
+                    )),
+                },
+            }
+        }))
+        .await;
+        Ok(proto::AnalyzeBatchResponse { items })
     }
 }
 
@@ -81,11 +143,10 @@ fn with_id(status: Status, id: &str) -> Status {
 }
 
 /// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
-fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = md.get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
-    use std::time::Duration;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
         "M" => Duration::from_secs(n.saturating_mul(60)),
@@ -107,8 +168,9 @@ impl Tidings for TidingsService {
         request: Request<proto::AnalyzeRequest>,
     ) -> Result<Response<proto::AnalyzeResponse>, Status> {
         let started = Instant::now();
+        let (md, _, req) = request.into_parts();
         let res = self
-            .analyze_one(request.into_inner(), Admission::FailFast)
+            .within_deadline(&md, self.analyze_one(req, Admission::FailFast))
             .await;
         record(
             "Analyze",
@@ -123,39 +185,14 @@ impl Tidings for TidingsService {
         request: Request<proto::AnalyzeBatchRequest>,
     ) -> Result<Response<proto::AnalyzeBatchResponse>, Status> {
         let started = Instant::now();
-        let requests = request.into_inner().requests;
-        if requests.len() > self.limits.max_batch_items {
-            let s = invalid(
-                "requests",
-                format!(
-                    "has {} items, more than the limit of {} (max_batch_items)",
-                    requests.len(),
-                    self.limits.max_batch_items
-                ),
-            );
-            record("AnalyzeBatch", s.code(), started);
-            return Err(s);
-        }
-        let items = futures::future::join_all(requests.into_iter().map(|r| async move {
-            let id = r.id.clone();
-            match self.analyze_one(r, Admission::FailFast).await {
-                Ok(resp) => proto::AnalyzeBatchItem {
-                    outcome: Some(proto::analyze_batch_item::Outcome::Response(resp)),
-                },
-                Err(s) => proto::AnalyzeBatchItem {
-                    outcome: Some(proto::analyze_batch_item::Outcome::Error(
-                        proto::ItemError {
-                            code: s.code() as i32,
-                            message: s.message().to_string(),
-                            id,
-                        },
-                    )),
-                },
-            }
-        }))
-        .await;
-        record("AnalyzeBatch", Code::Ok, started);
-        Ok(Response::new(proto::AnalyzeBatchResponse { items }))
+        let (md, _, req) = request.into_parts();
+        let res = self.within_deadline(&md, self.batch(req.requests)).await;
+        record(
+            "AnalyzeBatch",
+            res.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
+            started,
+        );
+        res.map(Response::new)
     }
 
     type AnalyzeStreamStream = AnalyzeStreamOut;
