@@ -46,6 +46,7 @@ ALLOWED = {
 }
 MIX = [("analyze", 80), ("labels", 5), ("batch", 4), ("stream", 3), ("empty", 3),
        ("deadline", 3), ("cancel", 2)]
+FIRST_MESSAGE = {}  # (kind, code) -> the first message of a status the kind does not allow
 LABELS = [pb.TopicLabel(name=n) for n in ("economy", "war", "football", "elections", "space")]
 
 
@@ -88,6 +89,8 @@ async def call(stub, kind, articles, rng, timeout):
                 return Code.CANCELLED, time.perf_counter() - t0
         return Code.OK, time.perf_counter() - t0
     except grpc.aio.AioRpcError as e:
+        if e.code() not in ALLOWED[kind]:
+            FIRST_MESSAGE.setdefault((kind, e.code().name), e.details())
         return e.code(), time.perf_counter() - t0
     except asyncio.CancelledError:
         return Code.CANCELLED, time.perf_counter() - t0
@@ -159,7 +162,8 @@ async def main():
     for (kind, code), n in sorted(counts.items()):
         allowed = Code[code] in ALLOWED[kind]
         unexpected += 0 if allowed else n
-        print(f"  {kind:9s} {code:20s} {n:8d}{'' if allowed else '   <- unexpected'}")
+        note = "" if allowed else f"   <- unexpected: {FIRST_MESSAGE.get((kind, code), '')!r}"
+        print(f"  {kind:9s} {code:20s} {n:8d}{note}")
     total = sum(counts.values())
     ok = sum(v for (_, c), v in counts.items() if c == "OK")
     ok_lat.sort()
