@@ -100,7 +100,13 @@ pub async fn serve(
         ))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes),
-        auth::BearerAuth::new(cfg.auth_token.clone()),
+        {
+            let mut auth = auth::BearerAuth::new(cfg.auth_token.clone());
+            move |mut req: tonic::Request<()>| {
+                service::stamp_arrival(&mut req);
+                tonic::service::Interceptor::call(&mut auth, req)
+            }
+        },
     );
 
     // `true` once shutdown has begun: health flips first, then the listener closes.

@@ -15,6 +15,21 @@ use tonic::{Code, Request, Response, Status, Streaming};
 /// Requests of one stream analyzed at once; more wait in the client's send window.
 const STREAM_IN_FLIGHT: usize = 32;
 
+/// How much earlier than tonic's own `grpc-timeout` timer a unary call gives up, so that the
+/// client gets DEADLINE_EXCEEDED from us rather than CANCELLED from tonic: two tokio timers
+/// with the same deadline fire in the same 1 ms tick, in no set order.
+const TIMER_MARGIN: Duration = Duration::from_millis(2);
+
+/// When a call reached the service, before its body was read: a request extension set by
+/// [`stamp_arrival`].
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub Instant);
+
+/// Records [`Arrived`] on a request; runs in the service's interceptor.
+pub fn stamp_arrival(req: &mut Request<()>) {
+    req.extensions_mut().insert(Arrived(Instant::now()));
+}
+
 /// The service implementation; cheap to clone.
 #[derive(Clone)]
 pub struct TidingsService {
@@ -40,22 +55,32 @@ impl TidingsService {
     /// Runs a unary call's work within its deadline: the client's `grpc-timeout`, capped by
     /// the server's request timeout. Past it the work is dropped (its queued rows are skipped
     /// by the batcher) and the call ends with DEADLINE_EXCEEDED, the code gRPC defines for it.
-    /// (tonic's own server timeout answers CANCELLED, which clients cannot tell from a
-    /// cancellation.)
+    ///
+    /// tonic's transport also enforces `grpc-timeout`, from when the call arrived, and answers
+    /// CANCELLED "Timeout expired", which clients cannot tell from a cancellation. So the
+    /// deadline here counts from the same moment ([`Arrived`], stamped before the body is
+    /// read) and ends [`TIMER_MARGIN`] early, to answer first.
     async fn within_deadline<T>(
         &self,
         md: &tonic::metadata::MetadataMap,
+        ext: &tonic::Extensions,
         work: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let (limit, whose) = match grpc_timeout(md) {
             Some(d) if d < self.request_timeout => (d, "the call's deadline"),
             _ => (self.request_timeout, "the server's request timeout"),
         };
-        tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(format!(
-                "{whose} of {limit:?} passed before the answer was ready"
-            )))
-        })
+        let arrived = ext.get::<Arrived>().map_or_else(Instant::now, |a| a.0);
+        let until = (arrived + limit)
+            .checked_sub(TIMER_MARGIN)
+            .unwrap_or(arrived);
+        tokio::time::timeout_at(until.into(), work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "{whose} of {limit:?} passed before the answer was ready"
+                )))
+            })
     }
 
     /// Validates and analyzes one request.
@@ -168,9 +193,9 @@ impl Tidings for TidingsService {
         request: Request<proto::AnalyzeRequest>,
     ) -> Result<Response<proto::AnalyzeResponse>, Status> {
         let started = Instant::now();
-        let (md, _, req) = request.into_parts();
+        let (md, ext, req) = request.into_parts();
         let res = self
-            .within_deadline(&md, self.analyze_one(req, Admission::FailFast))
+            .within_deadline(&md, &ext, self.analyze_one(req, Admission::FailFast))
             .await;
         record(
             "Analyze",
@@ -185,8 +210,10 @@ impl Tidings for TidingsService {
         request: Request<proto::AnalyzeBatchRequest>,
     ) -> Result<Response<proto::AnalyzeBatchResponse>, Status> {
         let started = Instant::now();
-        let (md, _, req) = request.into_parts();
-        let res = self.within_deadline(&md, self.batch(req.requests)).await;
+        let (md, ext, req) = request.into_parts();
+        let res = self
+            .within_deadline(&md, &ext, self.batch(req.requests))
+            .await;
         record(
             "AnalyzeBatch",
             res.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
