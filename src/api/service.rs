@@ -83,6 +83,27 @@ impl TidingsService {
             })
     }
 
+    /// A unary call: its work run within its deadline, its outcome recorded as `rpc`.
+    async fn unary<Req, Resp, Fut>(
+        &self,
+        rpc: &'static str,
+        request: Request<Req>,
+        work: impl FnOnce(Req) -> Fut,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Fut: std::future::Future<Output = Result<Resp, Status>>,
+    {
+        let started = Instant::now();
+        let (md, ext, req) = request.into_parts();
+        let res = self.within_deadline(&md, &ext, work(req)).await;
+        record(
+            rpc,
+            res.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
+            started,
+        );
+        res.map(Response::new)
+    }
+
     /// Validates and analyzes one request.
     async fn analyze_one(
         &self,
@@ -192,34 +213,18 @@ impl Tidings for TidingsService {
         &self,
         request: Request<proto::AnalyzeRequest>,
     ) -> Result<Response<proto::AnalyzeResponse>, Status> {
-        let started = Instant::now();
-        let (md, ext, req) = request.into_parts();
-        let res = self
-            .within_deadline(&md, &ext, self.analyze_one(req, Admission::FailFast))
-            .await;
-        record(
-            "Analyze",
-            res.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
-            started,
-        );
-        res.map(Response::new)
+        self.unary("Analyze", request, |r| {
+            self.analyze_one(r, Admission::FailFast)
+        })
+        .await
     }
 
     async fn analyze_batch(
         &self,
         request: Request<proto::AnalyzeBatchRequest>,
     ) -> Result<Response<proto::AnalyzeBatchResponse>, Status> {
-        let started = Instant::now();
-        let (md, ext, req) = request.into_parts();
-        let res = self
-            .within_deadline(&md, &ext, self.batch(req.requests))
-            .await;
-        record(
-            "AnalyzeBatch",
-            res.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
-            started,
-        );
-        res.map(Response::new)
+        self.unary("AnalyzeBatch", request, |r| self.batch(r.requests))
+            .await
     }
 
     type AnalyzeStreamStream = AnalyzeStreamOut;
