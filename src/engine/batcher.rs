@@ -4,10 +4,11 @@
 //! It runs on a dedicated OS thread, never on tokio's workers: a forward pass holds the CPU
 //! for milliseconds to seconds and would stall every connection the runtime serves.
 
-use super::{EngineConfig, EngineError, Job, Timing, Work};
+use super::{EngineConfig, EngineError, EngineStats, Job, Timing, Work};
 use crate::pipeline::analysis::{Models, Outputs};
 use crate::pipeline::batch::Row;
 use crate::pipeline::{embeddings, token_probs};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,7 +123,7 @@ impl Active {
 /// joins in. So a short article waits for at most one slice of other work, never for the
 /// whole of a long article that came before it, and a long article is put off by at most its
 /// own cost's worth of time (no starvation).
-pub fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig) {
+pub fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, stats: &EngineStats) {
     let mut active: Vec<Active> = Vec::new();
     loop {
         if active.is_empty() {
@@ -149,9 +150,12 @@ pub fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig) {
         let dropped = before - active.len();
         if dropped > 0 {
             metrics::counter!("tidings_jobs_dropped_total").increment(dropped as u64);
+            stats
+                .dropped_jobs
+                .fetch_add(dropped as u64, Ordering::Relaxed);
         }
         active.sort_by_key(|a| a.deadline);
-        run_slice(&models, &mut active, &cfg);
+        run_slice(&models, &mut active, &cfg, stats);
         // Answer the jobs that are complete.
         let mut i = 0;
         while i < active.len() {
@@ -164,8 +168,9 @@ pub fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig) {
                         .saturating_duration_since(a.job.enqueued),
                     inference: a.inference,
                 };
-                let _ = a.job.reply.send(Ok((a.out, timing)));
+                // Queue room first, so that a caller that has its answer also sees the room.
                 drop(a.job.permit);
+                let _ = a.job.reply.send(Ok((a.out, timing)));
             } else {
                 i += 1;
             }
@@ -193,7 +198,7 @@ fn fitting(lens: &[usize], budget: usize) -> usize {
 
 /// Runs the next slice of rows of `active` (sorted by deadline) and stores their outputs.
 /// A failed forward pass fails every job with a row in it (they are answered and removed).
-fn run_slice(models: &Models, active: &mut Vec<Active>, cfg: &EngineConfig) {
+fn run_slice(models: &Models, active: &mut Vec<Active>, cfg: &EngineConfig, stats: &EngineStats) {
     // (job, first row, end row) taken by this slice.
     let mut taken: Vec<(usize, usize, usize)> = Vec::new();
     let mut budget = cfg.slice_tokens;
@@ -234,6 +239,8 @@ fn run_slice(models: &Models, active: &mut Vec<Active>, cfg: &EngineConfig) {
     metrics::counter!("tidings_tokens_total").increment(tokens as u64);
     match result {
         Ok(()) => {
+            let rows: usize = taken.iter().map(|&(_, first, end)| end - first).sum();
+            stats.rows_run.fetch_add(rows as u64, Ordering::Relaxed);
             for &(j, _, end) in &taken {
                 let a = &mut active[j];
                 a.scheduled = end;

@@ -15,6 +15,7 @@ use crate::pipeline::analysis::{Analysis, Article, LabelSet, Models, Outputs, Pr
 use crate::pipeline::tokens::Tokens;
 use crate::pipeline::topics::{self, Label};
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -122,6 +123,15 @@ pub struct Job {
     pub permit: OwnedSemaphorePermit,
 }
 
+/// Running totals of what the batcher did.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Jobs dropped unrun because their caller had gone away (cancelled, deadline passed).
+    pub dropped_jobs: AtomicU64,
+    /// Rows (windows, titles, label texts) run through a model.
+    pub rows_run: AtomicU64,
+}
+
 /// Handle to the engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -134,6 +144,7 @@ pub struct Engine {
     /// new labels embed them once instead of once each.
     embedding_labels: Arc<tokio::sync::Mutex<()>>,
     default_labels: Arc<Mutex<Option<LabelSet>>>,
+    stats: Arc<EngineStats>,
 }
 
 impl Engine {
@@ -141,6 +152,8 @@ impl Engine {
     pub fn start(models: Arc<Models>, cfg: EngineConfig) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_models = models.clone();
+        let stats = Arc::new(EngineStats::default());
+        let thread_stats = stats.clone();
         // The batcher loop runs *on* a worker of the pool that candle's kernels fork into, so
         // each of the hundreds of small parallel ops in a forward pass starts on a running
         // thread instead of waking a sleeping one from outside the pool (measured before the
@@ -152,7 +165,7 @@ impl Engine {
             .expect("building the model thread pool");
         std::thread::Builder::new()
             .name("tidings-batcher".into())
-            .spawn(move || pool.install(|| batcher::run(thread_models, rx, cfg)))
+            .spawn(move || pool.install(|| batcher::run(thread_models, rx, cfg, &thread_stats)))
             .expect("spawning the batcher thread");
         Self {
             models,
@@ -162,7 +175,13 @@ impl Engine {
             labels: Arc::new(Mutex::new(HashMap::new())),
             embedding_labels: Arc::new(tokio::sync::Mutex::new(())),
             default_labels: Arc::new(Mutex::new(None)),
+            stats,
         }
+    }
+
+    /// What the batcher has done so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     /// The loaded models.
