@@ -129,13 +129,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
 /// without them.
 fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes plain integers and only sets a flag of this process.
-    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    #[cfg(target_os = "linux")]
-    if rc != 0 {
-        tracing::debug!(
-            "PR_SET_THP_DISABLE failed: {}",
-            std::io::Error::last_os_error()
-        );
+    {
+        // SAFETY: PR_SET_THP_DISABLE takes plain integers and only sets a flag of this process.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::debug!("PR_SET_THP_DISABLE failed: {e}");
+        }
     }
 }

@@ -168,15 +168,20 @@ pub fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, stats: &En
                         .saturating_duration_since(a.job.enqueued),
                     inference: a.inference,
                 };
-                // Queue room first, so that a caller that has its answer also sees the room.
-                drop(a.job.permit);
-                let _ = a.job.reply.send(Ok((a.out, timing)));
+                answer(a.job, Ok((a.out, timing)));
             } else {
                 i += 1;
             }
         }
     }
     tracing::debug!("batcher stopped: all engine handles dropped");
+}
+
+/// Sends a job its answer. Its queue room is given back first, so that a caller holding its
+/// answer also sees the room.
+fn answer(job: Job, result: Result<(Outputs, Timing), EngineError>) {
+    drop(job.permit);
+    let _ = job.reply.send(result);
 }
 
 /// How many of `lens` (in run order) form the next slice: as many as fit in `budget`
@@ -253,8 +258,7 @@ fn run_slice(models: &Models, active: &mut Vec<Active>, cfg: &EngineConfig, stat
             let mut failed: Vec<usize> = taken.iter().map(|t| t.0).collect();
             failed.sort_unstable();
             for j in failed.into_iter().rev() {
-                let a = active.remove(j);
-                let _ = a.job.reply.send(Err(EngineError::Model(e.to_string())));
+                answer(active.remove(j).job, Err(EngineError::Model(e.to_string())));
             }
         }
     }

@@ -169,6 +169,15 @@ pub(super) struct FusedNorm {
     pub(super) eps: f32,
 }
 
+impl FusedNorm {
+    /// Normalises each row of the row-major `x` in place, rows spread over the pool.
+    fn forward(&self, x: &mut [f32]) {
+        rows_in_parallel(x, self.gamma.len(), |rows| {
+            kernels::layer_norm_rows(rows, &self.gamma, &self.beta, self.eps)
+        });
+    }
+}
+
 /// The non-linearity between the two feed-forward products.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum FusedActivation {
@@ -289,10 +298,7 @@ impl FusedLayer {
         // Output projection + residual, then layer norm.
         self.attn_out
             .forward(&scratch.ctx, n, Some(x), &mut scratch.mid);
-        let norm = &self.attn_norm;
-        rows_in_parallel(&mut scratch.mid, h, |rows| {
-            kernels::layer_norm_rows(rows, &norm.gamma, &norm.beta, norm.eps)
-        });
+        self.attn_norm.forward(&mut scratch.mid);
 
         // Feed-forward + residual, then layer norm.
         self.ffn_in.forward(&scratch.mid, n, None, &mut scratch.ffn);
@@ -304,10 +310,7 @@ impl FusedLayer {
         });
         self.ffn_out
             .forward(&scratch.ffn, n, Some(&scratch.mid), &mut scratch.out);
-        let norm = &self.out_norm;
-        rows_in_parallel(&mut scratch.out, h, |rows| {
-            kernels::layer_norm_rows(rows, &norm.gamma, &norm.beta, norm.eps)
-        });
+        self.out_norm.forward(&mut scratch.out);
         std::mem::swap(x, &mut scratch.out);
     }
 }
