@@ -159,11 +159,7 @@ async fn bearer_token_is_required_when_set() {
         .insert("authorization", "Bearer correct horse".parse().unwrap());
     assert_eq!(c.analyze(right).await.unwrap().into_inner().id, "right");
     // Health stays open for probes.
-    let ch = Channel::from_shared(format!("http://{}", srv.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = common::channel(&srv).await;
     let h = tonic_health::pb::health_client::HealthClient::new(ch)
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),

@@ -6,7 +6,7 @@ mod common;
 use common::{assert_offsets_slice, client, request, server};
 use futures::StreamExt;
 use std::time::Duration;
-use tidings::proto::{self, TopicLabel};
+use tidings::proto;
 use tonic::Code;
 
 async fn still_serving() {
@@ -72,10 +72,7 @@ async fn oversized_inputs_are_refused_by_limit() {
     // 1,000 labels.
     let mut req = request("labels", "Some text.");
     req.labels = (0..1000)
-        .map(|i| TopicLabel {
-            name: format!("label {i}"),
-            ..Default::default()
-        })
+        .map(|i| common::label(format!("label {i}")))
         .collect();
     let s = c.analyze(req).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
@@ -94,12 +91,7 @@ struct RawRequest {
 
 #[tokio::test]
 async fn invalid_utf8_on_the_wire_is_an_error_not_a_crash() {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server().addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut grpc = tonic::client::Grpc::new(common::channel(server()).await);
     grpc.ready().await.unwrap();
     let codec: tonic_prost::ProstCodec<RawRequest, proto::AnalyzeResponse> =
         tonic_prost::ProstCodec::default();

@@ -108,14 +108,8 @@ async fn request_time_labels_and_options() {
             description: "games, teams and players".into(),
             examples: vec![],
         },
-        TopicLabel {
-            name: "Business".into(),
-            ..Default::default()
-        },
-        TopicLabel {
-            name: "Science".into(),
-            ..Default::default()
-        },
+        common::label("Business"),
+        common::label("Science"),
     ];
     req.top_k = 2;
     req.tasks = vec![proto::Task::Topics as i32];
@@ -273,16 +267,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field() {
         (
             "duplicate",
             proto::AnalyzeRequest {
-                labels: vec![
-                    TopicLabel {
-                        name: "a".into(),
-                        ..Default::default()
-                    },
-                    TopicLabel {
-                        name: "A".into(),
-                        ..Default::default()
-                    },
-                ],
+                labels: vec![common::label("a"), common::label("A")],
                 ..request("t", "ok")
             },
         ),
@@ -290,10 +275,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field() {
             "max_labels",
             proto::AnalyzeRequest {
                 labels: (0..=limits.max_labels)
-                    .map(|i| TopicLabel {
-                        name: format!("l{i}"),
-                        ..Default::default()
-                    })
+                    .map(|i| common::label(format!("l{i}")))
                     .collect(),
                 ..request("t", "ok")
             },
@@ -376,11 +358,7 @@ async fn the_server_caps_unary_calls_with_deadline_exceeded() {
 
 #[tokio::test]
 async fn health_reflection_and_info() {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server().addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::channel(server()).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["", "tidings.v1.Tidings"] {
         let r = health

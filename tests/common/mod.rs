@@ -100,18 +100,31 @@ pub fn server() -> &'static TestServer {
     SERVER.get_or_init(|| start(EngineConfig::default(), ServerConfig::default()))
 }
 
-/// A connected client.
-pub async fn client(server: &TestServer) -> TidingsClient<Channel> {
+/// A channel connected to `server`, for any client (health, reflection, raw gRPC).
+pub async fn channel(server: &TestServer) -> Channel {
     let url = format!("http://{}", server.addr);
     for _ in 0..100 {
-        if let Ok(c) = TidingsClient::connect(url.clone()).await {
-            return c
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20);
+        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
+            return ch;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("cannot connect to {url}");
+}
+
+/// A connected client.
+pub async fn client(server: &TestServer) -> TidingsClient<Channel> {
+    TidingsClient::new(channel(server).await)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// A topic label with only a name.
+pub fn label(name: impl Into<String>) -> tidings::proto::TopicLabel {
+    tidings::proto::TopicLabel {
+        name: name.into(),
+        ..Default::default()
+    }
 }
 
 /// A request for `text` with everything else default.
