@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tidings::engine::{Admission, Engine, EngineConfig};
+use tidings::engine::{Class, Engine, EngineConfig};
 use tidings::pipeline::analysis::{Article, Options};
 
 fn article(id: &str, text: &str) -> Article {
@@ -44,7 +44,7 @@ async fn cancelled_calls_are_dropped_before_their_forward_pass() {
                 e.analyze(
                     article(&format!("gone{i}"), &common::seed_article()),
                     None,
-                    Admission::FailFast,
+                    e.caller(Class::Interactive),
                 )
                 .await
             })
@@ -67,7 +67,7 @@ async fn cancelled_calls_are_dropped_before_their_forward_pass() {
         .analyze(
             article("kept", "Angela Merkel met Emmanuel Macron in Paris."),
             None,
-            Admission::FailFast,
+            engine.caller(Class::Interactive),
         )
         .await
         .unwrap();
@@ -79,5 +79,91 @@ async fn cancelled_calls_are_dropped_before_their_forward_pass() {
         2
     );
     // Their queue room came back.
+    assert_eq!(engine.queued_tokens(), 0);
+}
+
+/// Issue #9, defect 4: a request's labels were embedded and its text tokenized before the
+/// queue was asked whether it could take the article. Now admission comes first: a request
+/// the queue cannot take is refused before any of its work is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_queue_cannot_take_costs_no_work() {
+    // Jobs sit in the batcher for two seconds, holding their queue room meanwhile.
+    let engine = Engine::start(
+        common::models(),
+        EngineConfig {
+            max_wait: Duration::from_secs(2),
+            max_batch_tokens: 1 << 20,
+            max_queue_tokens: 20_000,
+            ..EngineConfig::default()
+        },
+    );
+    engine.default_label_set().await.unwrap();
+    let long: String = (0..150)
+        .map(|i| format!("Sentence {i}: officials in Berlin discussed trade with Madrid. "))
+        .collect();
+    let fillers: Vec<_> = (0..2)
+        .map(|i| {
+            let e = engine.clone();
+            let text = long.clone();
+            tokio::spawn(async move {
+                e.analyze(
+                    article(&format!("fill{i}"), &text),
+                    None,
+                    e.caller(Class::Interactive),
+                )
+                .await
+            })
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    while engine.stats().articles_tokenized.load(Ordering::Relaxed) < 2
+        || engine.queued_tokens() < 8_000
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the fillers never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let tokenized = engine.stats().articles_tokenized.load(Ordering::Relaxed);
+    let embedded = engine.stats().label_texts_embedded.load(Ordering::Relaxed);
+    let labels = vec![
+        tidings::pipeline::topics::Label {
+            name: "Trade talks".into(),
+            description: "Negotiations between governments about tariffs".into(),
+            examples: Vec::new(),
+        },
+        tidings::pipeline::topics::Label {
+            name: "Football".into(),
+            description: String::new(),
+            examples: Vec::new(),
+        },
+    ];
+    let refused = engine
+        .analyze(
+            // Twice a filler's text: more than the room the fillers left.
+            article("probe", &long.repeat(2)),
+            Some(&labels),
+            engine.caller(Class::Interactive),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(tidings::engine::EngineError::QueueFull { .. })),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    assert_eq!(
+        engine.stats().articles_tokenized.load(Ordering::Relaxed),
+        tokenized,
+        "the refused article was tokenized"
+    );
+    assert_eq!(
+        engine.stats().label_texts_embedded.load(Ordering::Relaxed),
+        embedded,
+        "the refused request's labels were embedded"
+    );
+    for f in fillers {
+        f.await.unwrap().unwrap();
+    }
     assert_eq!(engine.queued_tokens(), 0);
 }

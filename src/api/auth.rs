@@ -1,36 +1,56 @@
-//! Optional bearer-token check on the Tidings service (health stays open for probes).
+//! Optional bearer-token check on the Tidings service. Health and reflection stay open, so
+//! that probes and `grpcurl` work without the token; they reveal no article data.
+//!
+//! Tokens are compared as SHA-256 digests in constant time: the comparison takes the same
+//! time whatever the sent token's length or how much of it matches. The scheme name is
+//! case-insensitive (RFC 6750 and RFC 9110 section 11.1).
 
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 
 /// A tonic interceptor requiring `authorization: Bearer <token>` when a token is set.
 #[derive(Clone, Default)]
 pub struct BearerAuth {
-    token: Option<std::sync::Arc<[u8]>>,
+    /// SHA-256 of the token.
+    digest: Option<[u8; 32]>,
 }
 
 impl BearerAuth {
-    /// Checks against `token`; `None` lets every call through.
+    /// Checks against `token` (trimmed); `None` lets every call through.
     pub fn new(token: Option<String>) -> Self {
         Self {
-            token: token.map(|t| t.trim().as_bytes().into()),
+            digest: token.map(|t| digest(t.trim())),
         }
     }
 }
 
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The credentials of an `authorization` value whose scheme is `Bearer` (any case).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
+}
+
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(want) = &self.token else {
+        let Some(want) = &self.digest else {
             return Ok(req);
         };
         let got = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer);
         match got {
-            // Constant-time comparison: the time taken says nothing about how much matched.
-            Some(g) if bool::from(g.as_bytes().ct_eq(want)) => Ok(req),
+            // Fixed-size digests compared in constant time: the time taken says nothing about
+            // the token's length or how much of it matched.
+            Some(g) if bool::from(digest(g).ct_eq(want)) => Ok(req),
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
             None => Err(Status::unauthenticated(
                 "missing bearer token: send `authorization: Bearer <token>`",
@@ -58,6 +78,19 @@ mod tests {
         assert!(open.call(req(None)).is_ok());
         let mut auth = BearerAuth::new(Some("s3cret\n".into()));
         assert!(auth.call(req(Some("Bearer s3cret"))).is_ok());
+        // The scheme is case-insensitive.
+        assert!(auth.call(req(Some("bearer s3cret"))).is_ok());
+        assert!(auth.call(req(Some("BEARER s3cret"))).is_ok());
+        assert_eq!(
+            auth.call(req(Some("Basic s3cret"))).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            auth.call(req(Some("Bearer s3cret-and-more")))
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
         assert_eq!(
             auth.call(req(Some("Bearer s3cre"))).unwrap_err().code(),
             tonic::Code::Unauthenticated

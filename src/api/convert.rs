@@ -25,6 +25,12 @@ pub struct Limits {
     pub max_label_chars: usize,
     /// Most items in one AnalyzeBatch.
     pub max_batch_items: usize,
+    /// Most UTF-8 bytes in a request's `id` (it is echoed in answers and messages).
+    pub max_id_bytes: usize,
+    /// Most entries in `tasks`.
+    pub max_tasks: usize,
+    /// Most entries in `entity_types`.
+    pub max_entity_types: usize,
 }
 
 impl Default for Limits {
@@ -36,6 +42,9 @@ impl Default for Limits {
             max_label_examples: 16,
             max_label_chars: 2_000,
             max_batch_items: 64,
+            max_id_bytes: 256,
+            max_tasks: 8,
+            max_entity_types: 32,
         }
     }
 }
@@ -57,6 +66,31 @@ pub fn article_from_proto(
     limits: &Limits,
     entity_types: &[String],
 ) -> Result<(Article, Option<Vec<Label>>), Status> {
+    if req.id.len() > limits.max_id_bytes {
+        return Err(invalid(
+            "id",
+            format!(
+                "has {} bytes, more than the limit of {} (max_id_bytes)",
+                req.id.len(),
+                limits.max_id_bytes
+            ),
+        ));
+    }
+    for (field, n, limit) in [
+        ("tasks", req.tasks.len(), limits.max_tasks),
+        (
+            "entity_types",
+            req.entity_types.len(),
+            limits.max_entity_types,
+        ),
+    ] {
+        if n > limit {
+            return Err(invalid(
+                field,
+                format!("has {n} entries, more than the limit of {limit}"),
+            ));
+        }
+    }
     if req.text.trim().is_empty() {
         return Err(invalid("text", "must not be empty or whitespace only"));
     }

@@ -4,15 +4,17 @@
 //! - [`auth`] — the optional bearer-token check.
 //! - [`convert`] — protobuf <-> domain types, validation, status mapping.
 //! - [`service`] — the `tidings.v1.Tidings` implementation.
+//! - `size_status` — RESOURCE_EXHAUSTED for a request message over the size limit.
 
 pub mod auth;
 pub mod convert;
 pub mod service;
+mod size_status;
 
 use crate::engine::Engine;
 use crate::proto::tidings_server::TidingsServer;
 use convert::Limits;
-use service::TidingsService;
+use service::{ServiceConfig, TidingsService};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,6 +34,12 @@ pub struct ServerConfig {
     /// Longest a unary call may run, whatever deadline the client set (streams, which may
     /// carry a whole batch job, are bounded only by the client's own deadline).
     pub request_timeout: Duration,
+    /// A stream that neither sends a request nor reads an answer for this long is ended
+    /// with UNAVAILABLE.
+    pub stream_idle: Duration,
+    /// HTTP/2 PING interval on idle connections; a peer that does not answer within
+    /// [`KEEPALIVE_TIMEOUT`] is disconnected and its calls cancelled.
+    pub keepalive: Duration,
     /// How long in-flight calls may finish after a shutdown signal.
     pub grace: Duration,
     /// How long health reports NOT_SERVING before the listener closes, so that load
@@ -63,6 +71,8 @@ impl Default for ServerConfig {
             max_concurrent_per_connection: 256,
             max_concurrent_streams: 256,
             request_timeout: Duration::from_secs(300),
+            stream_idle: Duration::from_secs(300),
+            keepalive: Duration::from_secs(30),
             grace: Duration::from_secs(30),
             drain_delay: Duration::from_millis(500),
             tls: None,
@@ -70,6 +80,9 @@ impl Default for ServerConfig {
         }
     }
 }
+
+/// How long a peer has to answer an HTTP/2 keepalive PING.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Binds `addr`, failing clearly when the port is taken.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -92,11 +105,19 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // `true` once shutdown has begun: health flips first, then the listener closes and
+    // streams wind down.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let service = tonic::service::interceptor::InterceptedService::new(
         TidingsServer::new(TidingsService::new(
             engine,
-            cfg.limits.clone(),
-            cfg.request_timeout,
+            ServiceConfig {
+                limits: cfg.limits.clone(),
+                request_timeout: cfg.request_timeout,
+                stream_idle: cfg.stream_idle,
+                max_message_bytes: cfg.max_message_bytes,
+            },
+            stop_rx.clone(),
         ))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes),
@@ -108,9 +129,8 @@ pub async fn serve(
             }
         },
     );
+    let service = size_status::SizeStatus::new(service, cfg.max_message_bytes);
 
-    // `true` once shutdown has begun: health flips first, then the listener closes.
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let grace = cfg.grace;
     let drain_delay = cfg.drain_delay;
     tokio::spawn(async move {
@@ -145,6 +165,8 @@ pub async fn serve(
             .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
     }
     let server = builder
+        .http2_keepalive_interval(Some(cfg.keepalive))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .concurrency_limit_per_connection(cfg.max_concurrent_per_connection)
         .max_concurrent_streams(cfg.max_concurrent_streams)
         .add_service(health_service)

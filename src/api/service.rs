@@ -2,17 +2,19 @@
 //! maps every outcome to a gRPC status.
 
 use super::convert::{analysis_to_proto, article_from_proto, invalid, status_of, Limits};
-use crate::engine::{Admission, Engine};
+use crate::engine::{Caller, Class, Engine};
 use crate::proto::{self, tidings_server::Tidings};
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-/// Requests of one stream analyzed at once; more wait in the client's send window.
+/// Requests of one stream being analyzed or waiting to be sent at once; more wait in the
+/// client's send window (back-pressure).
 const STREAM_IN_FLIGHT: usize = 32;
 
 /// How much earlier than tonic's own `grpc-timeout` timer a unary call gives up, so that the
@@ -30,25 +32,39 @@ pub fn stamp_arrival(req: &mut Request<()>) {
     req.extensions_mut().insert(Arrived(Instant::now()));
 }
 
+/// What the service enforces, from the server's settings.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Request limits.
+    pub limits: Limits,
+    /// Longest a unary call may run, whatever deadline the client set.
+    pub request_timeout: Duration,
+    /// A stream that neither sends a request nor takes an answer for this long is ended.
+    pub stream_idle: Duration,
+    /// Largest request message, in bytes (named in the status of a larger one).
+    pub max_message_bytes: usize,
+}
+
 /// The service implementation; cheap to clone.
 #[derive(Clone)]
 pub struct TidingsService {
     engine: Engine,
-    limits: Limits,
+    cfg: ServiceConfig,
     entity_types: Vec<String>,
-    request_timeout: Duration,
+    /// Turns `true` when the server drains: streams stop reading, answer what they hold and
+    /// end with UNAVAILABLE.
+    draining: watch::Receiver<bool>,
 }
 
 impl TidingsService {
-    /// A service over `engine` enforcing `limits`; unary calls run for at most
-    /// `request_timeout`, or the client's deadline if that is sooner.
-    pub fn new(engine: Engine, limits: Limits, request_timeout: Duration) -> Self {
+    /// A service over `engine` with `cfg`; `draining` turns `true` on shutdown.
+    pub fn new(engine: Engine, cfg: ServiceConfig, draining: watch::Receiver<bool>) -> Self {
         let entity_types = engine.models().entity_types();
         Self {
             engine,
-            limits,
+            cfg,
             entity_types,
-            request_timeout,
+            draining,
         }
     }
 
@@ -67,8 +83,8 @@ impl TidingsService {
         work: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let (limit, whose) = match grpc_timeout(md) {
-            Some(d) if d < self.request_timeout => (d, "the call's deadline"),
-            _ => (self.request_timeout, "the server's request timeout"),
+            Some(d) if d < self.cfg.request_timeout => (d, "the call's deadline"),
+            _ => (self.cfg.request_timeout, "the server's request timeout"),
         };
         let arrived = ext.get::<Arrived>().map_or_else(Instant::now, |a| a.0);
         let until = (arrived + limit)
@@ -108,14 +124,14 @@ impl TidingsService {
     async fn analyze_one(
         &self,
         req: proto::AnalyzeRequest,
-        admission: Admission,
+        caller: Caller,
     ) -> Result<proto::AnalyzeResponse, Status> {
         let started = Instant::now();
         let id = req.id.clone();
-        let (article, labels) = article_from_proto(req, &self.limits, &self.entity_types)?;
+        let (article, labels) = article_from_proto(req, &self.cfg.limits, &self.entity_types)?;
         let (analysis, timing) = self
             .engine
-            .analyze(article, labels.as_deref(), admission)
+            .analyze(article, labels.as_deref(), caller)
             .await
             .map_err(status_of)?;
         let mut resp = analysis_to_proto(analysis, timing, started.elapsed());
@@ -130,35 +146,60 @@ impl TidingsService {
         &self,
         requests: Vec<proto::AnalyzeRequest>,
     ) -> Result<proto::AnalyzeBatchResponse, Status> {
-        if requests.len() > self.limits.max_batch_items {
+        if requests.len() > self.cfg.limits.max_batch_items {
             return Err(invalid(
                 "requests",
                 format!(
                     "has {} items, more than the limit of {} (max_batch_items)",
                     requests.len(),
-                    self.limits.max_batch_items
+                    self.cfg.limits.max_batch_items
                 ),
             ));
         }
+        // One caller for the whole call: its items take turns with other callers' work.
+        let caller = self.engine.caller(Class::Interactive);
         let items = futures::future::join_all(requests.into_iter().map(|r| async move {
             let id = r.id.clone();
-            match self.analyze_one(r, Admission::FailFast).await {
-                Ok(resp) => proto::AnalyzeBatchItem {
-                    outcome: Some(proto::analyze_batch_item::Outcome::Response(resp)),
-                },
-                Err(s) => proto::AnalyzeBatchItem {
-                    outcome: Some(proto::analyze_batch_item::Outcome::Error(
-                        proto::ItemError {
-                            code: s.code() as i32,
-                            message: s.message().to_string(),
-                            id,
-                        },
-                    )),
-                },
-            }
+            batch_item(self.analyze_one(r, caller).await, id)
         }))
         .await;
         Ok(proto::AnalyzeBatchResponse { items })
+    }
+}
+
+/// A batch or stream item: the analysis, or the error of this item alone.
+fn batch_item(res: Result<proto::AnalyzeResponse, Status>, id: String) -> proto::AnalyzeBatchItem {
+    let outcome = match res {
+        Ok(resp) => proto::analyze_batch_item::Outcome::Response(resp),
+        Err(s) => proto::analyze_batch_item::Outcome::Error(proto::ItemError {
+            code: s.code() as i32,
+            message: s.message().to_string(),
+            id,
+        }),
+    };
+    proto::AnalyzeBatchItem {
+        outcome: Some(outcome),
+    }
+}
+
+/// Whether a failed stream item's status concerns the whole stream (the server lacks a
+/// model, or is stopping) rather than that item alone.
+fn ends_the_stream(code: Code) -> bool {
+    matches!(code, Code::FailedPrecondition | Code::Unavailable)
+}
+
+/// RESOURCE_EXHAUSTED, naming the limit, for tonic's OUT_OF_RANGE status of a message over
+/// the size limit (gRPC's status-code guide gives RESOURCE_EXHAUSTED for it); any other
+/// status unchanged.
+pub fn message_size_status(status: Status, limit: usize) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
+        Status::resource_exhausted(format!(
+            "request message too large: the server accepts messages of at most {limit} bytes \
+             (--max-message-bytes); {}",
+            status.message()
+        ))
+    } else {
+        status
     }
 }
 
@@ -188,10 +229,14 @@ fn with_id(status: Status, id: &str) -> Status {
     )
 }
 
-/// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+/// The client's deadline from the `grpc-timeout` header (`<at most 8 digits><H|M|S|m|u|n>`,
+/// as gRPC's HTTP/2 protocol defines it). A malformed value is ignored, as tonic does.
 fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = md.get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -206,6 +251,151 @@ fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 type AnalyzeStreamOut =
     Pin<Box<dyn Stream<Item = Result<proto::AnalyzeResponse, Status>> + Send + 'static>>;
+type AnalyzeStreamItemsOut =
+    Pin<Box<dyn Stream<Item = Result<proto::AnalyzeBatchItem, Status>> + Send + 'static>>;
+
+/// How a stream RPC answers one request: `Ok` to send, or `Err` with the status that ends
+/// the stream (once everything read before it has been answered).
+type Answer<T> = fn(Result<proto::AnalyzeResponse, Status>, String) -> Result<T, Status>;
+
+impl TidingsService {
+    /// Runs a stream of requests as one batch caller and returns its answers.
+    ///
+    /// The task that reads requests and sends answers never blocks on either: results wait
+    /// in a bounded buffer while the client is slow to read, and the stream takes no new
+    /// request while [`STREAM_IN_FLIGHT`] are being analyzed or waiting to be sent. So a
+    /// client that stops reading holds no queue room (every queued item is still polled, and
+    /// answered work gives its room back), its deadline is still enforced, and after
+    /// `stream_idle` without progress the stream ends. On drain it stops reading, answers
+    /// what it holds and ends with UNAVAILABLE. A final status always gets through: it
+    /// follows the answers instead of waiting for room among them.
+    fn run_stream<T: Send + 'static>(
+        &self,
+        rpc: &'static str,
+        request: Request<Streaming<proto::AnalyzeRequest>>,
+        answer: Answer<T>,
+    ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>> {
+        let deadline = grpc_timeout(request.metadata())
+            .and_then(|d| tokio::time::Instant::now().checked_add(d));
+        let mut input = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<T, Status>>(STREAM_IN_FLIGHT);
+        let (end_tx, end_rx) = oneshot::channel::<Status>();
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let caller = svc.engine.caller(Class::Batch);
+            let mut draining = svc.draining.clone();
+            let mut drain_open = true;
+            let mut in_flight = FuturesUnordered::new();
+            let mut ready: VecDeque<T> = VecDeque::new();
+            let mut reading = true;
+            let mut input_done = false;
+            let mut ending: Option<Status> = None;
+            let mut progress = tokio::time::Instant::now();
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
+            loop {
+                if !reading && in_flight.is_empty() && ready.is_empty() {
+                    break;
+                }
+                let idle_at = progress + svc.cfg.stream_idle;
+                tokio::select! {
+                    // The client's deadline covers the whole stream, not just its start.
+                    _ = &mut expired => {
+                        ending = Some(Status::deadline_exceeded("the stream's deadline passed"));
+                        break;
+                    }
+                    _ = tx.closed() => {
+                        ending = Some(Status::cancelled("the client went away"));
+                        break;
+                    }
+                    res = draining.wait_for(|d| *d), if reading && drain_open => {
+                        if res.is_err() {
+                            // Nobody will ever signal a drain (a server without shutdown).
+                            drain_open = false;
+                            continue;
+                        }
+                        reading = false;
+                        if !input_done {
+                            ending.get_or_insert_with(|| Status::unavailable(
+                                "the server is shutting down: requests not answered on this \
+                                 stream were not read; send them again",
+                            ));
+                        }
+                    }
+                    _ = tokio::time::sleep_until(idle_at) => {
+                        if in_flight.is_empty() || !ready.is_empty() {
+                            ending = Some(Status::unavailable(format!(
+                                "the stream made no progress for {:?} (no request sent, no \
+                                 answer read): closed; send unanswered requests again",
+                                svc.cfg.stream_idle
+                            )));
+                            break;
+                        }
+                        // The server itself is busy with this stream's work.
+                        progress = tokio::time::Instant::now();
+                    }
+                    msg = input.message(), if reading && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
+                        progress = tokio::time::Instant::now();
+                        match msg {
+                            Ok(Some(req)) => {
+                                let svc = svc.clone();
+                                in_flight.push(async move {
+                                    let id = req.id.clone();
+                                    // Streams wait for queue room instead of failing.
+                                    (svc.analyze_one(req, caller).await, id)
+                                });
+                            }
+                            Ok(None) => {
+                                input_done = true;
+                                reading = false;
+                            }
+                            Err(status) => {
+                                reading = false;
+                                ending.get_or_insert(message_size_status(
+                                    status,
+                                    svc.cfg.max_message_bytes,
+                                ));
+                            }
+                        }
+                    }
+                    Some((res, id)) = in_flight.next(), if !in_flight.is_empty() => {
+                        match answer(res, id) {
+                            Ok(out) => ready.push_back(out),
+                            Err(status) => {
+                                reading = false;
+                                ending.get_or_insert(status);
+                            }
+                        }
+                    }
+                    permit = tx.reserve(), if !ready.is_empty() => match permit {
+                        Ok(permit) => {
+                            if let Some(out) = ready.pop_front() {
+                                permit.send(Ok(out));
+                            }
+                            progress = tokio::time::Instant::now();
+                        }
+                        Err(_) => {
+                            ending = Some(Status::cancelled("the client went away"));
+                            break;
+                        }
+                    },
+                }
+            }
+            record(rpc, ending.as_ref().map_or(Code::Ok, |s| s.code()), started);
+            if let Some(status) = ending {
+                let _ = end_tx.send(status);
+            }
+        });
+        let end = futures::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
+        Box::pin(ReceiverStream::new(rx).chain(end))
+    }
+}
 
 #[tonic::async_trait]
 impl Tidings for TidingsService {
@@ -214,7 +404,7 @@ impl Tidings for TidingsService {
         request: Request<proto::AnalyzeRequest>,
     ) -> Result<Response<proto::AnalyzeResponse>, Status> {
         self.unary("Analyze", request, |r| {
-            self.analyze_one(r, Admission::FailFast)
+            self.analyze_one(r, self.engine.caller(Class::Interactive))
         })
         .await
     }
@@ -233,67 +423,27 @@ impl Tidings for TidingsService {
         &self,
         request: Request<Streaming<proto::AnalyzeRequest>>,
     ) -> Result<Response<Self::AnalyzeStreamStream>, Status> {
-        let deadline = grpc_timeout(request.metadata()).map(|d| tokio::time::Instant::now() + d);
-        let mut input = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<proto::AnalyzeResponse, Status>>(STREAM_IN_FLIGHT);
-        let svc = self.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let mut in_flight = FuturesUnordered::new();
-            let mut input_done = false;
-            let mut outcome = Code::Ok;
-            let expired = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(expired);
-            loop {
-                if input_done && in_flight.is_empty() {
-                    break;
-                }
-                tokio::select! {
-                    // The client's deadline covers the whole stream, not just its start.
-                    _ = &mut expired => {
-                        outcome = Code::DeadlineExceeded;
-                        let _ = tx.send(Err(Status::deadline_exceeded("the stream's deadline passed"))).await;
-                        break;
-                    }
-                    msg = input.message(), if !input_done && in_flight.len() < STREAM_IN_FLIGHT => match msg {
-                        Ok(Some(req)) => {
-                            let svc = svc.clone();
-                            in_flight.push(async move {
-                                let id = req.id.clone();
-                                // Streams wait for queue room instead of failing: back-pressure.
-                                svc.analyze_one(req, Admission::Wait).await.map_err(|s| with_id(s, &id))
-                            });
-                        }
-                        Ok(None) => input_done = true,
-                        Err(status) => {
-                            outcome = status.code();
-                            let _ = tx.send(Err(status)).await;
-                            break;
-                        }
-                    },
-                    Some(res) = in_flight.next(), if !in_flight.is_empty() => {
-                        let failed = res.as_ref().err().map(|s| s.code());
-                        if tx.send(res).await.is_err() {
-                            outcome = Code::Cancelled;
-                            break;
-                        }
-                        if let Some(code) = failed {
-                            outcome = code;
-                            break;
-                        }
-                    }
-                }
-            }
-            record("AnalyzeStream", outcome, started);
-        });
-        Ok(Response::new(
-            Box::pin(ReceiverStream::new(rx)) as Self::AnalyzeStreamStream
-        ))
+        Ok(Response::new(self.run_stream(
+            "AnalyzeStream",
+            request,
+            |res, id| res.map_err(|s| with_id(s, &id)),
+        )))
+    }
+
+    type AnalyzeStreamItemsStream = AnalyzeStreamItemsOut;
+
+    async fn analyze_stream_items(
+        &self,
+        request: Request<Streaming<proto::AnalyzeRequest>>,
+    ) -> Result<Response<Self::AnalyzeStreamItemsStream>, Status> {
+        Ok(Response::new(self.run_stream(
+            "AnalyzeStreamItems",
+            request,
+            |res, id| match res {
+                Err(s) if ends_the_stream(s.code()) => Err(s),
+                res => Ok(batch_item(res, id)),
+            },
+        )))
     }
 
     async fn get_info(
@@ -332,9 +482,9 @@ impl Tidings for TidingsService {
                 .map(|t| t.default_names())
                 .unwrap_or_default(),
             limits: Some(proto::Limits {
-                max_text_chars: self.limits.max_text_chars as u32,
-                max_labels: self.limits.max_labels as u32,
-                max_batch_items: self.limits.max_batch_items as u32,
+                max_text_chars: self.cfg.limits.max_text_chars as u32,
+                max_labels: self.cfg.limits.max_labels as u32,
+                max_batch_items: self.cfg.limits.max_batch_items as u32,
                 max_queue_tokens: cfg.max_queue_tokens as u32,
                 max_batch_tokens: cfg.max_batch_tokens as u32,
             }),

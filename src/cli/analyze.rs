@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Read;
 use std::path::PathBuf;
-use tidings::engine::Admission;
+use tidings::engine::Class;
 use tidings::pipeline::analysis::{Article, Options};
 use tidings::pipeline::topics::Label;
 
@@ -89,7 +89,7 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         .block_on(engine.analyze(
             article,
             (!labels.is_empty()).then_some(&labels[..]),
-            Admission::Wait,
+            engine.caller(Class::Batch),
         ))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", serde_json::to_string_pretty(&analysis)?);

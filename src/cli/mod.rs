@@ -219,6 +219,7 @@ pub fn analyze_topics(
 ) -> Result<Vec<tidings::pipeline::analysis::Analysis>> {
     use tidings::pipeline::analysis::{Article, Options};
     rt.block_on(async {
+        let caller = engine.caller(tidings::engine::Class::Batch);
         let futs = articles.iter().enumerate().map(|(i, (title, text))| {
             let article = Article {
                 id: i.to_string(),
@@ -231,7 +232,7 @@ pub fn analyze_topics(
             };
             async move {
                 engine
-                    .analyze(article, labels, tidings::engine::Admission::Wait)
+                    .analyze(article, labels, caller)
                     .await
                     .map(|(a, _)| a)
             }

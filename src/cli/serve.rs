@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// bounded by the client's deadline only.
     #[arg(long, env = "TIDINGS_REQUEST_TIMEOUT_S", default_value_t = 300)]
     request_timeout_s: u64,
+    /// A stream that neither sends a request nor reads an answer for this many seconds is
+    /// ended with UNAVAILABLE.
+    #[arg(long, env = "TIDINGS_STREAM_IDLE_TIMEOUT_S", default_value_t = 300)]
+    stream_idle_timeout_s: u64,
     /// Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "TIDINGS_GRACE_S", default_value_t = 30)]
     grace_s: u64,
@@ -81,6 +85,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if auth_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         anyhow::bail!("the auth token is empty");
     }
+    if auth_token.is_some() && tls.is_none() {
+        tracing::warn!(
+            "a bearer token is required but TLS is off: the token crosses the network in \
+             clear text. Serve with --tls-cert/--tls-key, or only behind a TLS-terminating \
+             proxy on a trusted network"
+        );
+    }
     let rt = super::runtime()?;
     rt.block_on(async move {
         // Bind first: a port in use fails before minutes of model loading.
@@ -110,6 +121,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_message_bytes: a.max_message_bytes,
             max_concurrent_per_connection: a.max_concurrent,
             request_timeout: Duration::from_secs(a.request_timeout_s),
+            stream_idle: Duration::from_secs(a.stream_idle_timeout_s),
             grace: Duration::from_secs(a.grace_s),
             drain_delay: Duration::from_millis(a.drain_delay_ms),
             tls,

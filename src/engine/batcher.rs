@@ -1,13 +1,15 @@
-//! The batcher thread: takes jobs off the queue, packs their rows into forward passes by a
-//! token budget, runs the models and routes the outputs back.
+//! The batcher thread: takes jobs off the queue, plans slices of rows (interactive first,
+//! callers in turn), packs them into forward passes by a token budget, runs the models and
+//! routes the outputs back.
 //!
 //! It runs on a dedicated OS thread, never on tokio's workers: a forward pass holds the CPU
 //! for milliseconds to seconds and would stall every connection the runtime serves.
 
-use super::{EngineConfig, EngineError, EngineStats, Job, Timing, Work};
+use super::{Class, EngineConfig, EngineError, EngineStats, Job, Timing, Work};
 use crate::pipeline::analysis::{Models, Outputs};
 use crate::pipeline::batch::Row;
 use crate::pipeline::{embeddings, token_probs};
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -104,6 +106,11 @@ impl Active {
         }
     }
 
+    /// Rows not yet handed to a slice.
+    fn pending(&self) -> &[usize] {
+        &self.lens[self.scheduled..]
+    }
+
     /// Row `i` of the job (NER rows first, then topic rows) and where its output goes.
     fn target(&self, i: usize) -> (Target, usize) {
         if i < self.ner_rows {
@@ -117,13 +124,12 @@ impl Active {
 /// The thread's body: runs until every [`super::Engine`] handle is dropped.
 ///
 /// Scheduling: when idle it waits for a job, then up to `max_wait` for more to batch with it.
-/// Work runs in slices of at most `slice_tokens` tokens of rows, taken from the pending jobs
-/// in order of their virtual deadline (arrival + cost / rate); a job is answered as soon as
-/// the slice holding its last row is done, and between slices whatever arrived meanwhile
-/// joins in. So a short article waits for at most one slice of other work, never for the
-/// whole of a long article that came before it, and a long article is put off by at most its
-/// own cost's worth of time (no starvation).
-pub fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, stats: &EngineStats) {
+/// Work runs in slices of at most `slice_tokens` tokens of rows ([`plan_slice`]); a job is
+/// answered as soon as the slice holding its last row is done, and between slices whatever
+/// arrived meanwhile joins in. So a short article waits for at most one slice of other work,
+/// never for the whole of a long article that came before it, and a long article is put off
+/// by at most its own cost's worth of time (no starvation).
+pub(crate) fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, stats: &EngineStats) {
     let mut active: Vec<Active> = Vec::new();
     loop {
         if active.is_empty() {
@@ -154,40 +160,143 @@ pub fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, stats: &En
                 .dropped_jobs
                 .fetch_add(dropped as u64, Ordering::Relaxed);
         }
-        active.sort_by_key(|a| a.deadline);
-        run_slice(&models, &mut active, &cfg, stats);
+        let plan = plan_slice(&active, &cfg);
+        run_slice(&models, &mut active, &plan, &cfg, stats);
         // Answer the jobs that are complete.
-        let mut i = 0;
-        while i < active.len() {
-            if active[i].scheduled == active[i].lens.len() {
-                let a = active.remove(i);
-                let timing = Timing {
-                    queue: a
-                        .started
-                        .unwrap_or(a.job.enqueued)
-                        .saturating_duration_since(a.job.enqueued),
-                    inference: a.inference,
-                };
-                answer(a.job, Ok((a.out, timing)));
-            } else {
-                i += 1;
-            }
+        let (done, pending): (Vec<Active>, Vec<Active>) =
+            active.into_iter().partition(|a| a.pending().is_empty());
+        active = pending;
+        for a in done {
+            let timing = Timing {
+                queue: a
+                    .started
+                    .unwrap_or(a.job.enqueued)
+                    .saturating_duration_since(a.job.enqueued),
+                inference: a.inference,
+            };
+            answer(a.job, Ok((a.out, timing)));
         }
     }
     tracing::debug!("batcher stopped: all engine handles dropped");
 }
 
+/// Rows `rows` of job `job` (an index into the active jobs), taken by a slice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Take {
+    /// Which job.
+    pub job: usize,
+    /// Which of its rows (NER rows first, then topic rows).
+    pub rows: Range<usize>,
+}
+
+/// The order jobs get rows in: interactive before batch; within a class, callers in turn
+/// (every caller's first pending job, then every caller's second, ...), each caller's jobs
+/// by virtual deadline.
+fn turn_order(active: &[Active]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..active.len()).collect();
+    order.sort_by_key(|&j| (active[j].job.caller.class, active[j].deadline));
+    let mut seen: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    let mut turn = vec![0; active.len()];
+    for &j in &order {
+        let n = seen.entry(active[j].job.caller.id).or_default();
+        turn[j] = *n;
+        *n += 1;
+    }
+    order.sort_by_key(|&j| (active[j].job.caller.class, turn[j], active[j].deadline));
+    order
+}
+
+/// Plans the next slice of at most `slice_tokens` tokens of rows.
+///
+/// Interactive rows come first, up to `1 - batch_share` of the slice while batch work waits
+/// (always at least one row); batch rows fill what is left; interactive rows then fill any
+/// room batch work left. No job takes more than half a slice, so a long article runs in
+/// parts between shorter work.
+pub fn plan_slice_of(
+    jobs: &[(Class, &[usize])],
+    order: &[usize],
+    slice_tokens: usize,
+    batch_share: f32,
+) -> Vec<Take> {
+    let batch_waits = jobs
+        .iter()
+        .any(|(c, lens)| *c == Class::Batch && !lens.is_empty());
+    let interactive_room = if batch_waits {
+        (slice_tokens as f32 * (1.0 - batch_share.clamp(0.0, 1.0))) as usize
+    } else {
+        slice_tokens
+    };
+    let mut plan: Vec<Take> = Vec::new();
+    let mut used = 0;
+    let per_job = slice_tokens / 2;
+    let fill = |class: Class, room: usize, plan: &mut Vec<Take>, used: &mut usize| {
+        let mut class_used = 0;
+        for &j in order {
+            let (c, lens) = jobs[j];
+            if c != class {
+                continue;
+            }
+            let taken = plan.iter().find(|t| t.job == j);
+            let start = taken.map_or(0, |t| t.rows.end);
+            let had: usize = taken.map_or(0, |t| lens[t.rows.clone()].iter().sum());
+            let left = &lens[start..];
+            if left.is_empty() {
+                continue;
+            }
+            let budget = room
+                .saturating_sub(class_used)
+                .min(slice_tokens.saturating_sub(*used))
+                .min(per_job.saturating_sub(had));
+            let mut n = fitting(left, budget);
+            if n == 0 && *used == 0 {
+                n = 1;
+            }
+            if n == 0 {
+                continue;
+            }
+            let tokens: usize = left[..n].iter().sum();
+            class_used += tokens;
+            *used += tokens;
+            match plan.iter_mut().find(|t| t.job == j) {
+                Some(t) => t.rows.end += n,
+                None => plan.push(Take {
+                    job: j,
+                    rows: start..start + n,
+                }),
+            }
+            if *used >= slice_tokens || class_used >= room {
+                break;
+            }
+        }
+    };
+    fill(Class::Interactive, interactive_room, &mut plan, &mut used);
+    fill(Class::Batch, slice_tokens, &mut plan, &mut used);
+    fill(Class::Interactive, slice_tokens, &mut plan, &mut used);
+    plan
+}
+
+/// [`plan_slice_of`] over the active jobs; the takes' rows are offsets into each job's rows.
+fn plan_slice(active: &[Active], cfg: &EngineConfig) -> Vec<Take> {
+    let jobs: Vec<(Class, &[usize])> = active
+        .iter()
+        .map(|a| (a.job.caller.class, a.pending()))
+        .collect();
+    let order = turn_order(active);
+    plan_slice_of(&jobs, &order, cfg.slice_tokens, cfg.batch_share)
+        .into_iter()
+        .map(|t| Take {
+            job: t.job,
+            rows: active[t.job].scheduled + t.rows.start..active[t.job].scheduled + t.rows.end,
+        })
+        .collect()
+}
+
 /// Sends a job its answer. Its queue room is given back first, so that a caller holding its
 /// answer also sees the room.
 fn answer(job: Job, result: Result<(Outputs, Timing), EngineError>) {
-    drop(job.permit);
-    let _ = job.reply.send(result);
-}
-
-/// How many of `lens` (in run order) form the next slice: as many as fit in `budget`
-/// tokens, at least one.
-pub fn slice_len(lens: &[usize], budget: usize) -> usize {
-    fitting(lens, budget).max(lens.len().min(1))
+    let Job { reply, room, .. } = job;
+    drop(room);
+    let _ = reply.send(result);
 }
 
 /// How many of `lens`, from the first, fit in `budget` tokens together.
@@ -201,61 +310,43 @@ fn fitting(lens: &[usize], budget: usize) -> usize {
         .count()
 }
 
-/// Runs the next slice of rows of `active` (sorted by deadline) and stores their outputs.
-/// A failed forward pass fails every job with a row in it (they are answered and removed).
-fn run_slice(models: &Models, active: &mut Vec<Active>, cfg: &EngineConfig, stats: &EngineStats) {
-    // (job, first row, end row) taken by this slice.
-    let mut taken: Vec<(usize, usize, usize)> = Vec::new();
-    let mut budget = cfg.slice_tokens;
-    for (j, a) in active.iter().enumerate() {
-        let left = &a.lens[a.scheduled..];
-        if left.is_empty() {
-            continue;
-        }
-        // The first job always gets a row in; later ones only what fits. No job takes more
-        // than half a slice, so a long article runs in parts between shorter work.
-        let n = if taken.is_empty() {
-            slice_len(left, budget.min(cfg.slice_tokens / 2))
-        } else {
-            fitting(left, budget.min(cfg.slice_tokens / 2))
-        };
-        if n == 0 {
-            break;
-        }
-        budget = budget.saturating_sub(left[..n].iter().sum());
-        taken.push((j, a.scheduled, a.scheduled + n));
-        if budget == 0 {
-            break;
-        }
-    }
-    if taken.is_empty() {
+/// Runs the `plan`ned slice of rows of `active` and stores their outputs. A failed forward
+/// pass fails every job with a row in it (they are answered and removed).
+fn run_slice(
+    models: &Models,
+    active: &mut Vec<Active>,
+    plan: &[Take],
+    cfg: &EngineConfig,
+    stats: &EngineStats,
+) {
+    if plan.is_empty() {
         return;
     }
     let started = Instant::now();
-    let tokens: usize = taken
+    let tokens: usize = plan
         .iter()
-        .map(|&(j, a, b)| active[j].lens[a..b].iter().sum::<usize>())
+        .map(|t| active[t.job].lens[t.rows.clone()].iter().sum::<usize>())
         .sum();
-    let result = run_rows(models, active, &taken, cfg.max_batch_tokens);
+    let result = run_rows(models, active, plan, cfg.max_batch_tokens);
     let elapsed = started.elapsed();
     metrics::histogram!("tidings_forward_seconds").record(elapsed.as_secs_f64());
-    metrics::histogram!("tidings_batch_items").record(taken.len() as f64);
+    metrics::histogram!("tidings_batch_items").record(plan.len() as f64);
     metrics::histogram!("tidings_batch_tokens").record(tokens as f64);
     metrics::counter!("tidings_tokens_total").increment(tokens as u64);
     match result {
         Ok(()) => {
-            let rows: usize = taken.iter().map(|&(_, first, end)| end - first).sum();
+            let rows: usize = plan.iter().map(|t| t.rows.len()).sum();
             stats.rows_run.fetch_add(rows as u64, Ordering::Relaxed);
-            for &(j, _, end) in &taken {
-                let a = &mut active[j];
-                a.scheduled = end;
+            for t in plan {
+                let a = &mut active[t.job];
+                a.scheduled = t.rows.end;
                 a.started.get_or_insert(started);
                 a.inference += elapsed;
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "forward pass failed");
-            let mut failed: Vec<usize> = taken.iter().map(|t| t.0).collect();
+            let mut failed: Vec<usize> = plan.iter().map(|t| t.job).collect();
             failed.sort_unstable();
             for j in failed.into_iter().rev() {
                 answer(active.remove(j).job, Err(EngineError::Model(e.to_string())));
@@ -264,21 +355,22 @@ fn run_slice(models: &Models, active: &mut Vec<Active>, cfg: &EngineConfig, stat
     }
 }
 
-/// Runs the `taken` rows `(job, first, end)` through their models in length-sorted,
-/// budget-sized batches and stores the outputs in their jobs.
+/// Runs the `plan`ned rows through their models in length-sorted, budget-sized batches and
+/// stores the outputs in their jobs.
 fn run_rows(
     models: &Models,
     active: &mut [Active],
-    taken: &[(usize, usize, usize)],
+    plan: &[Take],
     budget: usize,
 ) -> candle_core::Result<()> {
     for target in [Target::Ner, Target::Topics] {
         // (job, output index, row)
         let mut slots: Vec<(usize, usize, Row)> = Vec::new();
-        for &(j, first, end) in taken {
+        for t in plan {
+            let j = t.job;
             let a = &active[j];
             let rows = rows_of(&a.job.work, target);
-            for i in first..end {
+            for i in t.rows.clone() {
                 let (t, index) = a.target(i);
                 if t == target {
                     slots.push((j, index, rows[index]));
@@ -342,13 +434,50 @@ mod tests {
         assert!(pack(&[], 10).is_empty());
     }
 
+    fn take(job: usize, rows: std::ops::Range<usize>) -> Take {
+        Take { job, rows }
+    }
+
     #[test]
-    fn slices_fill_their_budget_and_hold_at_least_one_job() {
-        assert_eq!(slice_len(&[60, 70, 90, 900], 1024), 3);
-        assert_eq!(slice_len(&[300, 300, 300, 300], 1024), 3);
-        // A job over the budget still runs, alone.
-        assert_eq!(slice_len(&[5000, 10], 1024), 1);
-        assert_eq!(slice_len(&[1, 1, 1], 2), 2);
-        assert_eq!(slice_len(&[], 1024), 0);
+    fn slices_fill_their_budget_and_hold_at_least_one_row() {
+        use Class::{Batch, Interactive};
+        let plan =
+            |jobs: &[(Class, &[usize])], order: &[usize]| plan_slice_of(jobs, order, 1024, 0.75);
+        // Alone, one class gets the whole slice, no job more than half of it.
+        let a: &[usize] = &[60, 70, 90, 900];
+        let b: &[usize] = &[300, 300, 300];
+        assert_eq!(
+            plan(&[(Batch, a), (Batch, b)], &[0, 1]),
+            vec![take(0, 0..3), take(1, 0..1)]
+        );
+        // A row over the budget still runs, alone.
+        assert_eq!(plan(&[(Batch, &[5000, 10])], &[0]), vec![take(0, 0..1)]);
+        assert!(plan(&[(Batch, &[])], &[0]).is_empty());
+        // Interactive rows first, up to a quarter while batch work waits; batch fills the
+        // rest, its jobs in turn.
+        let i: &[usize] = &[100; 8];
+        let many: &[usize] = &[100; 10];
+        assert_eq!(
+            plan(
+                &[(Batch, many), (Batch, many), (Interactive, i)],
+                &[2, 0, 1]
+            ),
+            vec![take(2, 0..2), take(0, 0..5), take(1, 0..3)]
+        );
+        // Interactive rows then fill what batch work left.
+        let small: &[usize] = &[50];
+        assert_eq!(
+            plan(&[(Batch, small), (Interactive, i)], &[1, 0]),
+            vec![take(1, 0..5), take(0, 0..1)]
+        );
+        // An interactive row longer than its share still gets in.
+        let long: &[usize] = &[258];
+        assert_eq!(
+            plan(
+                &[(Interactive, long), (Interactive, long), (Batch, b)],
+                &[0, 1, 2]
+            ),
+            vec![take(0, 0..1), take(2, 0..1), take(1, 0..1)]
+        );
     }
 }

@@ -1,36 +1,46 @@
-//! The engine: a bounded queue in front of one batcher thread that runs the models.
+//! The engine: bounded queues in front of one batcher thread that runs the models.
 //!
 //! Callers (the gRPC handlers, `tidings analyze`) hand over a prepared article with a
-//! `oneshot` sender for the answer, as in text-embeddings-inference's `queue.rs`. Admission
-//! is bounded by a semaphore counted in padded tokens: unary calls are refused at once with
-//! [`EngineError::QueueFull`] when it is exhausted, streams wait (back-pressure). The batcher
-//! thread packs the windows of many articles into forward passes by a token budget, sorted by
-//! length to waste little padding, and skips work whose caller has gone away.
+//! `oneshot` sender for the answer, as in text-embeddings-inference's `queue.rs`. Each request
+//! is admitted on an estimate of its cost before any work is done for it, from the pool of
+//! its [`Class`]: unary calls (interactive) are refused at once with
+//! [`EngineError::QueueFull`] when theirs is exhausted, streams (batch) wait (back-pressure).
+//! The two pools are separate, so a batch backlog never refuses an interactive call. The
+//! batcher thread runs interactive rows first, up to their share of each slice while batch
+//! work waits, shares slices between callers in turn, and skips work whose caller has gone
+//! away. Label prototypes are cached in a bounded cache with one computation per text.
 //!
-//! - [`batcher`] — the thread and its packing.
+//! - [`admission`] — the pools, budgets and reservations of queue room.
+//! - [`batcher`] — the thread and its slices.
 
+pub mod admission;
 pub mod batcher;
 
+pub use admission::{Caller, Class};
+
 use crate::pipeline::analysis::{Analysis, Article, LabelSet, Models, Outputs, Prepared};
-use crate::pipeline::tokens::Tokens;
 use crate::pipeline::topics::{self, Label};
-use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use admission::{Budget, Pools, Reservation};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
 /// Limits and batching knobs of the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
     /// Most padded tokens in one forward pass.
     pub max_batch_tokens: usize,
-    /// Most tokens of work answered together: the jobs of a batch run cheapest first in
-    /// slices of this size, each answered as soon as its slice is done.
+    /// Most tokens of work answered together: the jobs of a batch run in slices of this
+    /// size, each job answered as soon as its slice is done.
     pub slice_tokens: usize,
+    /// Share of each slice that batch work gets while it waits; interactive rows take the
+    /// rest first (and all of it when no batch work waits).
+    pub batch_share: f32,
     /// How long the batcher waits for more work after the first job of a batch arrives.
     pub max_wait: Duration,
-    /// Most padded tokens admitted (queued or running) at once; more is refused or waits.
+    /// Most padded tokens admitted (queued or running) at once in each class's pool; more
+    /// is refused (interactive) or waits (batch).
     pub max_queue_tokens: usize,
     /// Most label texts whose embeddings are cached.
     pub label_cache: usize,
@@ -43,6 +53,9 @@ impl Default for EngineConfig {
             // Past ~500 tokens the fused kernels are within a few percent of their best
             // throughput (`tidings bench`: 8 x 64 and 32 x 64 both ~67% of peak).
             slice_tokens: 1024,
+            // bench/isolation.py: unary p99 under a saturating batch job vs alone, and the
+            // job's throughput kept (see the README's "Sharing one server").
+            batch_share: 0.7,
             max_wait: Duration::from_millis(2),
             max_queue_tokens: 262_144,
             label_cache: 8192,
@@ -53,7 +66,7 @@ impl Default for EngineConfig {
 /// Why the engine could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    /// The queue is full (unary admission).
+    /// The queue is full (interactive admission).
     #[error("server busy: the queue holds its limit of {limit} tokens; retry later")]
     QueueFull {
         /// The configured limit.
@@ -81,15 +94,6 @@ pub enum EngineError {
     NoModel(&'static str),
 }
 
-/// How to admit work when the queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Refuse at once with [`EngineError::QueueFull`] (unary calls).
-    FailFast,
-    /// Wait for room (streams: back-pressure).
-    Wait,
-}
-
 /// Where the time of one article went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Timing {
@@ -101,35 +105,41 @@ pub struct Timing {
 
 /// Work for the batcher.
 #[derive(Debug)]
-pub enum Work {
+pub(crate) enum Work {
     /// An article's windows.
     Article(Arc<Prepared>),
     /// Texts to embed with the topic model (label prototypes).
-    Texts(Vec<Tokens>),
+    Texts(Vec<crate::pipeline::tokens::Tokens>),
 }
 
 /// One queued unit of work and where its answer goes.
 #[derive(Debug)]
-pub struct Job {
+pub(crate) struct Job {
     /// The work.
-    pub work: Work,
+    pub(crate) work: Work,
     /// Padded tokens it costs.
-    pub cost: usize,
+    pub(crate) cost: usize,
+    /// Whose it is: its class and caller decide its place in the slices.
+    pub(crate) caller: Caller,
     /// When it was admitted.
-    pub enqueued: Instant,
+    pub(crate) enqueued: Instant,
     /// The caller's end; closed when the caller gave up (cancelled, deadline).
-    pub reply: oneshot::Sender<Result<(Outputs, Timing), EngineError>>,
+    pub(crate) reply: oneshot::Sender<Result<(Outputs, Timing), EngineError>>,
     /// Queue room held until the job is answered.
-    pub permit: OwnedSemaphorePermit,
+    pub(crate) room: Reservation,
 }
 
-/// Running totals of what the batcher did.
+/// Running totals of what the engine did.
 #[derive(Debug, Default)]
 pub struct EngineStats {
     /// Jobs dropped unrun because their caller had gone away (cancelled, deadline passed).
     pub dropped_jobs: AtomicU64,
     /// Rows (windows, titles, label texts) run through a model.
     pub rows_run: AtomicU64,
+    /// Articles tokenized (each after its admission).
+    pub articles_tokenized: AtomicU64,
+    /// Label texts embedded (each once while it stays in the cache).
+    pub label_texts_embedded: AtomicU64,
 }
 
 /// Handle to the engine; cheap to clone.
@@ -137,13 +147,13 @@ pub struct EngineStats {
 pub struct Engine {
     models: Arc<Models>,
     tx: std::sync::mpsc::Sender<Job>,
-    permits: Arc<Semaphore>,
+    pools: Arc<Pools>,
     cfg: EngineConfig,
-    labels: Arc<Mutex<HashMap<String, Vec<f32>>>>,
-    /// Held while label embeddings are computed, so that concurrent requests with the same
-    /// new labels embed them once instead of once each.
-    embedding_labels: Arc<tokio::sync::Mutex<()>>,
+    /// Label text -> embedding. Bounded; a text being computed is computed once however
+    /// many requests ask for it, and a request keeps the vectors it got while it runs.
+    labels: moka::future::Cache<String, Arc<Vec<f32>>>,
     default_labels: Arc<Mutex<Option<LabelSet>>>,
+    next_caller: Arc<AtomicU64>,
     stats: Arc<EngineStats>,
 }
 
@@ -170,16 +180,16 @@ impl Engine {
         Self {
             models,
             tx,
-            permits: Arc::new(Semaphore::new(cfg.max_queue_tokens)),
+            pools: Arc::new(Pools::new(cfg.max_queue_tokens)),
             cfg,
-            labels: Arc::new(Mutex::new(HashMap::new())),
-            embedding_labels: Arc::new(tokio::sync::Mutex::new(())),
+            labels: moka::future::Cache::new(cfg.label_cache as u64),
             default_labels: Arc::new(Mutex::new(None)),
+            next_caller: Arc::new(AtomicU64::new(1)),
             stats,
         }
     }
 
-    /// What the batcher has done so far.
+    /// What the engine has done so far.
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
@@ -194,106 +204,131 @@ impl Engine {
         self.cfg
     }
 
-    /// Tokens of model work admitted and not yet answered.
+    /// Tokens of model work admitted and not yet answered, in both classes' pools.
     pub fn queued_tokens(&self) -> usize {
-        self.cfg.max_queue_tokens - self.permits.available_permits()
+        self.pools.queued()
+    }
+
+    /// A new caller of `class`: one per unary call or stream.
+    pub fn caller(&self, class: Class) -> Caller {
+        Caller {
+            class,
+            id: self.next_caller.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     async fn submit(
         &self,
         work: Work,
         cost: usize,
-        admission: Admission,
+        room: Reservation,
+        caller: Caller,
     ) -> Result<(Outputs, Timing), EngineError> {
-        let limit = self.cfg.max_queue_tokens;
-        if cost > limit {
-            return Err(EngineError::TooLarge { cost, limit });
-        }
-        let n = cost.max(1) as u32;
-        let permit = match admission {
-            Admission::FailFast => self
-                .permits
-                .clone()
-                .try_acquire_many_owned(n)
-                .map_err(|e| match e {
-                    tokio::sync::TryAcquireError::Closed => EngineError::Stopped,
-                    tokio::sync::TryAcquireError::NoPermits => EngineError::QueueFull { limit },
-                })?,
-            Admission::Wait => self
-                .permits
-                .clone()
-                .acquire_many_owned(n)
-                .await
-                .map_err(|_| EngineError::Stopped)?,
-        };
         let (reply, rx) = oneshot::channel();
         let job = Job {
             work,
             cost,
+            caller,
             enqueued: Instant::now(),
             reply,
-            permit,
+            room,
         };
-        metrics::gauge!("tidings_queue_tokens").set(self.queued_tokens() as f64);
         self.tx.send(job).map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
-    /// Embeddings of texts through the topic model, from the cache where possible.
+    /// The embedding of one label text, computed as a job of its own (the batcher packs the
+    /// concurrent ones together). Label rows run as interactive work whatever the caller:
+    /// they are short, and other callers may be waiting for the same text.
+    async fn embed_text(
+        &self,
+        text: &str,
+        budget: &Budget,
+        caller: Caller,
+    ) -> Result<Arc<Vec<f32>>, EngineError> {
+        let toks = self
+            .models
+            .tokenize_texts(&[text.to_string()])
+            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+        let cost = toks.iter().map(|t| t.len() + 2).sum();
+        let room = budget.take(cost).await?;
+        let caller = Caller {
+            class: Class::Interactive,
+            ..caller
+        };
+        let (out, _) = self.submit(Work::Texts(toks), cost, room, caller).await?;
+        self.stats
+            .label_texts_embedded
+            .fetch_add(1, Ordering::Relaxed);
+        out.topics
+            .into_iter()
+            .next()
+            .map(Arc::new)
+            .ok_or_else(|| EngineError::Model("no embedding for a label text".into()))
+    }
+
+    /// Embeddings of `texts` through the topic model, from the cache where possible.
     async fn embed(
         &self,
         texts: &[String],
-        admission: Admission,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let missing =
-            |cache: &HashMap<String, Vec<f32>>| texts.iter().any(|t| !cache.contains_key(t));
-        let _single_flight = if missing(&self.labels.lock().unwrap_or_else(|e| e.into_inner())) {
-            Some(self.embedding_labels.lock().await)
-        } else {
-            None
+        budget: &Budget,
+        caller: Caller,
+    ) -> Result<Vec<Arc<Vec<f32>>>, EngineError> {
+        let mut unique: Vec<&String> = texts.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let got = futures::future::try_join_all(unique.iter().map(|t| {
+            self.labels
+                .try_get_with_by_ref(t.as_str(), self.embed_text(t, budget, caller))
+        }))
+        .await
+        .map_err(|e| (*e).clone())?;
+        let by_text: std::collections::HashMap<&String, Arc<Vec<f32>>> =
+            unique.into_iter().zip(got).collect();
+        Ok(texts.iter().map(|t| by_text[t].clone()).collect())
+    }
+
+    /// Estimated queue room for embedding those of `labels`' texts not in the cache.
+    fn label_estimate(&self, labels: &[Label]) -> usize {
+        let Some(tm) = &self.models.topics else {
+            return 0;
         };
-        let missing: Vec<String> = {
-            let cache = self.labels.lock().unwrap_or_else(|e| e.into_inner());
-            let mut m: Vec<String> = texts
-                .iter()
-                .filter(|t| !cache.contains_key(*t))
-                .cloned()
-                .collect();
-            m.sort();
-            m.dedup();
-            m
-        };
-        if !missing.is_empty() {
-            let toks = self
-                .models
-                .tokenize_texts(&missing)
-                .map_err(|e| EngineError::Tokenize(e.to_string()))?;
-            let cost = toks.iter().map(|t| t.len() + 2).sum();
-            let (out, _) = self.submit(Work::Texts(toks), cost, admission).await?;
-            let mut cache = self.labels.lock().unwrap_or_else(|e| e.into_inner());
-            if cache.len() + missing.len() > self.cfg.label_cache {
-                cache.clear();
-            }
-            for (t, v) in missing.into_iter().zip(out.topics) {
-                cache.insert(t, v);
-            }
-        }
-        let cache = self.labels.lock().unwrap_or_else(|e| e.into_inner());
-        texts
+        labels
             .iter()
-            .map(|t| cache.get(t).cloned().ok_or(EngineError::Stopped))
-            .collect()
+            .flat_map(Label::prototype_texts)
+            .filter(|t| !self.labels.contains_key(t))
+            .map(|t| {
+                admission::estimate_tokens(t.chars().count(), tm.window.size, 0)
+                    .min(tm.window.size + 2)
+            })
+            .sum()
+    }
+
+    /// Estimated queue room for an article's own rows.
+    fn article_estimate(&self, article: &Article) -> usize {
+        let text = article.text.chars().count();
+        let mut est = 0;
+        if let (true, Some(n)) = (article.options.entities, &self.models.ner) {
+            est += admission::estimate_tokens(text, n.window.size, n.window.overlap);
+        }
+        if let (true, Some(t)) = (article.options.topics, &self.models.topics) {
+            est += admission::estimate_tokens(text, t.window.size, t.window.overlap);
+            let title = article.title.chars().count();
+            est += admission::estimate_tokens(title, t.window.size, 0).min(t.window.size + 2);
+        }
+        est
     }
 
     /// Prototype embeddings of labels: the mean of their texts' embeddings.
-    pub async fn label_set(
+    async fn label_set_within(
         &self,
         labels: &[Label],
-        admission: Admission,
+        budget: &Budget,
+        caller: Caller,
     ) -> Result<LabelSet, EngineError> {
         let per_label: Vec<Vec<String>> = labels.iter().map(Label::prototype_texts).collect();
         let all: Vec<String> = per_label.iter().flatten().cloned().collect();
-        let embs = self.embed(&all, admission).await?;
+        let embs = self.embed(&all, budget, caller).await?;
         let mut at = 0;
         let mut weights = Vec::with_capacity(labels.len());
         for texts in &per_label {
@@ -317,7 +352,19 @@ impl Engine {
         })
     }
 
-    /// The default taxonomy's label set, computed once.
+    /// Prototype embeddings of labels, admitted as `caller`'s work.
+    pub async fn label_set(
+        &self,
+        labels: &[Label],
+        caller: Caller,
+    ) -> Result<LabelSet, EngineError> {
+        let budget = Budget::admit(&self.pools, caller.class, self.label_estimate(labels)).await?;
+        self.label_set_within(labels, &budget, caller).await
+    }
+
+    /// What requests without labels are scored against: the trained head
+    /// (`serve --topic-head`) when one is loaded, else the default taxonomy's prototypes,
+    /// computed once.
     pub async fn default_label_set(&self) -> Result<LabelSet, EngineError> {
         if let Some(s) = self
             .default_labels
@@ -327,11 +374,16 @@ impl Engine {
         {
             return Ok(s);
         }
-        let labels = match &self.models.topics {
-            Some(t) => t.default_labels.clone(),
-            None => return Err(EngineError::NoModel("topic")),
+        let Some(t) = &self.models.topics else {
+            return Err(EngineError::NoModel("topic"));
         };
-        let set = self.label_set(&labels, Admission::Wait).await?;
+        let set = match &t.head {
+            Some(head) => head.clone(),
+            None => {
+                self.label_set(&t.default_labels, self.caller(Class::Batch))
+                    .await?
+            }
+        };
         *self
             .default_labels
             .lock()
@@ -339,13 +391,14 @@ impl Engine {
         Ok(set)
     }
 
-    /// Analyzes one article: tokenizes it (off the async runtime), queues its windows, and
-    /// decodes the outputs. `labels` = `None` uses the default taxonomy.
+    /// Analyzes one article for `caller`: admits it on an estimate of its cost, embeds new
+    /// labels, tokenizes it (off the async runtime), queues its windows, and decodes the
+    /// outputs. `labels` = `None` uses the default labels ([`Engine::default_label_set`]).
     pub async fn analyze(
         &self,
         article: Article,
         labels: Option<&[Label]>,
-        admission: Admission,
+        caller: Caller,
     ) -> Result<(Analysis, Timing), EngineError> {
         if article.options.entities && self.models.ner.is_none() {
             return Err(EngineError::NoModel("entity"));
@@ -353,25 +406,34 @@ impl Engine {
         if article.options.topics && self.models.topics.is_none() {
             return Err(EngineError::NoModel("topic"));
         }
-        let label_set = if article.options.topics {
-            Some(match labels {
-                Some(l) if !l.is_empty() => self.label_set(l, admission).await?,
-                _ => self.default_label_set().await?,
-            })
-        } else {
-            None
+        let custom = labels.filter(|l| article.options.topics && !l.is_empty());
+        // Admission comes first: a request the queue cannot take costs no tokenizing and no
+        // label embedding.
+        let estimate =
+            self.article_estimate(&article) + custom.map_or(0, |l| self.label_estimate(l));
+        let budget = Budget::admit(&self.pools, caller.class, estimate).await?;
+        let label_set = match (article.options.topics, custom) {
+            (false, _) => None,
+            (true, Some(l)) => Some(self.label_set_within(l, &budget, caller).await?),
+            (true, None) => Some(self.default_label_set().await?),
         };
         let models = self.models.clone();
         let prepared = tokio::task::spawn_blocking(move || models.prepare(article))
             .await
             .map_err(|e| EngineError::Tokenize(e.to_string()))?
             .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+        self.stats
+            .articles_tokenized
+            .fetch_add(1, Ordering::Relaxed);
         let prepared = Arc::new(prepared);
         let cost = prepared.cost();
         let (out, timing) = if cost == 0 {
             (Outputs::default(), Timing::default())
         } else {
-            self.submit(Work::Article(prepared.clone()), cost, admission)
+            let room = budget.take(cost).await?;
+            // What the estimate held beyond the article's cost goes back now.
+            drop(budget);
+            self.submit(Work::Article(prepared.clone()), cost, room, caller)
                 .await?
         };
         let models = self.models.clone();

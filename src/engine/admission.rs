@@ -1,0 +1,270 @@
+//! Admission: queue room counted in padded tokens, in one pool per [`Class`], and the
+//! reservations that hold it until work is answered.
+//!
+//! Unary calls and streams draw on separate pools of `max_queue_tokens` each, so a batch
+//! job's backlog can never make an interactive call RESOURCE_EXHAUSTED. A request is admitted
+//! on an estimate of its cost *before* any work is done for it (tokenizing 200k characters,
+//! embedding new labels); the estimate is trued up as its jobs become known
+//! ([`Budget::take`]). A batch request whose estimate fell short gives back what it holds
+//! before it waits for the whole amount, so requests never wait while holding room (no
+//! hold-and-wait deadlock between streams).
+
+use super::EngineError;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+/// The kind of caller work comes from: it picks the pool the work is admitted from and its
+/// place in the batcher's slices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    /// Unary calls: admitted at once or refused with [`EngineError::QueueFull`]; their rows
+    /// run first, up to their share of each slice while batch work waits.
+    Interactive,
+    /// Streams and local jobs: wait for room (back-pressure) and run in what interactive
+    /// work leaves.
+    Batch,
+}
+
+/// Who asked: the class of its work, and an id the batcher shares slices out by, so that
+/// one caller's many jobs (a stream, an AnalyzeBatch call) take turns with other callers'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// Its class.
+    pub class: Class,
+    /// Distinct for each call (each unary call, each stream).
+    pub id: u64,
+}
+
+/// The two pools of queue room.
+#[derive(Debug)]
+pub(crate) struct Pools {
+    interactive: Arc<Semaphore>,
+    batch: Arc<Semaphore>,
+    /// Room in each pool.
+    pub(crate) limit: usize,
+}
+
+impl Pools {
+    /// Two pools of `limit` tokens each.
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            interactive: Arc::new(Semaphore::new(limit)),
+            batch: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    fn pool(&self, class: Class) -> &Arc<Semaphore> {
+        match class {
+            Class::Interactive => &self.interactive,
+            Class::Batch => &self.batch,
+        }
+    }
+
+    /// Tokens admitted and not yet answered, in `class`'s pool.
+    pub(crate) fn queued_in(&self, class: Class) -> usize {
+        self.limit - self.pool(class).available_permits()
+    }
+
+    /// Tokens admitted and not yet answered, in both pools.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued_in(Class::Interactive) + self.queued_in(Class::Batch)
+    }
+
+    /// Sets the `tidings_queue_tokens` gauge: called at every change, so that it reads 0
+    /// when the server is idle.
+    fn publish(&self) {
+        metrics::gauge!("tidings_queue_tokens").set(self.queued() as f64);
+        for class in [Class::Interactive, Class::Batch] {
+            metrics::gauge!("tidings_queue_tokens_by_class", "class" => class.name())
+                .set(self.queued_in(class) as f64);
+        }
+    }
+
+    /// `n` tokens from `class`'s pool: at once or QueueFull (interactive), or when there is
+    /// room (batch).
+    async fn acquire(
+        self: &Arc<Self>,
+        class: Class,
+        n: usize,
+    ) -> Result<OwnedSemaphorePermit, EngineError> {
+        let pool = self.pool(class).clone();
+        let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        let permit = match class {
+            Class::Interactive => pool.try_acquire_many_owned(n).map_err(|e| match e {
+                TryAcquireError::Closed => EngineError::Stopped,
+                TryAcquireError::NoPermits => EngineError::QueueFull { limit: self.limit },
+            })?,
+            Class::Batch => pool
+                .acquire_many_owned(n)
+                .await
+                .map_err(|_| EngineError::Stopped)?,
+        };
+        self.publish();
+        Ok(permit)
+    }
+}
+
+impl Class {
+    /// The class's name in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Interactive => "interactive",
+            Class::Batch => "batch",
+        }
+    }
+}
+
+/// Queue room held by one queued job; given back, and the gauge updated, when dropped.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    permit: Option<OwnedSemaphorePermit>,
+    pools: Arc<Pools>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.pools.publish();
+    }
+}
+
+/// Queue room held by one request: its estimate at admission, out of which its jobs take
+/// their exact room. What is left goes back when the budget is dropped.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    pools: Arc<Pools>,
+    class: Class,
+    held: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Budget {
+    /// Admits a request on an `estimate` of its cost (capped at the pool's size): at once or
+    /// refused (interactive), or once there is room (batch).
+    pub(crate) async fn admit(
+        pools: &Arc<Pools>,
+        class: Class,
+        estimate: usize,
+    ) -> Result<Self, EngineError> {
+        let permit = pools.acquire(class, estimate.min(pools.limit)).await?;
+        Ok(Self {
+            pools: pools.clone(),
+            class,
+            held: Mutex::new(Some(permit)),
+        })
+    }
+
+    /// `n` tokens of room for one job: split from what the request holds, topped up from its
+    /// pool when the estimate fell short.
+    pub(crate) async fn take(&self, n: usize) -> Result<Reservation, EngineError> {
+        let limit = self.pools.limit;
+        if n > limit {
+            return Err(EngineError::TooLarge { cost: n, limit });
+        }
+        let n = n.max(1);
+        let held = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(part) = held.as_mut().and_then(|p| p.split(n)) {
+                return Ok(self.reservation(part));
+            }
+            held.take()
+        };
+        let permit = match self.class {
+            Class::Interactive => {
+                let have = held.as_ref().map_or(0, |p| p.num_permits());
+                let mut more = self.pools.acquire(self.class, n - have).await?;
+                if let Some(h) = held {
+                    more.merge(h);
+                }
+                more
+            }
+            Class::Batch => {
+                // Never wait while holding room: give it back, then wait for the whole.
+                drop(held);
+                self.pools.publish();
+                self.pools.acquire(self.class, n).await?
+            }
+        };
+        Ok(self.reservation(permit))
+    }
+
+    fn reservation(&self, permit: OwnedSemaphorePermit) -> Reservation {
+        Reservation {
+            permit: Some(permit),
+            pools: self.pools.clone(),
+        }
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        let held = self
+            .held
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if held.is_some() {
+            drop(held);
+            self.pools.publish();
+        }
+    }
+}
+
+/// Padded tokens an estimate counts for `chars` characters read in windows of `size`
+/// pieces overlapping by `overlap`: three characters a piece (English averages four to
+/// five, so this is high), plus the overlaps and two special tokens per window.
+pub(crate) fn estimate_tokens(chars: usize, size: usize, overlap: usize) -> usize {
+    if chars == 0 {
+        return 0;
+    }
+    let pieces = chars / 3 + 1;
+    let stride = size.saturating_sub(overlap).max(1);
+    let windows = pieces.saturating_sub(overlap).div_ceil(stride).max(1);
+    pieces + (windows - 1) * overlap + 2 * windows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn budgets_split_top_up_and_give_back() {
+        let pools = Arc::new(Pools::new(100));
+        let b = Budget::admit(&pools, Class::Interactive, 30).await.unwrap();
+        assert_eq!(pools.queued(), 30);
+        let r1 = b.take(10).await.unwrap();
+        // Short of the estimate: topped up from the pool.
+        let r2 = b.take(50).await.unwrap();
+        assert_eq!(pools.queued(), 60);
+        drop(b);
+        assert_eq!(pools.queued(), 60);
+        drop((r1, r2));
+        assert_eq!(pools.queued(), 0);
+        // Interactive admission is refused at once when the pool is full; batch is not
+        // touched by it.
+        let all = Budget::admit(&pools, Class::Interactive, 100)
+            .await
+            .unwrap();
+        let e = Budget::admit(&pools, Class::Interactive, 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EngineError::QueueFull { limit: 100 }));
+        let batch = Budget::admit(&pools, Class::Batch, 100).await.unwrap();
+        assert_eq!(pools.queued_in(Class::Batch), 100);
+        assert!(matches!(
+            all.take(101).await.unwrap_err(),
+            EngineError::TooLarge { cost: 101, .. }
+        ));
+        drop((all, batch));
+        assert_eq!(pools.queued(), 0);
+    }
+
+    #[test]
+    fn estimates_count_windows() {
+        assert_eq!(estimate_tokens(0, 254, 64), 0);
+        // 300 chars: 101 pieces, one window.
+        assert_eq!(estimate_tokens(300, 254, 64), 103);
+        // 3000 chars: 1001 pieces in 5 windows of stride 190.
+        assert_eq!(estimate_tokens(3000, 254, 64), 1001 + 4 * 64 + 10);
+    }
+}
