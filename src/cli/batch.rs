@@ -1,19 +1,33 @@
-//! `tidings batch`: a client for large JSONL jobs against a running server.
+//! `tidings batch`: a client for large JSONL jobs against one or many running servers.
 //!
-//! Streams `{"id","text","title"?}` lines through `AnalyzeStream` with a bounded number in
-//! flight, writes one JSON line per result as it comes, retries after transient failures
-//! (reconnecting with back-off and resending what was not answered), and resumes from what
-//! the output already holds: no id is lost and none is written twice.
+//! Streams `{"id","text","title"?}` lines through `AnalyzeStreamItems`, with a bounded number
+//! in flight per server, and writes one JSON line per result as it comes. With several
+//! servers (`--server` repeated, or a `dns:///name:port` that resolves to many addresses and
+//! is resolved again periodically) each gets its own stream and takes work from one shared
+//! queue, so faster replicas take more. When a server fails or drains, what it had not
+//! answered goes back to the queue for the others. A run resumes from what the output already
+//! holds: no id is lost and none is written twice.
+//!
+//! Item identity never rides on what a server echoes: requests carry their index in the job
+//! as their wire id, and the user's id (any string, empty or not ASCII) is put back when the
+//! answer is written. Only an item the server refuses as invalid (INVALID_ARGUMENT) is written
+//! as an error line; an error about the server (a missing model, a refused token) stops the
+//! job without writing anything for the item, and anything else is retried.
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Seek, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tidings::proto::{tidings_client::TidingsClient, AnalyzeRequest};
-use tokio::sync::mpsc;
+use tidings::proto::{
+    analyze_batch_item::Outcome, tidings_client::TidingsClient, AnalyzeRequest, GetInfoRequest,
+    Task,
+};
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// Flags of `tidings batch`.
@@ -25,18 +39,39 @@ pub struct BatchArgs {
     /// Output JSONL: one AnalyzeResponse (or `{"id","error"}`) per line; appended to on resume.
     #[arg(long)]
     output: PathBuf,
-    /// Server URL.
-    #[arg(long, env = "TIDINGS_SERVER", default_value = "http://127.0.0.1:50051")]
-    server: String,
-    /// Requests in flight at once.
+    /// Server URL; repeat for several replicas. `dns:///NAME:PORT` stands for every address
+    /// NAME resolves to (e.g. a Kubernetes headless service), resolved again every
+    /// `--resolve-every-s`.
+    #[arg(
+        long,
+        env = "TIDINGS_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        value_delimiter = ','
+    )]
+    server: Vec<String>,
+    /// Requests in flight at once on each server.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Consecutive failed attempts (no progress) before giving up.
+    /// Consecutive failed attempts (no progress) on a server before it is given up; the job
+    /// fails when every server is given up.
     #[arg(long, default_value_t = 8)]
     retries: u32,
     /// Topics to keep per article (0 = all).
     #[arg(long, default_value_t = 0)]
     top_k: u32,
+    /// Tasks to run (default: all the server has).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    tasks: Vec<TaskArg>,
+    /// Seconds between resolutions of `dns:///` servers.
+    #[arg(long, default_value_t = 30)]
+    resolve_every_s: u64,
+}
+
+/// A task on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TaskArg {
+    Topics,
+    Entities,
 }
 
 #[derive(serde::Deserialize)]
@@ -47,48 +82,104 @@ struct InputLine {
     title: String,
 }
 
-/// Ids already in `output`; a torn last line (a crash mid-write) is cut off first.
+/// An error line of the output: the id first, like every line (resume relies on it).
+#[derive(serde::Serialize)]
+struct ErrorLine<'a> {
+    id: &'a str,
+    error: ErrorBody<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    code: i32,
+    message: &'a str,
+}
+
+/// The start every output line is written with; a torn last line is ours only if it has it.
+const LINE_START: &str = "{\"id\":";
+
+/// Ids already in `output`, after checking it is ours: every complete line a JSON object with
+/// a string `id`. A torn last line (a crash mid-write) is cut off; anything else that does
+/// not parse is an error naming the line, and nothing is changed.
 fn done_ids(output: &Path) -> Result<HashSet<String>> {
     let mut done = HashSet::new();
     if !output.exists() {
         return Ok(done);
     }
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(output)?;
-    let mut good_len = 0u64;
-    let mut reader = BufReader::new(&mut file);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 {
-            break;
-        }
-        if !line.ends_with('\n') {
-            break;
-        }
-        match serde_json::from_str::<serde_json::Value>(&line) {
-            Ok(v) => {
-                if let Some(id) = v.get("id").and_then(|i| i.as_str()) {
-                    done.insert(id.to_string());
-                }
-                good_len += n as u64;
+    let mut bytes = Vec::new();
+    std::fs::File::open(output)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .with_context(|| format!("reading {}", output.display()))?;
+    let mut good_len = 0usize;
+    for (i, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+        let complete = line.ends_with(b"\n");
+        let id = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
+        match (id, complete) {
+            (Some(id), true) => {
+                done.insert(id);
+                good_len += line.len();
             }
-            Err(_) => break,
+            (_, false) if line.starts_with(LINE_START.as_bytes()) => {
+                eprintln!(
+                    "batch: cutting a torn line (line {}) off the end of {}",
+                    i + 1,
+                    output.display()
+                );
+            }
+            _ => bail!(
+                "{}: line {} is not a result line of tidings batch (a JSON object with an \
+                 \"id\"); not touching the file. Use another --output, or remove the line",
+                output.display(),
+                i + 1
+            ),
         }
     }
-    drop(reader);
-    if good_len < file.metadata()?.len() {
-        eprintln!(
-            "batch: cutting a torn line off the end of {}",
-            output.display()
-        );
-        file.set_len(good_len)?;
+    if good_len < bytes.len() {
+        let file = std::fs::OpenOptions::new().write(true).open(output)?;
+        file.set_len(good_len as u64)?;
     }
-    file.seek(std::io::SeekFrom::End(0))?;
     Ok(done)
+}
+
+/// One input item: its index in the job is its wire id.
+#[derive(Clone)]
+struct Item {
+    id: String,
+    request: AnalyzeRequest,
+}
+
+/// What a server said of an item, for the writer.
+enum Answered {
+    Done(Box<tidings::proto::AnalyzeResponse>),
+    Invalid { code: i32, message: String },
+}
+
+/// The work shared by the servers' streams.
+struct Queue {
+    pending: Mutex<VecDeque<usize>>,
+    /// Wakes streams when items come back to `pending`.
+    returned: Notify,
+}
+
+impl Queue {
+    fn pop(&self) -> Option<usize> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+
+    fn give_back(&self, items: impl IntoIterator<Item = usize>) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for i in items {
+            p.push_front(i);
+        }
+        drop(p);
+        self.returned.notify_waiters();
+    }
 }
 
 /// Runs the job.
@@ -96,11 +187,22 @@ pub fn run(a: BatchArgs) -> Result<()> {
     if a.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
+    if a.server.is_empty() {
+        bail!("--server: name at least one server");
+    }
     let done = done_ids(&a.output)?;
     let reader = BufReader::new(
         std::fs::File::open(&a.input).with_context(|| format!("opening {}", a.input.display()))?,
     );
-    let mut pending: VecDeque<AnalyzeRequest> = VecDeque::new();
+    let tasks: Vec<i32> = a
+        .tasks
+        .iter()
+        .map(|t| match t {
+            TaskArg::Topics => Task::Topics as i32,
+            TaskArg::Entities => Task::Entities as i32,
+        })
+        .collect();
+    let mut items: Vec<Item> = Vec::new();
     let mut seen = HashSet::new();
     let mut total = 0usize;
     for (i, line) in reader.lines().enumerate() {
@@ -125,168 +227,413 @@ pub fn run(a: BatchArgs) -> Result<()> {
         }
         total += 1;
         if !done.contains(&item.id) {
-            pending.push_back(AnalyzeRequest {
+            items.push(Item {
+                request: AnalyzeRequest {
+                    id: items.len().to_string(),
+                    text: item.text,
+                    title: item.title,
+                    top_k: a.top_k,
+                    tasks: tasks.clone(),
+                    ..Default::default()
+                },
                 id: item.id,
-                text: item.text,
-                title: item.title,
-                top_k: a.top_k,
-                ..Default::default()
             });
         }
     }
     eprintln!(
         "batch: {total} items, {} already in {}, {} to do",
-        total - pending.len(),
+        total - items.len(),
         a.output.display(),
-        pending.len()
+        items.len()
     );
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&a.output)?;
     let mut out = std::io::BufWriter::new(out);
+    out.seek(std::io::SeekFrom::End(0))?;
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    bar.set_position((total - pending.len()) as u64);
+    bar.set_position((total - items.len()) as u64);
     let rt = super::runtime()?;
-    let failed = rt.block_on(drive(&a, pending, &mut out, &bar))?;
-    bar.finish();
+    let result = rt.block_on(drive(&a, items, &mut out, &bar));
     out.flush()?;
+    let failed = result?;
+    bar.finish();
     eprintln!(
         "batch: finished, {failed} items with errors (written as {{\"id\",\"error\"}} lines)"
     );
     Ok(())
 }
 
-/// Streams everything in `pending`, reconnecting as needed; returns how many items failed
-/// permanently.
+/// Everything a server's stream needs.
+struct Lane {
+    url: String,
+    concurrency: usize,
+    retries: u32,
+    items: Arc<Vec<Item>>,
+    queue: Arc<Queue>,
+    results: mpsc::Sender<LaneEvent>,
+    /// Tasks asked for (empty: all).
+    tasks: Vec<TaskArg>,
+}
+
+/// What a lane reports to the writer.
+enum LaneEvent {
+    /// Item `index` is answered.
+    Answer(usize, Answered),
+    /// A status message for the progress bar.
+    Note(String),
+    /// The job cannot go on: an error about the servers, not the items.
+    Fatal(anyhow::Error),
+    /// The lane gave up on its server (`url`) after `retries` attempts without progress.
+    GaveUp { url: String, why: String },
+}
+
+/// Streams everything in `items` through the servers; returns how many items were written
+/// as errors.
 async fn drive(
     a: &BatchArgs,
-    mut pending: VecDeque<AnalyzeRequest>,
+    items: Vec<Item>,
     out: &mut impl Write,
     bar: &indicatif::ProgressBar,
 ) -> Result<usize> {
+    let mut outstanding = items.len();
+    if outstanding == 0 {
+        return Ok(0);
+    }
+    let queue = Arc::new(Queue {
+        pending: Mutex::new((0..items.len()).collect()),
+        returned: Notify::new(),
+    });
+    let items = Arc::new(items);
+    let (events_tx, mut events) = mpsc::channel::<LaneEvent>(1024);
+    let mut lanes: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut given_up: HashSet<String> = HashSet::new();
+    let mut written: HashSet<usize> = HashSet::new();
     let mut failed = 0usize;
-    let mut attempts = 0u32;
-    while !pending.is_empty() {
-        let mut client = match TidingsClient::connect(a.server.clone()).await {
-            Ok(c) => c
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-            Err(e) => {
-                attempts += 1;
-                if attempts > a.retries {
-                    bail!("cannot reach {} after {} attempts: {e}", a.server, attempts);
-                }
-                backoff(attempts, &e.to_string(), bar).await;
-                continue;
-            }
-        };
-        // Requests flow through a channel so that at most `concurrency` are unanswered.
-        let (tx, rx) = mpsc::channel::<AnalyzeRequest>(a.concurrency);
-        let mut in_flight: HashMap<String, AnalyzeRequest> = HashMap::new();
-        let fill = |in_flight: &mut HashMap<String, AnalyzeRequest>,
-                    pending: &mut VecDeque<AnalyzeRequest>| {
-            while in_flight.len() < a.concurrency {
-                let Some(r) = pending.pop_front() else { break };
-                if tx.try_send(r.clone()).is_err() {
-                    pending.push_front(r);
-                    break;
-                }
-                in_flight.insert(r.id.clone(), r);
-            }
-        };
-        fill(&mut in_flight, &mut pending);
-        let mut responses = match client.analyze_stream(ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => {
-                pending.extend(in_flight.into_values());
-                attempts += 1;
-                if attempts > a.retries {
-                    bail!("stream refused {} times: {s}", attempts);
-                }
-                backoff(attempts, s.message(), bar).await;
-                continue;
-            }
-        };
-        let outcome = loop {
-            match responses.message().await {
-                Ok(Some(resp)) => {
-                    if in_flight.remove(&resp.id).is_some() {
-                        serde_json::to_writer(&mut *out, &resp)?;
-                        out.write_all(b"\n")?;
-                        out.flush()?;
-                        bar.inc(1);
-                        attempts = 0;
+    let mut resolve = tokio::time::interval(Duration::from_secs(a.resolve_every_s.max(1)));
+    let result = loop {
+        tokio::select! {
+            _ = resolve.tick() => {
+                for url in endpoints(&a.server).await {
+                    if lanes.get(&url).is_some_and(|h| !h.is_finished()) || given_up.contains(&url) {
+                        continue;
                     }
-                    if pending.is_empty() && in_flight.is_empty() {
-                        break Ok(());
-                    }
-                    fill(&mut in_flight, &mut pending);
-                    if pending.is_empty() && in_flight.is_empty() {
-                        break Ok(());
-                    }
+                    let lane = Lane {
+                        url: url.clone(),
+                        concurrency: a.concurrency,
+                        retries: a.retries,
+                        items: items.clone(),
+                        queue: queue.clone(),
+                        results: events_tx.clone(),
+                        tasks: a.tasks.clone(),
+                    };
+                    lanes.insert(url, tokio::spawn(lane.run()));
                 }
-                Ok(None) => break Err(Status::unavailable("stream ended early")),
-                Err(s) => break Err(s),
+                if lanes.is_empty() {
+                    break Err(anyhow::anyhow!("no server address: {:?} resolved to nothing", a.server));
+                }
             }
-        };
-        match outcome {
-            Ok(()) => break,
-            Err(s) => {
-                // A status naming an item the server rejects for good: record it, go on.
-                let bad = item_of(&s).filter(|id| in_flight.contains_key(id));
-                match (bad, permanent(s.code())) {
-                    (Some(id), true) => {
-                        in_flight.remove(&id);
-                        let line = serde_json::json!({"id": id, "error": {"code": s.code() as i32, "message": s.message()}});
-                        serde_json::to_writer(&mut *out, &line)?;
-                        out.write_all(b"\n")?;
-                        out.flush()?;
-                        bar.inc(1);
-                        failed += 1;
-                        attempts = 0;
+            Some(ev) = events.recv() => match ev {
+                LaneEvent::Answer(i, outcome) => {
+                    if !written.insert(i) {
+                        continue; // answered twice (a retry raced a late answer): once is kept
                     }
-                    _ => {
-                        attempts += 1;
-                        if attempts > a.retries {
-                            bail!("giving up after {} failed attempts: {s}", attempts);
+                    let item = &items[i];
+                    match outcome {
+                        Answered::Done(mut resp) => {
+                            resp.id = item.id.clone();
+                            serde_json::to_writer(&mut *out, &resp)?;
                         }
-                        backoff(attempts, s.message(), bar).await;
+                        Answered::Invalid { code, message } => {
+                            failed += 1;
+                            let line = ErrorLine { id: &item.id, error: ErrorBody { code, message: &message } };
+                            serde_json::to_writer(&mut *out, &line)?;
+                        }
+                    }
+                    out.write_all(b"\n")?;
+                    out.flush()?;
+                    bar.inc(1);
+                    outstanding -= 1;
+                    if outstanding == 0 {
+                        break Ok(failed);
                     }
                 }
-                // Everything unanswered goes back to the front of the queue.
-                let mut back: Vec<AnalyzeRequest> = in_flight.into_values().collect();
-                back.sort_by(|x, y| x.id.cmp(&y.id));
-                for r in back.into_iter().rev() {
-                    pending.push_front(r);
+                LaneEvent::Note(m) => bar.set_message(m),
+                LaneEvent::Fatal(e) => break Err(e),
+                LaneEvent::GaveUp { url, why } => {
+                    eprintln!("batch: giving up {url} after {} failed attempts: {why}", a.retries + 1);
+                    given_up.insert(url);
+                    if lanes.keys().all(|u| given_up.contains(u)) {
+                        break Err(anyhow::anyhow!(
+                            "every server failed {} times in a row (last: {why}): {}",
+                            a.retries + 1,
+                            given_up.iter().cloned().collect::<Vec<_>>().join(", ")
+                        ));
+                    }
+                }
+            },
+        }
+    };
+    for h in lanes.values() {
+        h.abort();
+    }
+    result
+}
+
+/// The endpoints `specs` stand for now: `dns:///name:port` (or `dns://name:port`) resolved
+/// to one `http://ip:port` per address, anything else as it is.
+async fn endpoints(specs: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let Some(rest) = spec.strip_prefix("dns:") else {
+            out.push(spec.clone());
+            continue;
+        };
+        let host = rest.trim_start_matches('/');
+        match tokio::net::lookup_host(host).await {
+            Ok(addrs) => {
+                let mut addrs: Vec<_> = addrs.collect();
+                addrs.sort();
+                addrs.dedup();
+                out.extend(addrs.into_iter().map(|a| format!("http://{a}")));
+            }
+            Err(e) => eprintln!("batch: cannot resolve {host}: {e}"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a status is about the server or the job (it will not pass by retrying) rather
+/// than one item or a passing fault.
+fn fatal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::FailedPrecondition
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::Unimplemented
+            | Code::InvalidArgument
+    )
+}
+
+impl Lane {
+    /// Streams work from the queue to this lane's server until nothing is left, reconnecting
+    /// with back-off; gives its unanswered items back whenever a stream fails.
+    async fn run(self) {
+        let mut attempts = 0u32;
+        loop {
+            if self.queue.pending.lock().map_or(true, |p| p.is_empty()) {
+                // Nothing to do now; items may come back from another server's failure.
+                let wake = self.queue.returned.notified();
+                tokio::select! {
+                    _ = wake => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            match self.stream().await {
+                Ok(progress) => {
+                    if progress {
+                        attempts = 0;
+                    }
+                }
+                Err(StreamError::Fatal(e)) => {
+                    let _ = self.results.send(LaneEvent::Fatal(e)).await;
+                    return;
+                }
+                Err(StreamError::Retry { why, progress }) => {
+                    if progress {
+                        attempts = 0;
+                    }
+                    attempts += 1;
+                    if attempts > self.retries {
+                        let _ = self
+                            .results
+                            .send(LaneEvent::GaveUp {
+                                url: self.url.clone(),
+                                why,
+                            })
+                            .await;
+                        return;
+                    }
+                    let wait = Duration::from_millis(200 * 2u64.pow(attempts.min(6)));
+                    let _ = self
+                        .results
+                        .send(LaneEvent::Note(format!(
+                            "{}: retry {attempts} in {wait:?}: {why}",
+                            self.url
+                        )))
+                        .await;
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
     }
-    Ok(failed)
+
+    async fn connect(&self) -> Result<TidingsClient<Channel>, StreamError> {
+        let endpoint = Endpoint::from_shared(self.url.clone())
+            .map_err(|e| StreamError::Fatal(anyhow::anyhow!("server URL {}: {e}", self.url)))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let channel = endpoint.connect().await.map_err(|e| StreamError::Retry {
+            why: format!("cannot connect: {e}"),
+            progress: false,
+        })?;
+        let mut client = TidingsClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        // A server that lacks a model the job needs is an error about the server: say so
+        // before sending anything.
+        let info = client
+            .get_info(GetInfoRequest {})
+            .await
+            .map_err(|s| classify(s, false))?
+            .into_inner();
+        for (task, name) in [(TaskArg::Topics, "topics"), (TaskArg::Entities, "entities")] {
+            let wanted = self.tasks.is_empty() || self.tasks.contains(&task);
+            if wanted && !info.models.iter().any(|m| m.task == name) {
+                return Err(StreamError::Fatal(anyhow::anyhow!(
+                    "{} has no {name} model loaded; ask only for what it has (--tasks {})",
+                    self.url,
+                    if name == "topics" {
+                        "entities"
+                    } else {
+                        "topics"
+                    }
+                )));
+            }
+        }
+        Ok(client)
+    }
+
+    /// One stream: sends queued items (at most `concurrency` unanswered), half-closes when
+    /// the queue is empty, and reports answers. Returns whether any item was answered.
+    async fn stream(&self) -> Result<bool, StreamError> {
+        let mut client = self.connect().await?;
+        let (tx, rx) = mpsc::channel::<AnalyzeRequest>(self.concurrency);
+        let mut tx = Some(tx);
+        let mut in_flight: HashMap<usize, ()> = HashMap::new();
+        let mut progress = false;
+        let fill = |tx: &mut Option<mpsc::Sender<AnalyzeRequest>>,
+                    in_flight: &mut HashMap<usize, ()>| {
+            while let Some(sender) = tx.as_ref() {
+                if in_flight.len() >= self.concurrency {
+                    break;
+                }
+                let Some(i) = self.queue.pop() else {
+                    // Nothing left to send: half-close, so the server knows the stream is
+                    // complete once it has answered.
+                    *tx = None;
+                    break;
+                };
+                if sender.try_send(self.items[i].request.clone()).is_err() {
+                    self.queue.give_back([i]);
+                    break;
+                }
+                in_flight.insert(i, ());
+            }
+        };
+        fill(&mut tx, &mut in_flight);
+        let mut responses = match client.analyze_stream_items(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                self.queue.give_back(in_flight.into_keys());
+                return Err(classify(s, false));
+            }
+        };
+        let outcome = loop {
+            match responses.message().await {
+                Ok(Some(item)) => {
+                    let (wire, outcome) = match item.outcome {
+                        Some(Outcome::Response(r)) => {
+                            (r.id.clone(), Ok(Answered::Done(Box::new(r))))
+                        }
+                        Some(Outcome::Error(e)) if e.code == Code::InvalidArgument as i32 => (
+                            e.id,
+                            Ok(Answered::Invalid {
+                                code: e.code,
+                                message: e.message,
+                            }),
+                        ),
+                        Some(Outcome::Error(e)) => (e.id, Err(e.message)),
+                        None => continue,
+                    };
+                    let Some(i) = wire.parse::<usize>().ok().filter(|&i| i < self.items.len())
+                    else {
+                        continue;
+                    };
+                    if in_flight.remove(&i).is_none() {
+                        continue;
+                    }
+                    match outcome {
+                        Ok(o) => {
+                            progress = true;
+                            if self.results.send(LaneEvent::Answer(i, o)).await.is_err() {
+                                return Ok(progress);
+                            }
+                        }
+                        Err(message) => {
+                            // Not the item's fault: it goes to the queue again.
+                            self.queue.give_back([i]);
+                            let _ = self
+                                .results
+                                .send(LaneEvent::Note(format!(
+                                    "{}: item retried: {message}",
+                                    self.url
+                                )))
+                                .await;
+                        }
+                    }
+                    fill(&mut tx, &mut in_flight);
+                    if tx.is_none() && in_flight.is_empty() {
+                        break Ok(());
+                    }
+                }
+                Ok(None) if in_flight.is_empty() => break Ok(()),
+                Ok(None) => {
+                    break Err(Status::unavailable(
+                        "the stream ended before every item was answered",
+                    ))
+                }
+                Err(s) => break Err(s),
+            }
+        };
+        // Whatever was not answered goes back for any server to take.
+        self.queue.give_back(in_flight.into_keys());
+        outcome
+            .map(|()| progress)
+            .map_err(|s| classify(s, progress))
+    }
 }
 
-fn permanent(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange
-    )
+/// Why a stream stopped.
+enum StreamError {
+    /// The job cannot go on.
+    Fatal(anyhow::Error),
+    /// Worth another attempt (after some items were answered on it, if `progress`).
+    Retry { why: String, progress: bool },
 }
 
-/// The item id a status names, from the `tidings-item-id` metadata the server sets.
-fn item_of(s: &Status) -> Option<String> {
-    s.metadata()
-        .get("tidings-item-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-async fn backoff(attempt: u32, why: &str, bar: &indicatif::ProgressBar) {
-    let wait = Duration::from_millis(200 * 2u64.pow(attempt.min(6)));
-    bar.set_message(format!("retry {attempt} in {wait:?}: {why}"));
-    tokio::time::sleep(wait).await;
+fn classify(s: Status, progress: bool) -> StreamError {
+    if fatal(s.code()) {
+        StreamError::Fatal(anyhow::anyhow!(
+            "the server refused the job: {:?}: {}",
+            s.code(),
+            s.message()
+        ))
+    } else {
+        StreamError::Retry {
+            why: format!("{:?}: {}", s.code(), s.message()),
+            progress,
+        }
+    }
 }

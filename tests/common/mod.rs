@@ -2,6 +2,8 @@
 //! ephemeral loopback port, and a real tonic client.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
