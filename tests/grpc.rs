@@ -464,16 +464,18 @@ async fn concurrent_clients_get_the_single_request_answer() {
 
 #[tokio::test]
 async fn a_full_queue_answers_resource_exhausted_and_recovers() {
-    // A queue that holds about one long article: concurrent long articles must overflow it.
+    // A queue that holds one long article and not two: concurrent long articles must
+    // overflow it.
+    let text = seed_article().repeat(3);
+    let cost = common::cost(&text);
     let srv = common::start(
         EngineConfig {
-            max_queue_tokens: 3000,
+            max_queue_tokens: cost * 3 / 2,
             max_wait: Duration::from_millis(20),
             ..EngineConfig::default()
         },
         ServerConfig::default(),
     );
-    let text = seed_article().repeat(3);
     let calls = (0..12).map(|i| {
         let text = text.clone();
         let srv = &srv;
@@ -492,11 +494,10 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
     assert!(ok > 0, "no call was served");
     assert_eq!(ok + exhausted, 12, "{results:?}");
     // An article larger than the whole queue is refused as too large, not left waiting.
+    let huge = seed_article().repeat(12);
+    assert!(common::cost(&huge) > cost * 3 / 2);
     let mut c = client(&srv).await;
-    let s = c
-        .analyze(request("huge", &seed_article().repeat(12)))
-        .await
-        .unwrap_err();
+    let s = c.analyze(request("huge", &huge)).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     common::assert_still_serving(&srv).await;
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tidings::api::{self, ServerConfig};
 use tidings::engine::{Engine, EngineConfig};
-use tidings::pipeline::analysis::Models;
+use tidings::pipeline::analysis::{Article, Models, Options};
 use tidings::pipeline::WindowSpec;
 use tidings::proto::tidings_client::TidingsClient;
 use tonic::transport::Channel;
@@ -58,6 +58,19 @@ pub fn models() -> Arc<Models> {
             )
         })
         .clone()
+}
+
+/// Tokens of model work that `text` costs the engine's queue (all tasks, no title).
+pub fn cost(text: &str) -> usize {
+    models()
+        .prepare(Article {
+            id: String::new(),
+            text: text.into(),
+            title: String::new(),
+            options: Options::default(),
+        })
+        .expect("tokenizing")
+        .cost()
 }
 
 /// A server running on its own thread and runtime, so it outlives each test's runtime.
