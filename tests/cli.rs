@@ -264,7 +264,7 @@ fn sigterm_drains_in_flight_calls_and_stops() {
     let port = free_port();
     let server = serve(port, &["--grace-s", "120", "--drain-delay-ms", "3000"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let long = common::seed_article().repeat(40);
+    let long = common::summit_article().repeat(40);
     let in_flight = rt.spawn(async move {
         let mut c = TidingsClient::connect(format!("http://127.0.0.1:{port}"))
             .await
@@ -321,9 +321,7 @@ fn analyze_prints_json_for_a_file() {
         .current_dir(common::root())
         .args([
             "analyze",
-            common::shared("examples/seed-article.txt")
-                .to_str()
-                .unwrap(),
+            common::fixture("summit-article.txt").to_str().unwrap(),
             "--top-k",
             "2",
         ])
@@ -336,6 +334,7 @@ fn analyze_prints_json_for_a_file() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(v["topics"].as_array().unwrap().len(), 2);
+    assert_eq!(v["topics"][0]["label"], "world", "{v}");
     assert!(v["entities"]
         .as_array()
         .unwrap()
