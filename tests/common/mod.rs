@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tidings::api::{self, ServerConfig};
 use tidings::engine::{Engine, EngineConfig};
-use tidings::pipeline::analysis::Models;
+use tidings::pipeline::analysis::{Article, Models, Options};
 use tidings::pipeline::WindowSpec;
 use tidings::proto::tidings_client::TidingsClient;
 use tonic::transport::Channel;
@@ -20,20 +20,18 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared/...` beside the repository.
-pub fn shared(path: &str) -> PathBuf {
-    root().join("..").join("shared").join(path)
+/// A file of `tests/fixtures/`. The fixtures are texts written for these tests, so that a
+/// clone of the repository alone runs the whole suite (nothing is read from `../shared`).
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
 }
 
-/// The seed article every user sends first.
-pub fn seed_article() -> String {
-    let p = shared("examples/seed-article.txt");
-    std::fs::read_to_string(&p).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; the seed article lives in ../shared/examples",
-            p.display()
-        )
-    })
+/// The golden article (`tests/fixtures/summit-article.txt`): a news report, written for these
+/// tests, of Kim Jong Un and Vladimir Putin meeting at the Vostochny Cosmodrome; about 450
+/// words, a few model windows. Tests that need a long text repeat it.
+pub fn summit_article() -> String {
+    let p = fixture("summit-article.txt");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// Loads the shipped models (models/ner, models/minilm, the news taxonomy), once per test
@@ -60,6 +58,19 @@ pub fn models() -> Arc<Models> {
             )
         })
         .clone()
+}
+
+/// Tokens of model work that `text` costs the engine's queue (all tasks, no title).
+pub fn cost(text: &str) -> usize {
+    models()
+        .prepare(Article {
+            id: String::new(),
+            text: text.into(),
+            title: String::new(),
+            options: Options::default(),
+        })
+        .expect("tokenizing")
+        .cost()
 }
 
 /// A server running on its own thread and runtime, so it outlives each test's runtime.
