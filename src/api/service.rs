@@ -281,8 +281,8 @@ impl TidingsService {
         let (tx, rx) = mpsc::channel::<Result<T, Status>>(STREAM_IN_FLIGHT);
         let (end_tx, end_rx) = oneshot::channel::<Status>();
         let svc = self.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
+        let started = Instant::now();
+        let body = tokio::spawn(async move {
             let caller = svc.engine.caller(Class::Batch);
             let mut draining = svc.draining.clone();
             let mut drain_open = true;
@@ -387,6 +387,17 @@ impl TidingsService {
                     },
                 }
             }
+            ending
+        });
+        // The final status, also when the task failed: a stream must never end with OK
+        // while answers are missing.
+        tokio::spawn(async move {
+            let ending = body.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a stream task failed");
+                Some(Status::internal(
+                    "the server failed while running this stream",
+                ))
+            });
             record(rpc, ending.as_ref().map_or(Code::Ok, |s| s.code()), started);
             if let Some(status) = ending {
                 let _ = end_tx.send(status);

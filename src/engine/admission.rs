@@ -42,6 +42,9 @@ pub(crate) struct Pools {
     batch: Arc<Semaphore>,
     /// Room in each pool.
     pub(crate) limit: usize,
+    /// Held while the gauges are read and set, so that an older reading never overwrites a
+    /// newer one (the batcher thread and the runtime's threads publish at once).
+    publishing: std::sync::Mutex<()>,
 }
 
 impl Pools {
@@ -51,6 +54,7 @@ impl Pools {
             interactive: Arc::new(Semaphore::new(limit)),
             batch: Arc::new(Semaphore::new(limit)),
             limit,
+            publishing: std::sync::Mutex::new(()),
         }
     }
 
@@ -74,6 +78,7 @@ impl Pools {
     /// Sets the `tidings_queue_tokens` gauge: called at every change, so that it reads 0
     /// when the server is idle.
     fn publish(&self) {
+        let _one_at_a_time = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         metrics::gauge!("tidings_queue_tokens").set(self.queued() as f64);
         for class in [Class::Interactive, Class::Batch] {
             metrics::gauge!("tidings_queue_tokens_by_class", "class" => class.name())
@@ -94,14 +99,15 @@ impl Pools {
             Class::Interactive => pool.try_acquire_many_owned(n).map_err(|e| match e {
                 TryAcquireError::Closed => EngineError::Stopped,
                 TryAcquireError::NoPermits => EngineError::QueueFull { limit: self.limit },
-            })?,
+            }),
             Class::Batch => pool
                 .acquire_many_owned(n)
                 .await
-                .map_err(|_| EngineError::Stopped)?,
+                .map_err(|_| EngineError::Stopped),
         };
+        // Also after a refusal: room a caller gave back before asking may have changed it.
         self.publish();
-        Ok(permit)
+        permit
     }
 }
 
@@ -186,6 +192,23 @@ impl Budget {
             }
         };
         Ok(self.reservation(permit))
+    }
+
+    /// Up to `n` tokens of room from what the request holds, without ever waiting or being
+    /// refused: for label texts, whose computation other requests may be waiting on (one
+    /// that waited for room while others held theirs waiting on it could deadlock the pool).
+    /// The admission estimate counted them, so the room is normally all there.
+    pub(crate) fn take_available(&self, n: usize) -> Reservation {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let part = match held.as_mut() {
+            Some(p) if p.num_permits() > n => p.split(n.max(1)),
+            _ => held.take(),
+        };
+        drop(held);
+        Reservation {
+            permit: part,
+            pools: self.pools.clone(),
+        }
     }
 
     fn reservation(&self, permit: OwnedSemaphorePermit) -> Reservation {
