@@ -59,7 +59,8 @@ pub struct BatchArgs {
     /// Topics to keep per article (0 = all).
     #[arg(long, default_value_t = 0)]
     top_k: u32,
-    /// Tasks to run (default: all the server has).
+    /// Tasks to run (default: topics and entities; the job stops before sending anything if
+    /// a server lacks a model for them).
     #[arg(long, value_enum, value_delimiter = ',')]
     tasks: Vec<TaskArg>,
     /// Seconds between resolutions of `dns:///` servers.
@@ -98,6 +99,13 @@ struct ErrorBody<'a> {
 /// The start every output line is written with; a torn last line is ours only if it has it.
 const LINE_START: &str = "{\"id\":";
 
+/// Whether an unfinished last line can be what a crash mid-write left of one of our lines:
+/// its start (however little of it), or zero bytes a lost write left behind.
+fn torn_tail(line: &[u8]) -> bool {
+    let start = LINE_START.as_bytes();
+    line.starts_with(start) || start.starts_with(line) || line.iter().all(|&b| b == 0)
+}
+
 /// Ids already in `output`, after checking it is ours: every complete line a JSON object with
 /// a string `id`. A torn last line (a crash mid-write) is cut off; anything else that does
 /// not parse is an error naming the line, and nothing is changed.
@@ -122,7 +130,7 @@ fn done_ids(output: &Path) -> Result<HashSet<String>> {
                 done.insert(id);
                 good_len += line.len();
             }
-            (_, false) if line.starts_with(LINE_START.as_bytes()) => {
+            (_, false) if torn_tail(line) => {
                 eprintln!(
                     "batch: cutting a torn line (line {}) off the end of {}",
                     i + 1,
@@ -162,6 +170,8 @@ struct Queue {
     pending: Mutex<VecDeque<usize>>,
     /// Wakes streams when items come back to `pending`.
     returned: Notify,
+    /// Failed attempts of items a server answered with an error that is not theirs.
+    failures: Mutex<HashMap<usize, u32>>,
 }
 
 impl Queue {
@@ -308,6 +318,7 @@ async fn drive(
     let queue = Arc::new(Queue {
         pending: Mutex::new((0..items.len()).collect()),
         returned: Notify::new(),
+        failures: Mutex::new(HashMap::new()),
     });
     let items = Arc::new(items);
     let (events_tx, mut events) = mpsc::channel::<LaneEvent>(1024);
@@ -439,10 +450,12 @@ impl Lane {
                 continue;
             }
             match self.stream().await {
-                Ok(progress) => {
-                    if progress {
-                        attempts = 0;
-                    }
+                Ok(true) => attempts = 0,
+                // A stream that ended with nothing answered: back off as after a failure.
+                Ok(false) => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempts.min(6))))
+                        .await;
                 }
                 Err(StreamError::Fatal(e)) => {
                     let _ = self.results.send(LaneEvent::Fatal(e)).await;
@@ -477,7 +490,9 @@ impl Lane {
         }
     }
 
-    async fn connect(&self) -> Result<TidingsClient<Channel>, StreamError> {
+    /// Connects, and checks the server has the models the job needs; returns the client and
+    /// the server's `max_text_chars`.
+    async fn connect(&self) -> Result<(TidingsClient<Channel>, usize), StreamError> {
         let endpoint = Endpoint::from_shared(self.url.clone())
             .map_err(|e| StreamError::Fatal(anyhow::anyhow!("server URL {}: {e}", self.url)))?
             .connect_timeout(Duration::from_secs(10))
@@ -512,19 +527,26 @@ impl Lane {
                 )));
             }
         }
-        Ok(client)
+        let max_chars = info
+            .limits
+            .map_or(usize::MAX, |l| l.max_text_chars as usize);
+        Ok((client, max_chars))
     }
 
     /// One stream: sends queued items (at most `concurrency` unanswered), half-closes when
     /// the queue is empty, and reports answers. Returns whether any item was answered.
     async fn stream(&self) -> Result<bool, StreamError> {
-        let mut client = self.connect().await?;
+        let (mut client, max_chars) = self.connect().await?;
         let (tx, rx) = mpsc::channel::<AnalyzeRequest>(self.concurrency);
         let mut tx = Some(tx);
         let mut in_flight: HashMap<usize, ()> = HashMap::new();
         let mut progress = false;
+        // Items over the server's text limit are answered here: sent, one could end the
+        // whole stream (a message over the size limit) instead of failing alone.
+        let mut refused: Vec<usize> = Vec::new();
         let fill = |tx: &mut Option<mpsc::Sender<AnalyzeRequest>>,
-                    in_flight: &mut HashMap<usize, ()>| {
+                    in_flight: &mut HashMap<usize, ()>,
+                    refused: &mut Vec<usize>| {
             while let Some(sender) = tx.as_ref() {
                 if in_flight.len() >= self.concurrency {
                     break;
@@ -535,6 +557,10 @@ impl Lane {
                     *tx = None;
                     break;
                 };
+                if self.items[i].request.text.chars().count() > max_chars {
+                    refused.push(i);
+                    continue;
+                }
                 if sender.try_send(self.items[i].request.clone()).is_err() {
                     self.queue.give_back([i]);
                     break;
@@ -542,7 +568,8 @@ impl Lane {
                 in_flight.insert(i, ());
             }
         };
-        fill(&mut tx, &mut in_flight);
+        fill(&mut tx, &mut in_flight, &mut refused);
+        progress |= self.refuse(&mut refused, max_chars).await;
         let mut responses = match client.analyze_stream_items(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
@@ -582,7 +609,26 @@ impl Lane {
                             }
                         }
                         Err(message) => {
-                            // Not the item's fault: it goes to the queue again.
+                            // Not the item's fault: it goes to the queue again, a bounded
+                            // number of times.
+                            let tries = {
+                                let mut f = self
+                                    .queue
+                                    .failures
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner());
+                                let n = f.entry(i).or_default();
+                                *n += 1;
+                                *n
+                            };
+                            if tries > self.retries {
+                                self.queue.give_back(in_flight.into_keys().chain([i]));
+                                return Err(StreamError::Fatal(anyhow::anyhow!(
+                                    "item {:?} failed {tries} times ({message}); stopping. \
+                                     Nothing was written for it: a later run retries it",
+                                    self.items[i].id
+                                )));
+                            }
                             self.queue.give_back([i]);
                             let _ = self
                                 .results
@@ -591,9 +637,11 @@ impl Lane {
                                     self.url
                                 )))
                                 .await;
+                            tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
                         }
                     }
-                    fill(&mut tx, &mut in_flight);
+                    fill(&mut tx, &mut in_flight, &mut refused);
+                    progress |= self.refuse(&mut refused, max_chars).await;
                     if tx.is_none() && in_flight.is_empty() {
                         break Ok(());
                     }
@@ -612,6 +660,26 @@ impl Lane {
         outcome
             .map(|()| progress)
             .map_err(|s| classify(s, progress))
+    }
+}
+
+impl Lane {
+    /// Answers `refused` items (over the server's text limit) as invalid, like the server.
+    /// Returns whether there were any.
+    async fn refuse(&self, refused: &mut Vec<usize>, max_chars: usize) -> bool {
+        let any = !refused.is_empty();
+        for i in refused.drain(..) {
+            let chars = self.items[i].request.text.chars().count();
+            let message = format!(
+                "text: has {chars} characters, more than the limit of {max_chars} (max_text_chars)"
+            );
+            let outcome = Answered::Invalid {
+                code: Code::InvalidArgument as i32,
+                message,
+            };
+            let _ = self.results.send(LaneEvent::Answer(i, outcome)).await;
+        }
+        any
     }
 }
 
