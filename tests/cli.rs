@@ -6,56 +6,11 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tidings::proto::tidings_client::TidingsClient;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tidings");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `tidings serve` on `port` and waits until it answers GetInfo.
-fn serve(port: u16, extra: &[&str]) -> Child {
-    common::models();
-    let mut child = Command::new(BIN)
-        .current_dir(common::root())
-        .args(["serve", "--addr", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn tidings serve");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let up = rt.block_on(async {
-            match TidingsClient::connect(format!("http://127.0.0.1:{port}")).await {
-                Ok(mut c) => c.get_info(tidings::proto::GetInfoRequest {}).await.is_ok(),
-                Err(_) => false,
-            }
-        });
-        if up {
-            return child;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("tidings serve exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn sigterm(child: &Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-}
+use common::process::{free_port, serve, sigterm, BIN};
 
 fn write_input(path: &Path, n: usize) {
     let mut lines = String::new();

@@ -50,15 +50,20 @@ async fn cancelled_calls_are_dropped_before_their_forward_pass() {
             })
         })
         .collect();
-    // Wait until all ten are queued (their tokens are admitted), then cancel them.
+    // Wait until all ten are queued (tokenized, and holding exactly their cost: admission
+    // holds an estimate until then), then cancel them.
     let t = std::time::Instant::now();
-    while engine.queued_tokens() < 10 * cost {
+    while engine.stats().articles_tokenized.load(Ordering::Relaxed) < 10
+        || engine.queued_tokens() != 10 * cost
+    {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "the calls never queued"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The last step, from holding room to the batcher's queue, takes microseconds.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     for c in &calls {
         c.abort();
     }
