@@ -175,6 +175,10 @@ pub struct LimitArgs {
     /// Milliseconds the batcher waits to fill a batch.
     #[arg(long, env = "TIDINGS_MAX_WAIT_MS", default_value_t = 2)]
     pub max_wait_ms: u64,
+    /// Share of model work that batch streams keep while unary calls also wait (0 to 1);
+    /// unary calls get the rest first. Higher favours batch throughput, lower unary latency.
+    #[arg(long, env = "TIDINGS_BATCH_SHARE", default_value_t = EngineConfig::default().batch_share)]
+    pub batch_share: f32,
 }
 
 impl LimitArgs {
@@ -196,6 +200,7 @@ impl LimitArgs {
                 max_batch_tokens: self.max_batch_tokens,
                 max_queue_tokens: self.max_queue_tokens,
                 max_wait: std::time::Duration::from_millis(self.max_wait_ms),
+                batch_share: self.batch_share.clamp(0.0, 1.0),
                 ..EngineConfig::default()
             },
         )

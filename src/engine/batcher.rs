@@ -131,6 +131,8 @@ impl Active {
 /// by at most its own cost's worth of time (no starvation).
 pub(crate) fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, stats: &EngineStats) {
     let mut active: Vec<Active> = Vec::new();
+    // Interactive tokens earned and not yet spent (see `plan_slice`).
+    let mut credit = 0usize;
     loop {
         if active.is_empty() {
             let Ok(first) = rx.recv() else { break };
@@ -160,7 +162,7 @@ pub(crate) fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, sta
                 .dropped_jobs
                 .fetch_add(dropped as u64, Ordering::Relaxed);
         }
-        let plan = plan_slice(&active, &cfg);
+        let plan = plan_slice(&active, &cfg, &mut credit);
         run_slice(&models, &mut active, &plan, &cfg, stats);
         // Answer the jobs that are complete.
         let (done, pending): (Vec<Active>, Vec<Active>) =
@@ -208,7 +210,7 @@ fn turn_order(active: &[Active]) -> Vec<usize> {
 
 /// Plans the next slice of at most `slice_tokens` tokens of rows.
 ///
-/// Interactive rows come first, up to `1 - batch_share` of the slice while batch work waits
+/// Interactive rows come first, up to `interactive_room` tokens while batch work waits
 /// (always at least one row); batch rows fill what is left; interactive rows then fill any
 /// room batch work left. No job takes more than half a slice, so a long article runs in
 /// parts between shorter work.
@@ -216,13 +218,13 @@ pub fn plan_slice_of(
     jobs: &[(Class, &[usize])],
     order: &[usize],
     slice_tokens: usize,
-    batch_share: f32,
+    interactive_room: usize,
 ) -> Vec<Take> {
     let batch_waits = jobs
         .iter()
         .any(|(c, lens)| *c == Class::Batch && !lens.is_empty());
     let interactive_room = if batch_waits {
-        (slice_tokens as f32 * (1.0 - batch_share.clamp(0.0, 1.0))) as usize
+        interactive_room
     } else {
         slice_tokens
     };
@@ -276,14 +278,41 @@ pub fn plan_slice_of(
 }
 
 /// [`plan_slice_of`] over the active jobs; the takes' rows are offsets into each job's rows.
-fn plan_slice(active: &[Active], cfg: &EngineConfig) -> Vec<Take> {
+///
+/// While batch work waits, interactive work earns `1 - batch_share` of every slice as
+/// credit and spends it on its rows (deficit round robin, credit capped at one full slice),
+/// so a few interactive calls arriving together run together instead of one per slice. While
+/// both classes wait, slices are half as long: an interactive call waits less for the slice
+/// already running, and batch work keeps its share.
+fn plan_slice(active: &[Active], cfg: &EngineConfig, credit: &mut usize) -> Vec<Take> {
+    let waits = |class| {
+        active
+            .iter()
+            .any(|a| a.job.caller.class == class && !a.pending().is_empty())
+    };
+    let (batch_waits, interactive_waits) = (waits(Class::Batch), waits(Class::Interactive));
+    let slice = if batch_waits && interactive_waits {
+        cfg.slice_tokens / 2
+    } else {
+        cfg.slice_tokens
+    };
+    if batch_waits {
+        let earned = (slice as f32 * (1.0 - cfg.batch_share.clamp(0.0, 1.0))) as usize;
+        *credit = (*credit + earned).min(cfg.slice_tokens);
+    }
     let jobs: Vec<(Class, &[usize])> = active
         .iter()
         .map(|a| (a.job.caller.class, a.pending()))
         .collect();
     let order = turn_order(active);
-    plan_slice_of(&jobs, &order, cfg.slice_tokens, cfg.batch_share)
-        .into_iter()
+    let plan = plan_slice_of(&jobs, &order, slice, *credit);
+    let spent: usize = plan
+        .iter()
+        .filter(|t| jobs[t.job].0 == Class::Interactive)
+        .map(|t| jobs[t.job].1[t.rows.clone()].iter().sum::<usize>())
+        .sum();
+    *credit = credit.saturating_sub(spent);
+    plan.into_iter()
         .map(|t| Take {
             job: t.job,
             rows: active[t.job].scheduled + t.rows.start..active[t.job].scheduled + t.rows.end,
