@@ -35,15 +35,11 @@ batch job is stopped on every exit path.
 import argparse
 import asyncio
 import collections
-import csv
 import json
 import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,8 +48,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import grpc  # noqa: E402
 
+from benchlib import (HarnessError, ag_news_texts, cpu_model, harness_main,  # noqa: E402
+                      log_tail, pct, peak_rss_mib, require_executable, stop_process,
+                      wait_ready)
 from protos import pb, pb_grpc  # noqa: E402
-from run import pct, peak_rss_mib, wait_ready  # noqa: E402
 
 # Goals of issue #9, "Isolation, as a capability".
 MAX_P99_RATIO = 3.0
@@ -61,28 +59,13 @@ MIN_BATCH_RATIO = 0.70
 JOBS = []  # batch jobs started, stopped on every exit path
 
 
-class HarnessError(Exception):
-    """The benchmark itself could not run as intended (not a missed goal)."""
-
-
 def load_texts(dev: Path) -> list[str]:
     if not dev.exists():
         raise HarnessError(f"{dev} not found (give --dev)")
-    with dev.open(newline="", encoding="utf-8") as f:
-        texts = [f"{r['title'].strip()}. {r['description'].strip()}" for r in csv.DictReader(f)]
+    texts = list(ag_news_texts(dev))
     if not texts:
         raise HarnessError(f"{dev} has no rows")
     return texts
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # ---------------------------------------------------------------------------------- unary load
@@ -171,10 +154,7 @@ class BatchJob:
                                f"lines); log {self.log}:\n{self.log_tail()}")
 
     def log_tail(self, n=15):
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log, n)
 
     async def warm_up(self, warmup, startup_timeout):
         """Waits for the first result line, then `warmup` more seconds."""
@@ -189,14 +169,7 @@ class BatchJob:
         self.check_alive("during warm-up")
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 5)
 
 
 def write_batch_input(path: Path, texts, rows):
@@ -221,8 +194,7 @@ async def batch_window(job, seconds):
 
 async def amain(args, tmp: Path):
     texts = load_texts(Path(args.dev))
-    if not (os.path.isfile(args.tidings_bin) and os.access(args.tidings_bin, os.X_OK)):
-        raise HarnessError(f"{args.tidings_bin} is not an executable (give --tidings-bin)")
+    require_executable(args.tidings_bin)
     if args.pid and not Path(f"/proc/{args.pid}").exists():
         raise HarnessError(f"no process {args.pid} (--pid)")
     rows = args.batch_rows or max(4000, math.ceil(500 * (args.warmup + args.seconds + 60)))
@@ -373,31 +345,19 @@ def main():
             or args.batch_concurrency < 1:
         ap.error("--seconds > 0, --warmup >= 0, concurrencies >= 1")
 
-    # Ctrl-C even when started in the background by a script (which ignores SIGINT there);
-    # SIGTERM unwinds the same way. Either way the batch job is stopped.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tmp = Path(tempfile.mkdtemp(prefix="tidings-isolation."))
-    keep = args.keep_temp
-    try:
+    def body(tmp):
         res = asyncio.run(amain(args, tmp))
         report(res)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
-    except HarnessError as e:
-        keep = True
-        print(f"isolation: harness failure: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("isolation: interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
+
+    def stop_jobs(_tmp):
         for job in JOBS:
             job.stop()
-        if keep:
-            print(f"isolation: temp files in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    # Exit 2 on a harness failure, 130 on Ctrl-C, 143 on SIGTERM; the batch job is stopped on
+    # every exit path.
+    harness_main("isolation", "tidings-isolation.", args.keep_temp, body, stop_jobs)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,6 @@ Ctrl-C. Every replica it started is stopped on every exit path.
 import argparse
 import asyncio
 import collections
-import csv
 import json
 import os
 import re
@@ -92,7 +91,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,8 +99,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import grpc  # noqa: E402
 
+from benchlib import (HarnessError, ag_news_texts, cpu_model, harness_main,  # noqa: E402
+                      log_tail, pct, require_executable, stop_process)
 from protos import pb, pb_grpc  # noqa: E402
-from run import pct  # noqa: E402
 
 SERVICE = "tidings.v1.Tidings"
 REPLICAS = []  # every Replica started, stopped on every exit path
@@ -122,32 +121,16 @@ SENTENCES = [
 ]
 
 
-class HarnessError(Exception):
-    """The measurement itself could not run as intended (not a missed goal)."""
-
-
 def log(msg):
     print(f"rolling_restart: {msg}", file=sys.stderr, flush=True)
 
 
 def load_texts(dev: Path):
     if dev.exists():
-        with dev.open(newline="", encoding="utf-8") as f:
-            texts = [f"{r['title'].strip()}. {r['description'].strip()}"
-                     for r in csv.DictReader(f)]
+        texts = list(ag_news_texts(dev))
         if texts:
             return texts, f"{dev} ({len(texts)} rows)"
     return list(SENTENCES), f"{len(SENTENCES)} built-in sentences ({dev} not found)"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def free_ports(n):
@@ -281,10 +264,7 @@ class Replica:
         return time.perf_counter()
 
     def log_tail(self, n=15):
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log, n)
 
     async def wait_serving(self, timeout):
         """Polls health Check (service "tidings.v1.Tidings") until SERVING."""
@@ -322,14 +302,7 @@ class Replica:
         return got
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 3)
 
 
 async def metrics_poller(replicas, interval, stop):
@@ -634,36 +607,24 @@ def main():
             or args.tail < 0 or args.max_attempts < 1:
         ap.error("--replicas >= 2, --concurrency >= 1, --max-attempts >= 1, times >= 0")
 
-    # Ctrl-C even when started in the background by a script (which ignores SIGINT there);
-    # SIGTERM unwinds the same way. Either way every replica is stopped.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tmp = Path(tempfile.mkdtemp(prefix="tidings-rolling."))
-    keep = args.keep_temp
-    try:
-        if not (os.path.isfile(args.tidings_bin) and os.access(args.tidings_bin, os.X_OK)):
-            raise HarnessError(f"{args.tidings_bin} is not an executable (give --tidings-bin)")
+    def body(tmp):
+        require_executable(args.tidings_bin)
         args.bin_copy = str(tmp / "tidings")
         shutil.copy2(args.tidings_bin, args.bin_copy)
         res = asyncio.run(amain(args, tmp))
         report(res, args)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
-    except HarnessError as e:
-        keep = True
-        print(f"rolling_restart: harness failure: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("rolling_restart: interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
+
+    def stop_replicas(tmp):
         for r in REPLICAS:
             r.stop()
         Path(tmp / "tidings").unlink(missing_ok=True)
-        if keep:
-            print(f"rolling_restart: temp files (server logs) in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    # Exit 2 on a harness failure, 130 on Ctrl-C, 143 on SIGTERM; every replica is stopped on
+    # every exit path.
+    harness_main("rolling_restart", "tidings-rolling.", args.keep_temp, body, stop_replicas,
+                 kept="temp files (server logs)")
 
 
 if __name__ == "__main__":

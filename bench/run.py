@@ -15,7 +15,6 @@ of response.reading.tokens / wall time), p50/p95/p99 latency in ms, and the serv
 """
 import argparse
 import asyncio
-import csv
 import json
 import sys
 import time
@@ -26,56 +25,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import grpc  # noqa: E402
 
+from benchlib import load_articles, pct, peak_rss_mib, wait_ready  # noqa: E402
 from protos import pb, pb_grpc  # noqa: E402
-
-
-def load_articles(seed: Path, dev: Path, n: int) -> list[str]:
-    out = [seed.read_text().strip()] if seed.exists() else []
-    with dev.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if len(out) >= n:
-                break
-            out.append(f"{row['title'].strip()}. {row['description'].strip()}")
-    return out
-
-
-def status_mib(pid, key):
-    """A memory figure of /proc/PID/status (e.g. VmHWM, VmRSS) in MiB, or None."""
-    if not pid:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss_mib(pid):
-    return status_mib(pid, "VmHWM")
-
-
-def pct(sorted_vals, q):
-    if not sorted_vals:
-        return float("nan")
-    return sorted_vals[min(len(sorted_vals) - 1, int(q / 100 * len(sorted_vals)))]
-
-
-async def wait_ready(addr: str, pid, timeout: float) -> None:
-    """Polls GetInfo until it answers; gives up at the deadline or when `pid` has exited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            async with grpc.aio.insecure_channel(addr) as ch:
-                await pb_grpc.TidingsStub(ch).GetInfo(pb.GetInfoRequest(), timeout=5)
-                return
-        except grpc.aio.AioRpcError:
-            if pid and not Path(f"/proc/{pid}").exists():
-                raise SystemExit(f"the server for {addr} (pid {pid}) exited; see its log")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{addr} not ready after {timeout:.0f}s")
-            await asyncio.sleep(0.5)
 
 
 async def drive(stub, articles, conc, n_requests, seconds, timeout):

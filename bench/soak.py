@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import grpc  # noqa: E402
 
+from benchlib import load_articles, pct, status_mib, wait_ready  # noqa: E402
 from protos import pb, pb_grpc  # noqa: E402
-from run import load_articles, pct, status_mib, wait_ready  # noqa: E402
 
 Code = grpc.StatusCode
 # What each kind of call may end with. RESOURCE_EXHAUSTED is the documented answer of a full
