@@ -151,14 +151,7 @@ async fn streams_that_misbehave_do_not_hurt_the_server() {
     // (back-pressure) instead of buffering without bound. The client's HTTP/2 receive
     // window is kept small, so that the unread answers fill it after a few dozen articles
     // rather than megabytes of them.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", srv.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(65_535))
-        .initial_connection_window_size(Some(65_535))
-        .connect()
-        .await
-        .unwrap();
-    let mut c = proto::tidings_client::TidingsClient::new(channel);
+    let mut c = common::small_window_client(srv).await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let long = common::summit_article();
     let sender = tokio::spawn(async move {

@@ -24,19 +24,15 @@ fn name_dense(i: usize) -> String {
     )
 }
 
-/// A client whose HTTP/2 receive windows are small, so that answers it does not read stop
-/// the server's sending after a few dozen of them.
-async fn small_window_client(
-    srv: &TestServer,
-) -> proto::tidings_client::TidingsClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", srv.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(65_535))
-        .initial_connection_window_size(Some(65_535))
-        .connect()
-        .await
-        .unwrap();
-    proto::tidings_client::TidingsClient::new(channel)
+/// A server whose queue holds 4096 tokens: a stream's 32 items in flight can fill it.
+fn small_queue_server() -> TestServer {
+    common::start(
+        EngineConfig {
+            max_queue_tokens: 4096,
+            ..EngineConfig::default()
+        },
+        ServerConfig::default(),
+    )
 }
 
 /// Opens a stream that sends `article(i)` requests (each with fresh labels when `labels`)
@@ -50,7 +46,7 @@ async fn stalled_stream(
     tokio::sync::mpsc::Sender<proto::AnalyzeRequest>,
     usize,
 ) {
-    let mut c = small_window_client(srv).await;
+    let mut c = common::small_window_client(srv).await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let stream = c.analyze_stream(ReceiverStream::new(rx)).await.unwrap();
     let mut sent = 0;
@@ -80,13 +76,7 @@ async fn stalled_stream(
 /// go on being answered while it stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_client_stops_reading_hurts_no_other_caller() {
-    let srv = common::start(
-        EngineConfig {
-            max_queue_tokens: 4096,
-            ..EngineConfig::default()
-        },
-        ServerConfig::default(),
-    );
+    let srv = small_queue_server();
     let (_stream, _tx, sent) = stalled_stream(&srv, true).await;
     eprintln!("the stalled stream got {sent} requests in before the server stopped reading");
     let mut c = client(&srv).await;
@@ -159,13 +149,7 @@ async fn label_cache_eviction_never_fails_a_request() {
 /// first, so unary calls only saw RESOURCE_EXHAUSTED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_backlog_never_makes_unary_calls_resource_exhausted() {
-    let srv = common::start(
-        EngineConfig {
-            max_queue_tokens: 4096,
-            ..EngineConfig::default()
-        },
-        ServerConfig::default(),
-    );
+    let srv = small_queue_server();
     let mut c = client(&srv).await;
     // 32 items in flight (the stream's limit) need more than the queue holds.
     let reqs: Vec<_> = (0..150)

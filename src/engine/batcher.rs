@@ -471,7 +471,7 @@ mod tests {
     fn slices_fill_their_budget_and_hold_at_least_one_row() {
         use Class::{Batch, Interactive};
         let plan =
-            |jobs: &[(Class, &[usize])], order: &[usize]| plan_slice_of(jobs, order, 1024, 0.75);
+            |jobs: &[(Class, &[usize])], order: &[usize]| plan_slice_of(jobs, order, 1024, 256);
         // Alone, one class gets the whole slice, no job more than half of it.
         let a: &[usize] = &[60, 70, 90, 900];
         let b: &[usize] = &[300, 300, 300];

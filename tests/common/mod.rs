@@ -132,6 +132,19 @@ pub async fn client(server: &TestServer) -> TidingsClient<Channel> {
         .max_encoding_message_size(64 << 20)
 }
 
+/// A client whose HTTP/2 receive windows are small, so that answers it does not read stop
+/// the server's sending after a few dozen of them rather than megabytes.
+pub async fn small_window_client(server: &TestServer) -> TidingsClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    TidingsClient::new(channel)
+}
+
 /// A topic label with only a name.
 pub fn label(name: impl Into<String>) -> tidings::proto::TopicLabel {
     tidings::proto::TopicLabel {
