@@ -30,6 +30,16 @@ fn write_jsonl(path: &Path, items: &[(&str, &str)]) {
     std::fs::write(path, s).unwrap();
 }
 
+/// The output's values, once `out` (a batch run) has succeeded.
+fn succeeded(out: &Output, output: &Path) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    output_values(output)
+}
+
 fn output_values(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -110,12 +120,7 @@ fn errors_about_the_server_stop_the_job_instead_of_failing_items() {
     );
     let out = batch(&input, &output, &url, &["--tasks", "entities"]);
     stop(server);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let values = output_values(&output);
+    let values = succeeded(&out, &output);
     assert_eq!(values.len(), 20);
     assert!(values
         .iter()
@@ -161,12 +166,7 @@ fn any_id_goes_through_and_a_bad_item_is_answered_under_its_id() {
         &["--retries", "2"],
     );
     stop(server);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let values = output_values(&output);
+    let values = succeeded(&out, &output);
     let mut got: Vec<&str> = values.iter().map(|v| v["id"].as_str().unwrap()).collect();
     got.sort();
     let mut want = ids.to_vec();

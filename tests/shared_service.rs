@@ -35,6 +35,19 @@ fn small_queue_server() -> TestServer {
     )
 }
 
+/// Every answer of a stream `request`, up to and including its final status.
+async fn answers(
+    c: &mut proto::tidings_client::TidingsClient<tonic::transport::Channel>,
+    request: impl tonic::IntoStreamingRequest<Message = proto::AnalyzeRequest>,
+) -> Vec<Result<proto::AnalyzeResponse, tonic::Status>> {
+    c.analyze_stream(request)
+        .await
+        .expect("stream accepted")
+        .into_inner()
+        .collect()
+        .await
+}
+
 /// Opens a stream that sends `article(i)` requests (each with fresh labels when `labels`)
 /// and never reads an answer. Returns once the server has stopped reading (3 s without a
 /// send going through), with what keeps the stream open.
@@ -100,13 +113,7 @@ async fn a_stream_whose_client_stops_reading_hurts_no_other_caller() {
         .collect();
     let mut r = tonic::Request::new(futures::stream::iter(reqs));
     r.set_timeout(Duration::from_secs(20));
-    let out: Vec<_> = c
-        .analyze_stream(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
+    let out = answers(&mut c, r).await;
     assert_eq!(out.len(), 4, "{out:?}");
     assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
 }
@@ -194,26 +201,14 @@ async fn an_overlong_grpc_timeout_is_ignored_not_a_panic() {
     )]));
     r.metadata_mut()
         .insert("grpc-timeout", "9999999999999999999H".parse().unwrap());
-    let out: Vec<_> = c
-        .analyze_stream(r)
-        .await
-        .expect("stream accepted")
-        .into_inner()
-        .collect()
-        .await;
+    let out = answers(&mut c, r).await;
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(out[0].as_ref().expect("answered").id, "t1");
     // The longest valid value (8 digits of hours) is a deadline far away, not an overflow.
     let mut r = tonic::Request::new(futures::stream::iter(vec![request("t2", "Paris.")]));
     r.metadata_mut()
         .insert("grpc-timeout", "99999999H".parse().unwrap());
-    let out: Vec<_> = c
-        .analyze_stream(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
+    let out = answers(&mut c, r).await;
     assert!(out[0].is_ok(), "{out:?}");
 }
 
@@ -291,13 +286,7 @@ async fn an_oversized_message_is_resource_exhausted_naming_the_limit() {
     let s = c.analyze(request("big", &big)).await.unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("65536"), "{s:?}");
-    let out: Vec<_> = c
-        .analyze_stream(futures::stream::iter(vec![request("big", &big)]))
-        .await
-        .map(|r| r.into_inner())
-        .unwrap()
-        .collect()
-        .await;
+    let out = answers(&mut c, futures::stream::iter(vec![request("big", &big)])).await;
     let s = out.last().unwrap().as_ref().unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     common::assert_still_serving(&srv).await;
