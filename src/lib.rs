@@ -8,6 +8,7 @@
 //! # Layout
 //! The layers call only downwards:
 //! - [`api`] — tonic services, protobuf <-> domain types, status mapping, health, reflection.
+//! - [`http`] — the HTTP/JSON API, its OpenAPI document and the page, on the same service.
 //! - [`engine`] — the bounded queue and the dynamic batcher thread that runs the models.
 //! - [`pipeline`] — text -> pieces -> windows -> rows; model outputs -> entities and topics.
 //! - [`model`] — HF-format model directories, the BERT-family encoder and its heads.
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod http;
 pub mod model;
 pub mod pipeline;
 pub mod train;
@@ -24,6 +26,7 @@ pub mod train;
 pub mod proto {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("tidings.v1");
+    include!(concat!(env!("OUT_DIR"), "/tidings.v1.serde.rs"));
 
     /// Encoded file descriptor set, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -43,6 +43,29 @@ async fn tls_channel(
         .await
 }
 
+/// POSTs a small article to the HTTP API at `https://localhost:port` trusting `ca`, with an
+/// optional client identity (cert + key PEM): the HTTP status, or `None` when no answer came.
+async fn https_analyze(port: u16, ca: &str, identity: Option<(&str, &str)>) -> Option<u16> {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .resolve("localhost", ([127, 0, 0, 1], port).into())
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some((cert, key)) = identity {
+        b = b.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+    }
+    let r = b
+        .build()
+        .unwrap()
+        .post(format!("https://localhost:{port}/v1/analyze"))
+        .json(&serde_json::json!({"text": "Paris is in France."}))
+        .send()
+        .await
+        .ok()?;
+    Some(r.status().as_u16())
+}
+
 #[tokio::test]
 async fn tls_serves_tls_clients_only() {
     let (ca, cert, key) = pki("localhost");
@@ -88,6 +111,20 @@ async fn tls_serves_tls_clients_only() {
         Err(_) => false,
     };
     assert!(!untrusted);
+    // The HTTP API serves TLS with the same certificate, and nothing in plain text.
+    let http_port = srv.http.port();
+    assert_eq!(https_analyze(http_port, &ca, None).await, Some(200));
+    assert_eq!(https_analyze(http_port, &other_ca, None).await, None);
+    let plain = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{http_port}/v1/analyze"))
+        .json(&serde_json::json!({"text": "Paris."}))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await;
+    assert!(
+        plain.is_err(),
+        "plain HTTP answered on a TLS port: {plain:?}"
+    );
 }
 
 #[tokio::test]
@@ -131,6 +168,17 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         Err(_) => false,
     };
     assert!(!stranger, "a certificate from another CA must be refused");
+    // The HTTP API requires the client certificate too.
+    let http_port = srv.http.port();
+    assert_eq!(
+        https_analyze(http_port, &server_ca, Some((&client_cert, &client_key))).await,
+        Some(200)
+    );
+    assert_eq!(https_analyze(http_port, &server_ca, None).await, None);
+    assert_eq!(
+        https_analyze(http_port, &server_ca, Some((&stranger_cert, &stranger_key))).await,
+        None
+    );
 }
 
 #[tokio::test]
@@ -166,4 +214,54 @@ async fn bearer_token_is_required_when_set() {
         })
         .await;
     assert!(h.is_ok());
+    // The same token on HTTP: 401 with WWW-Authenticate without it or with a wrong one;
+    // liveness, readiness, the page and the OpenAPI document stay open.
+    let url = format!("{}/v1/analyze", common::http_url(&srv));
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"text": "Oslo."});
+    for auth in [
+        None,
+        Some("Bearer correct hors"),
+        Some("Basic correct horse"),
+    ] {
+        let mut r = http.post(&url).json(&body);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{auth:?}");
+        assert!(r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"));
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["status"], "UNAUTHENTICATED");
+    }
+    let r = http
+        .post(&url)
+        .header("authorization", "bearer correct horse")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let info = format!("{}/v1/info", common::http_url(&srv));
+    assert_eq!(http.get(&info).send().await.unwrap().status(), 401);
+    for open in ["/healthz", "/readyz", "/openapi.json", "/"] {
+        let r = http
+            .get(format!("{}{open}", common::http_url(&srv)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{open}");
+    }
+    // Streams too.
+    let r = http
+        .post(format!("{}/v1/analyze:stream", common::http_url(&srv)))
+        .header("content-type", "application/x-ndjson")
+        .body("{\"id\":\"s\",\"text\":\"Oslo.\"}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }

@@ -1,5 +1,6 @@
 //! The edge: the gRPC server with the Tidings service, grpc.health.v1, server reflection,
-//! message-size and concurrency limits, and graceful shutdown.
+//! message-size and concurrency limits, and graceful shutdown; the HTTP/JSON listener
+//! ([`crate::http`]) runs beside it on the same service.
 //!
 //! - [`auth`] — the optional bearer-token check.
 //! - [`convert`] — protobuf <-> domain types, validation, status mapping.
@@ -99,6 +100,19 @@ pub async fn serve(
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with_http(listener, None, engine, cfg, shutdown).await
+}
+
+/// [`serve`], and the HTTP/JSON API with its page on `http` when given: the same service,
+/// token and TLS. On shutdown `/readyz` turns 503 when health turns NOT_SERVING, and both
+/// listeners close together.
+pub async fn serve_with_http(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    engine: Engine,
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TidingsServer<TidingsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -108,21 +122,40 @@ pub async fn serve(
     // `true` once shutdown has begun: health flips first, then the listener closes and
     // streams wind down.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // `false` from the shutdown signal on: HTTP's /readyz turns 503 with gRPC health.
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(true);
+    let tidings = TidingsService::new(
+        engine,
+        ServiceConfig {
+            limits: cfg.limits.clone(),
+            request_timeout: cfg.request_timeout,
+            stream_idle: cfg.stream_idle,
+            max_message_bytes: cfg.max_message_bytes,
+        },
+        stop_rx.clone(),
+    );
+    let auth = auth::BearerAuth::new(cfg.auth_token.clone());
+    let http_task = match http {
+        Some(l) => {
+            let router = crate::http::router(crate::http::HttpState::new(
+                tidings.clone(),
+                auth.clone(),
+                cfg.max_message_bytes,
+                ready_rx,
+            ));
+            let (tls, stop, grace) = (cfg.tls.clone(), stop_rx.clone(), cfg.grace);
+            Some(tokio::spawn(async move {
+                crate::http::serve(l, router, tls.as_ref(), stop, grace).await
+            }))
+        }
+        None => None,
+    };
     let service = tonic::service::interceptor::InterceptedService::new(
-        TidingsServer::new(TidingsService::new(
-            engine,
-            ServiceConfig {
-                limits: cfg.limits.clone(),
-                request_timeout: cfg.request_timeout,
-                stream_idle: cfg.stream_idle,
-                max_message_bytes: cfg.max_message_bytes,
-            },
-            stop_rx.clone(),
-        ))
-        .max_decoding_message_size(cfg.max_message_bytes)
-        .max_encoding_message_size(cfg.max_message_bytes),
+        TidingsServer::new(tidings)
+            .max_decoding_message_size(cfg.max_message_bytes)
+            .max_encoding_message_size(cfg.max_message_bytes),
         {
-            let mut auth = auth::BearerAuth::new(cfg.auth_token.clone());
+            let mut auth = auth;
             move |mut req: tonic::Request<()>| {
                 service::stamp_arrival(&mut req);
                 tonic::service::Interceptor::call(&mut auth, req)
@@ -136,6 +169,7 @@ pub async fn serve(
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
+        let _ = ready_tx.send(false);
         health
             .set_not_serving::<TidingsServer<TidingsService>>()
             .await;
@@ -185,6 +219,11 @@ pub async fn serve(
         } => {
             tracing::warn!(?grace, "grace period over: closing remaining calls");
         }
+    }
+    // The HTTP listener drains on the same signal and bounds itself by the same grace.
+    if let Some(t) = http_task {
+        t.await
+            .map_err(|e| anyhow::anyhow!("the HTTP server failed: {e}"))??;
     }
     Ok(())
 }

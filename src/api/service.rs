@@ -232,7 +232,12 @@ fn with_id(status: Status, id: &str) -> Status {
 /// The client's deadline from the `grpc-timeout` header (`<at most 8 digits><H|M|S|m|u|n>`,
 /// as gRPC's HTTP/2 protocol defines it). A malformed value is ignored, as tonic does.
 fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` value (`<at most 8 digits><H|M|S|m|u|n>`) as a duration; `None` when
+/// malformed.
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     if num.is_empty() || num.len() > 8 {
         return None;
@@ -251,7 +256,8 @@ fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 type AnalyzeStreamOut =
     Pin<Box<dyn Stream<Item = Result<proto::AnalyzeResponse, Status>> + Send + 'static>>;
-type AnalyzeStreamItemsOut =
+/// The answers of [`TidingsService::stream_items`].
+pub type AnalyzeStreamItemsOut =
     Pin<Box<dyn Stream<Item = Result<proto::AnalyzeBatchItem, Status>> + Send + 'static>>;
 
 /// How a stream RPC answers one request: `Ok` to send, or `Err` with the status that ends
@@ -272,12 +278,11 @@ impl TidingsService {
     fn run_stream<T: Send + 'static>(
         &self,
         rpc: &'static str,
-        request: Request<Streaming<proto::AnalyzeRequest>>,
+        timeout: Option<Duration>,
+        mut input: impl Stream<Item = Result<Incoming, Status>> + Send + Unpin + 'static,
         answer: Answer<T>,
     ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>> {
-        let deadline = grpc_timeout(request.metadata())
-            .and_then(|d| tokio::time::Instant::now().checked_add(d));
-        let mut input = request.into_inner();
+        let deadline = timeout.and_then(|d| tokio::time::Instant::now().checked_add(d));
         let (tx, rx) = mpsc::channel::<Result<T, Status>>(STREAM_IN_FLIGHT);
         let (end_tx, end_rx) = oneshot::channel::<Status>();
         let svc = self.clone();
@@ -340,22 +345,27 @@ impl TidingsService {
                         // The server itself is busy with this stream's work.
                         progress = tokio::time::Instant::now();
                     }
-                    msg = input.message(), if reading && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
+                    msg = input.next(), if reading && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
                         progress = tokio::time::Instant::now();
                         match msg {
-                            Ok(Some(req)) => {
+                            Some(Ok(incoming)) => {
                                 let svc = svc.clone();
                                 in_flight.push(async move {
-                                    let id = req.id.clone();
-                                    // Streams wait for queue room instead of failing.
-                                    (svc.analyze_one(req, caller).await, id)
+                                    match incoming {
+                                        // Streams wait for queue room instead of failing.
+                                        Incoming::Request(req) => {
+                                            let id = req.id.clone();
+                                            (svc.analyze_one(req, caller).await, id)
+                                        }
+                                        Incoming::Invalid { id, status } => (Err(status), id),
+                                    }
                                 });
                             }
-                            Ok(None) => {
+                            None => {
                                 input_done = true;
                                 reading = false;
                             }
-                            Err(status) => {
+                            Some(Err(status)) => {
                                 reading = false;
                                 ending.get_or_insert(message_size_status(
                                     status,
@@ -408,6 +418,36 @@ impl TidingsService {
     }
 }
 
+/// One request read from a stream: a request to analyze, or one that could not be read and
+/// is answered with its error in its place (a malformed line of an NDJSON stream).
+pub enum Incoming {
+    /// A request to analyze.
+    Request(proto::AnalyzeRequest),
+    /// A request that could not be read: `status` is its answer, under `id` (may be empty).
+    Invalid {
+        /// The id the answer carries.
+        id: String,
+        /// Why it could not be read.
+        status: Status,
+    },
+}
+
+impl TidingsService {
+    /// AnalyzeStreamItems over any stream of requests (gRPC, or HTTP's NDJSON lines): each
+    /// request is answered by an item, a stream-level `Err` ends the stream after the answers.
+    /// `timeout` bounds the whole stream.
+    pub fn stream_items(
+        &self,
+        timeout: Option<Duration>,
+        input: impl Stream<Item = Result<Incoming, Status>> + Send + Unpin + 'static,
+    ) -> AnalyzeStreamItemsOut {
+        self.run_stream("AnalyzeStreamItems", timeout, input, |res, id| match res {
+            Err(s) if ends_the_stream(s.code()) => Err(s),
+            res => Ok(batch_item(res, id)),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl Tidings for TidingsService {
     async fn analyze(
@@ -434,9 +474,12 @@ impl Tidings for TidingsService {
         &self,
         request: Request<Streaming<proto::AnalyzeRequest>>,
     ) -> Result<Response<Self::AnalyzeStreamStream>, Status> {
+        let timeout = grpc_timeout(request.metadata());
+        let input = request.into_inner().map(|r| r.map(Incoming::Request));
         Ok(Response::new(self.run_stream(
             "AnalyzeStream",
-            request,
+            timeout,
+            input,
             |res, id| res.map_err(|s| with_id(s, &id)),
         )))
     }
@@ -447,14 +490,9 @@ impl Tidings for TidingsService {
         &self,
         request: Request<Streaming<proto::AnalyzeRequest>>,
     ) -> Result<Response<Self::AnalyzeStreamItemsStream>, Status> {
-        Ok(Response::new(self.run_stream(
-            "AnalyzeStreamItems",
-            request,
-            |res, id| match res {
-                Err(s) if ends_the_stream(s.code()) => Err(s),
-                res => Ok(batch_item(res, id)),
-            },
-        )))
+        let timeout = grpc_timeout(request.metadata());
+        let input = request.into_inner().map(|r| r.map(Incoming::Request));
+        Ok(Response::new(self.stream_items(timeout, input)))
     }
 
     async fn get_info(

@@ -1,4 +1,5 @@
-//! `tidings serve`: load the models, start the engine and the gRPC server.
+//! `tidings serve`: load the models, start the engine, the gRPC server and (with
+//! `--http-addr`) the HTTP/JSON API.
 
 use super::{LimitArgs, ModelArgs};
 use anyhow::{Context, Result};
@@ -18,6 +19,10 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "TIDINGS_ADDR", default_value = "127.0.0.1:50051")]
     addr: SocketAddr,
+    /// Also serve the HTTP/JSON API, /openapi.json and the page on this address (e.g.
+    /// 127.0.0.1:8080), with the same limits, token and TLS as gRPC; off when unset.
+    #[arg(long, env = "TIDINGS_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9090); off when unset.
     #[arg(long, env = "TIDINGS_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -96,6 +101,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     rt.block_on(async move {
         // Bind first: a port in use fails before minutes of model loading.
         let listener = api::bind(a.addr).await?;
+        let http = match a.http_addr {
+            Some(h) => Some(api::bind(h).await?),
+            None => None,
+        };
         if let Some(m) = a.metrics_addr {
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(m)
@@ -128,7 +137,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             auth_token,
             ..ServerConfig::default()
         };
-        api::serve(listener, engine, cfg, api::shutdown_signal()).await?;
+        api::serve_with_http(listener, http, engine, cfg, api::shutdown_signal()).await?;
         tracing::info!("server stopped");
         Ok(())
     })

@@ -77,6 +77,8 @@ pub fn cost(text: &str) -> usize {
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its HTTP/JSON API listens.
+    pub http: SocketAddr,
 }
 
 /// Starts a server over the shared models with the given engine and server settings.
@@ -90,21 +92,27 @@ pub fn start(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> TestServer {
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let listener = api::bind("127.0.0.1:0".parse().unwrap())
-                .await
-                .expect("bind");
-            tx.send(listener.local_addr().unwrap()).unwrap();
+            let any = "127.0.0.1:0".parse().unwrap();
+            let listener = api::bind(any).await.expect("bind");
+            let http = api::bind(any).await.expect("bind HTTP");
+            tx.send((listener.local_addr().unwrap(), http.local_addr().unwrap()))
+                .unwrap();
             let engine = Engine::start(models, engine_cfg);
-            api::serve(listener, engine, server_cfg, std::future::pending())
-                .await
-                .expect("serve");
+            api::serve_with_http(
+                listener,
+                Some(http),
+                engine,
+                server_cfg,
+                std::future::pending(),
+            )
+            .await
+            .expect("serve");
         });
     });
-    TestServer {
-        addr: rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("server address"),
-    }
+    let (addr, http) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server address");
+    TestServer { addr, http }
 }
 
 /// The default server, shared by the tests of one binary.
@@ -192,4 +200,25 @@ pub async fn assert_still_serving(server: &TestServer) {
         .await
         .expect("server still answers");
     assert!(r.into_inner().entities.iter().any(|e| e.text == "Paris"));
+}
+
+/// The base URL of `server`'s HTTP/JSON API.
+pub fn http_url(server: &TestServer) -> String {
+    format!("http://{}", server.http)
+}
+
+/// POSTs `body` as JSON to `path` of `server`'s HTTP API: (HTTP status, JSON answer).
+pub async fn post_json(
+    server: &TestServer,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", http_url(server)))
+        .json(body)
+        .send()
+        .await
+        .expect("HTTP call");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("a JSON answer"))
 }

@@ -1,0 +1,150 @@
+//! The HTTP/JSON edge, next to gRPC and on the same [`TidingsService`]: the same validation,
+//! limits, deadlines, queue classes, bearer token and TLS, with statuses mapped to HTTP.
+//!
+//! - `routes` — the route table: the router and the OpenAPI document are both made from it.
+//! - `handlers` — JSON in, the gRPC method, JSON out; NDJSON streams.
+//! - [`error`] — gRPC status -> HTTP status and JSON error body.
+//! - [`openapi`] — the OpenAPI 3.1 document, generated from the route table and the proto.
+//! - `tls` — rustls from the server's PEM settings.
+//! - `page.html` — the page at `/` (embedded; no external assets).
+
+pub mod error;
+mod handlers;
+pub mod openapi;
+mod routes;
+mod tls;
+
+use crate::api::auth::BearerAuth;
+use crate::api::service::TidingsService;
+use crate::api::TlsConfig;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use routes::{Route, ROUTES};
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    svc: TidingsService,
+    auth: BearerAuth,
+    max_body: usize,
+    /// `false` once the server drains: `/readyz` answers 503.
+    ready: watch::Receiver<bool>,
+    openapi: Arc<String>,
+}
+
+impl HttpState {
+    /// State over `svc`: `auth` checks bearer tokens, bodies are at most `max_body` bytes
+    /// (the gRPC message limit), `ready` turns `false` when the server starts draining.
+    pub fn new(
+        svc: TidingsService,
+        auth: BearerAuth,
+        max_body: usize,
+        ready: watch::Receiver<bool>,
+    ) -> Self {
+        let doc = openapi::document(crate::proto::FILE_DESCRIPTOR_SET);
+        Self {
+            svc,
+            auth,
+            max_body,
+            ready,
+            openapi: Arc::new(serde_json::to_string_pretty(&doc).unwrap_or_default()),
+        }
+    }
+}
+
+/// The router of every route in [`ROUTES`], with JSON 404/405 answers and request metrics.
+pub fn router(state: HttpState) -> Router {
+    routes::router(state)
+}
+
+/// How long a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` (HTTP/1.1 and h2, TLS when `tls` is set) until `stop`
+/// turns `true`; then the listener closes and open connections get `grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<&TlsConfig>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let acceptor = match tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(t)?)),
+        None => None,
+    };
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let graceful = GracefulShutdown::new();
+    tracing::info!(addr = %listener.local_addr()?, tls = acceptor.is_some(), "serving HTTP/JSON, /openapi.json and the page");
+    let stopped = async {
+        if stop.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            conn = listener.accept() => {
+                let (tcp, peer) = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait rather than spin.
+                        tracing::warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let svc = TowerToHyperService::new(router.clone());
+                let watcher = graceful.watcher();
+                let builder = builder.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let res = match acceptor {
+                        Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                                watcher.watch(conn.into_owned()).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        },
+                        None => {
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                    };
+                    if let Err(e) = res {
+                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "grace period over: closing remaining HTTP connections"
+        );
+    }
+    Ok(())
+}
