@@ -136,12 +136,11 @@ async fn a_request_the_queue_cannot_take_costs_no_work() {
         tidings::pipeline::topics::Label {
             name: "Trade talks".into(),
             description: "Negotiations between governments about tariffs".into(),
-            examples: Vec::new(),
+            ..Default::default()
         },
         tidings::pipeline::topics::Label {
             name: "Football".into(),
-            description: String::new(),
-            examples: Vec::new(),
+            ..Default::default()
         },
     ];
     let refused = engine

@@ -112,7 +112,7 @@ async fn request_time_labels_and_options() {
         TopicLabel {
             name: "Sports".into(),
             description: "games, teams and players".into(),
-            examples: vec![],
+            ..TopicLabel::default()
         },
         common::label("Business"),
         common::label("Science"),

@@ -120,6 +120,8 @@ pub fn article_from_proto(
         top_k: req.top_k as usize,
         min_entity_score: req.min_entity_score,
         entity_types: HashSet::new(),
+        multi_label: req.multi_label,
+        min_topic_score: req.min_topic_score,
     };
     for (i, &t) in req.tasks.iter().enumerate() {
         match proto::Task::try_from(t) {
@@ -132,6 +134,9 @@ pub fn article_from_proto(
                 ))
             }
         }
+    }
+    if !(0.0..=1.0).contains(&req.min_topic_score) {
+        return Err(invalid("min_topic_score", "must be between 0 and 1"));
     }
     if !(0.0..=1.0).contains(&req.min_entity_score) {
         return Err(invalid("min_entity_score", "must be between 0 and 1"));
@@ -213,11 +218,27 @@ fn labels_from_proto(
                 ),
             ));
         }
+        if l.id.len() > limits.max_id_bytes {
+            return Err(invalid(
+                &format!("labels[{i}].id"),
+                format!(
+                    "is longer than {} bytes (max_id_bytes)",
+                    limits.max_id_bytes
+                ),
+            ));
+        }
         out.push(Label {
             name,
             description: l.description,
             examples: l.examples,
+            id: l.id,
+            parent: l.parent,
         });
+    }
+    if let Err(e) = crate::pipeline::topics::parents(&out) {
+        let field = e.split(':').next().unwrap_or("labels").to_string();
+        let message = e.split_once(": ").map_or(e.as_str(), |x| x.1).to_string();
+        return Err(invalid(&field, message));
     }
     Ok(Some(out))
 }
@@ -236,6 +257,7 @@ pub fn analysis_to_proto(
             .map(|t| proto::Topic {
                 label: t.label,
                 score: t.score,
+                id: t.id,
             })
             .collect(),
         entities: a

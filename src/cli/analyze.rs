@@ -26,6 +26,9 @@ pub struct AnalyzeArgs {
     /// Topics to keep (0 = all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Score each topic on its own (independent probabilities) instead of a softmax.
+    #[arg(long)]
+    multi_label: bool,
     #[command(flatten)]
     models: ModelArgs,
     #[command(flatten)]
@@ -55,6 +58,7 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
     }
     let mut options = Options {
         top_k: a.top_k,
+        multi_label: a.multi_label,
         ..Options::default()
     };
     if !a.tasks.is_empty() {
@@ -72,7 +76,7 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
             Label {
                 name: name.trim().to_string(),
                 description: description.trim().to_string(),
-                examples: Vec::new(),
+                ..Label::default()
             }
         })
         .collect();

@@ -5,8 +5,9 @@ use super::{LimitArgs, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
+use tidings::engine::Class;
 use tidings::model::ModelDir;
-use tidings::pipeline::topics::Taxonomy;
+use tidings::pipeline::topics::{self, Taxonomy};
 use tidings::train::{conll, ner};
 
 /// What to score.
@@ -32,6 +33,15 @@ pub enum EvalCommand {
         /// Use only the first N rows (0 = all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Also fit the multi-label calibration (Platt scaling of the cosines, one-vs-rest)
+        /// on the even rows and report its reliability on the odd rows, next to the shipped
+        /// calibration's.
+        #[arg(long)]
+        fit_multi_label: bool,
+        /// More wordings of the same classes (taxonomy files, same order) to fit the
+        /// multi-label calibration on, pooled with `--labels`; each is reported on its own.
+        #[arg(long = "calibration-labels")]
+        calibration_labels: Vec<PathBuf>,
         #[command(flatten)]
         models: ModelArgs,
         #[command(flatten)]
@@ -83,6 +93,8 @@ pub fn run(c: EvalCommand) -> Result<()> {
             file,
             labels,
             limit,
+            fit_multi_label,
+            calibration_labels,
             models,
             limits,
         } => {
@@ -113,6 +125,31 @@ pub fn run(c: EvalCommand) -> Result<()> {
                 .map(|(_, t, d)| (t.clone(), d.clone()))
                 .collect();
             let results = super::analyze_topics(&rt, &engine, &articles, Some(&tax.labels))?;
+            if fit_multi_label {
+                let mut sets = Vec::new();
+                for path in std::iter::once(&labels).chain(&calibration_labels) {
+                    let t: Taxonomy = serde_json::from_slice(
+                        &std::fs::read(path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )?;
+                    if t.labels.len() != tax.labels.len() {
+                        anyhow::bail!(
+                            "{} has {} labels, not {}",
+                            path.display(),
+                            t.labels.len(),
+                            tax.labels.len()
+                        );
+                    }
+                    let set = rt
+                        .block_on(engine.label_set(&t.labels, engine.caller(Class::Batch)))
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    sets.push((path.display().to_string(), set.weights));
+                }
+                let golds: Vec<usize> = rows.iter().map(|(g, _, _)| g - 1).collect();
+                let embeddings: Vec<&[f32]> =
+                    results.iter().map(|a| a.embedding.as_slice()).collect();
+                multi_label_report(&sets, &embeddings, &golds);
+            }
             let n = tax.labels.len();
             let mut confusion = vec![vec![0usize; n]; n];
             let mut correct = 0;
@@ -214,4 +251,135 @@ fn parity(task: &str, model: &std::path::Path, sentences: &std::path::Path) -> R
         serde_json::json!({"model": model.display().to_string(), "task": task, "sentences": out});
     println!("{}", serde_json::to_string(&doc)?);
     Ok(())
+}
+
+/// One-vs-rest pairs `(cosine, about)` of articles against labels.
+fn pairs(
+    weights: &[Vec<f32>],
+    embeddings: &[&[f32]],
+    golds: &[usize],
+    keep: impl Fn(usize) -> bool,
+) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    for (i, (e, &g)) in embeddings.iter().zip(golds).enumerate() {
+        if !keep(i) {
+            continue;
+        }
+        for (j, w) in weights.iter().enumerate() {
+            let cos: f32 = w.iter().zip(e.iter()).map(|(a, b)| a * b).sum();
+            out.push((cos as f64, f64::from(u8::from(j == g))));
+        }
+    }
+    out
+}
+
+/// Mean log loss of `sigmoid(a * x + b)` on `data`.
+fn log_loss(data: &[(f64, f64)], a: f64, b: f64) -> f64 {
+    data.iter()
+        .map(|&(x, y)| {
+            let z = a * x + b;
+            // log(1 + e^z) - y z, computed stably
+            z.max(0.0) + (-z.abs()).exp().ln_1p() - y * z
+        })
+        .sum::<f64>()
+        / data.len().max(1) as f64
+}
+
+/// Platt scaling: the `(slope, offset)` of `sigmoid(slope * x + offset)` minimising the log
+/// loss, by Newton's method with step halving, from the base rate.
+fn fit_platt(data: &[(f64, f64)]) -> (f64, f64) {
+    let rate = data.iter().map(|d| d.1).sum::<f64>() / data.len().max(1) as f64;
+    let (mut a, mut b) = (0.0f64, (rate / (1.0 - rate)).ln());
+    let mut loss = log_loss(data, a, b);
+    for _ in 0..100 {
+        let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 1e-9, 0.0, 1e-9);
+        for &(x, y) in data {
+            let p = 1.0 / (1.0 + (-(a * x + b)).exp());
+            let r = p - y;
+            let w = p * (1.0 - p);
+            ga += r * x;
+            gb += r;
+            haa += w * x * x;
+            hab += w * x;
+            hbb += w;
+        }
+        let det = haa * hbb - hab * hab;
+        if det.abs() < 1e-12 {
+            break;
+        }
+        let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
+        let mut step = 1.0;
+        while step > 1e-4 {
+            let l = log_loss(data, a - step * da, b - step * db);
+            if l <= loss {
+                a -= step * da;
+                b -= step * db;
+                loss = l;
+                break;
+            }
+            step /= 2.0;
+        }
+        if (step * da).abs() < 1e-7 && (step * db).abs() < 1e-7 {
+            break;
+        }
+    }
+    (a, b)
+}
+
+/// Expected calibration error (10 equal-width bins), Brier score, and precision and recall
+/// of "about" at 0.5, of `sigmoid(slope * x + offset)` on `data`.
+fn reliability(data: &[(f64, f64)], slope: f64, offset: f64) -> (f64, f64, f64, f64) {
+    let mut bins = [(0.0f64, 0.0f64, 0usize); 10];
+    let (mut brier, mut tp, mut fp, mut fneg) = (0.0, 0.0, 0.0, 0.0);
+    for &(x, y) in data {
+        let p = 1.0 / (1.0 + (-(slope * x + offset)).exp());
+        let b = ((p * 10.0) as usize).min(9);
+        bins[b].0 += p;
+        bins[b].1 += y;
+        bins[b].2 += 1;
+        brier += (p - y) * (p - y);
+        match (p >= 0.5, y > 0.5) {
+            (true, true) => tp += 1.0,
+            (true, false) => fp += 1.0,
+            (false, true) => fneg += 1.0,
+            _ => {}
+        }
+    }
+    let n = data.len().max(1) as f64;
+    let ece = bins
+        .iter()
+        .filter(|b| b.2 > 0)
+        .map(|b| (b.0 - b.1).abs() / n)
+        .sum();
+    let precision = if tp + fp > 0.0 { tp / (tp + fp) } else { 0.0 };
+    (ece, brier / n, precision, tp / (tp + fneg).max(1.0))
+}
+
+/// Fits the multi-label calibration on the even rows, pooled over the label wordings `sets`,
+/// and reports it, and the shipped one, on the odd rows of each wording.
+fn multi_label_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], golds: &[usize]) {
+    let fit: Vec<(f64, f64)> = sets
+        .iter()
+        .flat_map(|(_, w)| pairs(w, embeddings, golds, |i| i % 2 == 0))
+        .collect();
+    let (a, b) = fit_platt(&fit);
+    println!(
+        "multi-label calibration fitted on the even rows ({} article-label pairs over {} wordings): slope {a:.3} offset {b:.3}",
+        fit.len(),
+        sets.len()
+    );
+    let shipped = (
+        f64::from(topics::MULTI_LABEL_SLOPE),
+        f64::from(topics::MULTI_LABEL_OFFSET),
+    );
+    for (path, weights) in sets {
+        let held = pairs(weights, embeddings, golds, |i| i % 2 == 1);
+        for (name, (s, o)) in [("fitted", (a, b)), ("shipped", shipped)] {
+            let (ece, brier, p, r) = reliability(&held, s, o);
+            println!(
+                "  {path}: {name:>7} (slope {s:.2}, offset {o:.2}) on the {} odd rows: ECE {ece:.4}  Brier {brier:.4}  precision@0.5 {p:.3}  recall@0.5 {r:.3}",
+                held.len() / weights.len().max(1)
+            );
+        }
+    }
 }

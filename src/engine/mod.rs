@@ -350,6 +350,10 @@ impl Engine {
             bias: vec![0.0; weights.len()],
             weights,
             scale,
+            ids: labels.iter().map(|l| l.id.clone()).collect(),
+            // Request labels are checked at the door and taxonomies when loaded.
+            parents: topics::parents(labels).unwrap_or_else(|_| vec![None; labels.len()]),
+            multi_label: Some((topics::MULTI_LABEL_SLOPE, topics::MULTI_LABEL_OFFSET)),
         })
     }
 

@@ -26,6 +26,10 @@ pub struct Options {
     pub min_entity_score: f32,
     /// Entity types to keep; empty = all.
     pub entity_types: HashSet<String>,
+    /// Score topics independently (multi-label) instead of a softmax over the labels.
+    pub multi_label: bool,
+    /// Drop topics scoring below this.
+    pub min_topic_score: f32,
 }
 
 impl Default for Options {
@@ -36,6 +40,8 @@ impl Default for Options {
             top_k: 0,
             min_entity_score: 0.0,
             entity_types: HashSet::new(),
+            multi_label: false,
+            min_topic_score: 0.0,
         }
     }
 }
@@ -55,6 +61,18 @@ pub struct LabelSet {
     pub bias: Vec<f32>,
     /// Multiplier of the dot products.
     pub scale: f32,
+    /// Each label's stable id (e.g. an IPTC qcode); empty strings when none.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Each label's parent (an index into the labels); in multi-label mode no label
+    /// scores above its parent.
+    #[serde(default)]
+    pub parents: Vec<Option<usize>>,
+    /// Multi-label calibration of zero-shot prototypes, `(slope, offset)` of
+    /// `sigmoid(slope * cosine + offset)`. `None` (trained heads): multi-label scores are the
+    /// head's probabilities.
+    #[serde(default)]
+    pub multi_label: Option<(f32, f32)>,
 }
 
 impl LabelSet {
@@ -62,6 +80,32 @@ impl LabelSet {
     pub fn score(&self, article: &[f32]) -> Vec<f32> {
         let w: Vec<&[f32]> = self.weights.iter().map(|v| v.as_slice()).collect();
         topics::score(article, &w, &self.bias, self.scale)
+    }
+
+    /// Independent probabilities that the article is about each label, each capped by its
+    /// parent's.
+    pub fn score_independent(&self, article: &[f32]) -> Vec<f32> {
+        let parents = if self.parents.len() == self.names.len() {
+            self.parents.clone()
+        } else {
+            vec![None; self.names.len()]
+        };
+        match self.multi_label {
+            Some((slope, offset)) => {
+                let w: Vec<&[f32]> = self.weights.iter().map(|v| v.as_slice()).collect();
+                topics::score_independent(article, &w, &parents, slope, offset)
+            }
+            None => {
+                let mut p = self.score(article);
+                topics::cap_by_parents(&mut p, &parents);
+                p
+            }
+        }
+    }
+
+    /// The id of label `i` (empty when none).
+    pub fn id(&self, i: usize) -> &str {
+        self.ids.get(i).map_or("", String::as_str)
     }
 }
 
@@ -94,6 +138,9 @@ pub struct Reading {
 pub struct TopicScore {
     /// Label name.
     pub label: String,
+    /// The label's stable id; empty when it has none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub id: String,
     /// Probability among the labels considered.
     pub score: f32,
 }
@@ -282,6 +329,8 @@ impl Models {
                             .with_context(|| format!("reading taxonomy {}", t.display()))?;
                         let tax: topics::Taxonomy = serde_json::from_slice(&bytes)
                             .with_context(|| format!("parsing taxonomy {}", t.display()))?;
+                        topics::parents(&tax.labels)
+                            .map_err(|e| anyhow::anyhow!("taxonomy {}: {e}", t.display()))?;
                         tax.labels
                     }
                     None => Vec::new(),
@@ -396,13 +445,23 @@ impl Models {
         if let (Some(_), Some(labels)) = (&self.topics, labels) {
             if !out.topics.is_empty() && !labels.names.is_empty() {
                 let article = article_embedding(p, &out.topics);
-                let probs = labels.score(&article);
+                let probs = if opts.multi_label {
+                    labels.score_independent(&article)
+                } else {
+                    labels.score(&article)
+                };
                 let mut scored: Vec<TopicScore> = labels
                     .names
                     .iter()
                     .cloned()
                     .zip(probs)
-                    .map(|(label, score)| TopicScore { label, score })
+                    .enumerate()
+                    .map(|(i, (label, score))| TopicScore {
+                        label,
+                        id: labels.id(i).to_string(),
+                        score,
+                    })
+                    .filter(|t| t.score >= opts.min_topic_score)
                     .collect();
                 scored.sort_by(|a, b| b.score.total_cmp(&a.score));
                 if opts.top_k > 0 {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_SCALE: f32 = 20.0;
 
 /// A topic label: a name and the texts that describe it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Label {
     /// Name returned to the caller.
     pub name: String,
@@ -20,6 +20,12 @@ pub struct Label {
     /// Example headlines or sentences.
     #[serde(default)]
     pub examples: Vec<String>,
+    /// Stable identifier returned with the score (e.g. an IPTC qcode); may be empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// The `name` or `id` of this label's parent among the same labels; empty for none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent: String,
 }
 
 impl Label {
@@ -40,11 +46,107 @@ impl Label {
     }
 }
 
-/// A taxonomy file: `{"labels": [{"name", "description", "examples"}...]}`.
+/// A taxonomy file: `{"labels": [{"name", "description", "examples", "id", "parent"}...]}`,
+/// optionally with where it comes from and the attribution its licence asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Taxonomy {
     /// The labels, in display order.
     pub labels: Vec<Label>,
+    /// What the vocabulary is.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    /// Its licence.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub licence: String,
+    /// The attribution to keep with it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub attribution: String,
+}
+
+/// The parent of each label, as an index into `labels`, from each label's `parent` (a name
+/// or id of another label). Errors name the label at fault: an unknown parent, or a cycle.
+pub fn parents(labels: &[Label]) -> Result<Vec<Option<usize>>, String> {
+    let find = |key: &str| {
+        labels
+            .iter()
+            .position(|l| (!l.id.is_empty() && l.id == key) || l.name.eq_ignore_ascii_case(key))
+    };
+    let mut out = Vec::with_capacity(labels.len());
+    for (i, l) in labels.iter().enumerate() {
+        let p = l.parent.trim();
+        if p.is_empty() {
+            out.push(None);
+            continue;
+        }
+        match find(p) {
+            Some(j) if j != i => out.push(Some(j)),
+            _ => {
+                return Err(format!(
+                    "labels[{i}].parent: {p:?} is not another label's name or id"
+                ))
+            }
+        }
+    }
+    // A chain longer than the label count has a cycle.
+    for start in 0..labels.len() {
+        let (mut at, mut steps) = (start, 0);
+        while let Some(p) = out[at] {
+            at = p;
+            steps += 1;
+            if steps > labels.len() {
+                return Err(format!("labels[{start}].parent: the parents form a cycle"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Multi-label calibration of zero-shot scores: `P(about label) = sigmoid(slope * cosine +
+/// offset)`, Platt scaling fitted one-vs-rest on the even rows of AG News dev, pooled over
+/// two wordings of its labels (bare names, and names with descriptions and examples), and
+/// checked on the odd rows (see `models/topics/REPORT.md`, `tidings eval topics
+/// --fit-multi-label`).
+pub const MULTI_LABEL_SLOPE: f32 = 15.9;
+/// See [`MULTI_LABEL_SLOPE`].
+pub const MULTI_LABEL_OFFSET: f32 = -3.03;
+
+/// Independent probabilities `sigmoid(slope * (label . article) + offset)`, each label capped
+/// by its parent's probability.
+pub fn score_independent(
+    article: &[f32],
+    labels: &[&[f32]],
+    parents: &[Option<usize>],
+    slope: f32,
+    offset: f32,
+) -> Vec<f32> {
+    let mut p: Vec<f32> = labels
+        .iter()
+        .map(|l| {
+            let cos: f32 = l.iter().zip(article).map(|(a, b)| a * b).sum();
+            1.0 / (1.0 + (-(slope * cos + offset)).exp())
+        })
+        .collect();
+    cap_by_parents(&mut p, parents);
+    p
+}
+
+/// Lowers each score to at most its parent's (after the parent's own cap), so a child never
+/// outscores its ancestors. `parents` is acyclic.
+pub fn cap_by_parents(scores: &mut [f32], parents: &[Option<usize>]) {
+    for _ in 0..scores.len() {
+        let mut changed = false;
+        for (i, p) in parents.iter().enumerate() {
+            if let Some(&j) = p.as_ref() {
+                if scores[i] > scores[j] {
+                    scores[i] = scores[j];
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
 }
 
 /// Mean of unit vectors, renormalised to unit length. Empty input gives an empty vector.
@@ -102,6 +204,32 @@ mod tests {
     }
 
     #[test]
+    fn children_never_outscore_parents() {
+        let l = |name: &str, parent: &str| Label {
+            name: name.into(),
+            parent: parent.into(),
+            ..Label::default()
+        };
+        let labels = [
+            l("economy", ""),
+            l("markets", "economy"),
+            l("stocks", "MARKETS"),
+        ];
+        let p = parents(&labels).unwrap();
+        assert_eq!(p, vec![None, Some(0), Some(1)]);
+        let mut s = vec![0.3, 0.9, 0.8];
+        cap_by_parents(&mut s, &p);
+        assert_eq!(s, vec![0.3, 0.3, 0.3]);
+        assert!(parents(&[l("a", "b"), l("b", "a")])
+            .unwrap_err()
+            .contains("cycle"));
+        assert!(parents(&[l("a", "zzz")])
+            .unwrap_err()
+            .contains("labels[0].parent"));
+        assert!(parents(&[l("a", "a")]).is_err());
+    }
+
+    #[test]
     fn mean_unit_is_unit() {
         let m = mean_unit(&[&[1.0, 0.0], &[0.0, 1.0]], &[1.0, 1.0]);
         assert!((m[0] - m[1]).abs() < 1e-6);
@@ -115,6 +243,7 @@ mod tests {
             name: "sports".into(),
             description: " ".into(),
             examples: vec!["Final score".into(), "".into()],
+            ..Label::default()
         };
         assert_eq!(l.prototype_texts().len(), 2);
     }

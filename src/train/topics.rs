@@ -132,6 +132,9 @@ pub fn fit(x: &[Vec<f32>], y: &[usize], names: &[String], cfg: HeadConfig) -> Re
         weights: w.as_tensor().to_vec2()?,
         bias: b.as_tensor().to_vec1()?,
         scale: 1.0,
+        ids: Vec::new(),
+        parents: Vec::new(),
+        multi_label: None,
     })
 }
 

@@ -1,0 +1,210 @@
+//! Topics through the real server: multi-label scores, `min_topic_score`, label ids and
+//! parents, and the IPTC Media Topics taxonomy served by `tidings serve --taxonomy`.
+
+mod common;
+
+use common::{client, request, server};
+use tidings::proto::{self, TopicLabel};
+use tonic::Code;
+
+fn label(name: &str, id: &str, parent: &str) -> TopicLabel {
+    TopicLabel {
+        name: name.into(),
+        id: id.into(),
+        parent: parent.into(),
+        ..Default::default()
+    }
+}
+
+const DEBT_DEAL: &str = "Congressional leaders and the White House reached a deal late on \
+    Sunday to raise the federal debt ceiling, averting a default that economists warned would \
+    rattle financial markets. Stocks rallied and Treasury yields fell as investors welcomed \
+    the agreement, which still needs votes in the House and the Senate this week.";
+
+#[tokio::test]
+async fn multi_label_scores_are_independent_and_cut_by_min_score() {
+    let mut c = client(server()).await;
+    let labels = vec![
+        label("politics", "", ""),
+        label("business and finance", "", ""),
+        label("sports", "", ""),
+    ];
+    let single = c
+        .analyze(proto::AnalyzeRequest {
+            labels: labels.clone(),
+            ..request("one", DEBT_DEAL)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sum: f32 = single.topics.iter().map(|t| t.score).sum();
+    assert!((sum - 1.0).abs() < 1e-3, "softmax scores sum to 1: {sum}");
+    let multi = c
+        .analyze(proto::AnalyzeRequest {
+            labels: labels.clone(),
+            multi_label: true,
+            ..request("many", DEBT_DEAL)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let score = |name: &str| {
+        multi
+            .topics
+            .iter()
+            .find(|t| t.label == name)
+            .map(|t| t.score)
+            .unwrap()
+    };
+    // An article about two things scores high on both, and low on the third.
+    assert!(score("politics") > 0.35, "{:?}", multi.topics);
+    assert!(score("business and finance") > 0.5, "{:?}", multi.topics);
+    assert!(score("sports") < 0.15, "{:?}", multi.topics);
+    assert!(multi.topics.iter().map(|t| t.score).sum::<f32>() > 1.0);
+    // min_topic_score cuts the list (before top_k).
+    let cut = c
+        .analyze(proto::AnalyzeRequest {
+            labels,
+            multi_label: true,
+            min_topic_score: 0.3,
+            ..request("cut", DEBT_DEAL)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cut.topics.len(), 2, "{:?}", cut.topics);
+    assert!(cut.topics.iter().all(|t| t.score >= 0.3));
+    let s = c
+        .analyze(proto::AnalyzeRequest {
+            min_topic_score: 1.5,
+            ..request("bad", DEBT_DEAL)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("min_topic_score"));
+}
+
+#[tokio::test]
+async fn label_ids_come_back_and_children_never_outscore_parents() {
+    let mut c = client(server()).await;
+    // "sports" under "politics" is nonsense on purpose: its own score would be far higher
+    // than its parent's for a football report, so the cap must show.
+    let labels = vec![
+        label("politics", "p-1", ""),
+        label("football", "f-1", "p-1"),
+        label("economy", "e-1", ""),
+    ];
+    let text = "The striker scored twice as the home side won the cup final 3-1 in front of \
+                a sold-out stadium.";
+    let resp = c
+        .analyze(proto::AnalyzeRequest {
+            labels: labels.clone(),
+            multi_label: true,
+            ..request("tree", text)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |id: &str| resp.topics.iter().find(|t| t.id == id).unwrap().score;
+    assert!(get("f-1") <= get("p-1"), "{:?}", resp.topics);
+    // Without the parent the child scores far higher: the cap did something.
+    let free = c
+        .analyze(proto::AnalyzeRequest {
+            labels: vec![label("politics", "p-1", ""), label("football", "f-1", "")],
+            multi_label: true,
+            ..request("free", text)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let f = free.topics.iter().find(|t| t.id == "f-1").unwrap().score;
+    assert!(
+        f > 0.5 && f > get("f-1") + 0.2,
+        "{:?} vs {:?}",
+        free.topics,
+        resp.topics
+    );
+    // Bad parents are refused, naming the label.
+    for (labels, needle) in [
+        (
+            vec![label("a", "", ""), label("b", "", "nobody")],
+            "labels[1].parent",
+        ),
+        (vec![label("a", "", "b"), label("b", "", "a")], "cycle"),
+        (vec![label("a", "", "a")], "labels[0].parent"),
+    ] {
+        let s = c
+            .analyze(proto::AnalyzeRequest {
+                labels,
+                ..request("bad", text)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains(needle), "{needle}: {}", s.message());
+    }
+    // Over HTTP the same, in proto3 JSON.
+    let (code, v) = common::post_json(
+        server(),
+        "/v1/analyze",
+        &serde_json::json!({"text": text, "multiLabel": true, "minTopicScore": 0.0,
+            "labels": [{"name": "sport", "id": "s-1"}, {"name": "economy", "id": "e-1"}]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["topics"][0]["id"], "s-1", "{v}");
+}
+
+/// `tidings serve --taxonomy models/topics/iptc-media-topics.json`: the 17 IPTC top-level
+/// subjects as the default topics, each answered with its qcode.
+#[test]
+fn iptc_media_topics_taxonomy_answers_with_qcodes() {
+    use common::process;
+    let port = process::free_port();
+    let child = process::serve(
+        port,
+        &["--taxonomy", "models/topics/iptc-media-topics.json"],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c =
+            proto::tidings_client::TidingsClient::connect(format!("http://127.0.0.1:{port}"))
+                .await
+                .unwrap();
+        let info = c
+            .get_info(proto::GetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.default_topics.len(), 17, "{:?}", info.default_topics);
+        let top = |resp: proto::AnalyzeResponse| resp.topics[0].clone();
+        let sport = top(c
+            .analyze(request(
+                "s",
+                "The striker scored twice as the home side won the cup final 3-1.",
+            ))
+            .await
+            .unwrap()
+            .into_inner());
+        assert_eq!(sport.id, "medtop:15000000", "{sport:?}");
+        assert_eq!(sport.label, "sport");
+        let multi = c
+            .analyze(proto::AnalyzeRequest {
+                multi_label: true,
+                min_topic_score: 0.5,
+                ..request("d", DEBT_DEAL)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let ids: Vec<&str> = multi.topics.iter().map(|t| t.id.as_str()).collect();
+        assert!(
+            ids.contains(&"medtop:04000000"),
+            "economy, business and finance: {:?}",
+            multi.topics
+        );
+        assert!(ids.iter().all(|i| i.starts_with("medtop:")));
+    });
+    process::stop(child);
+}
