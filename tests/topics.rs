@@ -208,3 +208,82 @@ fn iptc_media_topics_taxonomy_answers_with_qcodes() {
     });
     process::stop(child);
 }
+
+/// `--refine-topics`: once the server has seen enough articles, single-label scores come from
+/// prototypes refined with them; multi-label scores keep the calibrated originals.
+#[tokio::test]
+async fn prototypes_are_refined_with_the_articles_the_server_sees() {
+    use tidings::engine::{EngineConfig, REFINE_MIN_POOL};
+    let srv = common::start(
+        EngineConfig {
+            refine_pool: 1024,
+            ..EngineConfig::default()
+        },
+        tidings::api::ServerConfig::default(),
+    );
+    let mut c = client(&srv).await;
+    let labels = vec![
+        label("World", "", ""),
+        label("Sports", "", ""),
+        label("Business", "", ""),
+    ];
+    let probe = |multi: bool| proto::AnalyzeRequest {
+        labels: labels.clone(),
+        multi_label: multi,
+        ..request("probe", DEBT_DEAL)
+    };
+    let before = c.analyze(probe(false)).await.unwrap().into_inner();
+    let before_multi = c.analyze(probe(true)).await.unwrap().into_inner();
+    // The summit article, sentence by sentence: news for the pool.
+    let sentences: Vec<String> = common::summit_article()
+        .split(". ")
+        .filter(|s| s.split_whitespace().count() > 4)
+        .map(str::to_string)
+        .collect();
+    let mut seen = 0;
+    while seen < REFINE_MIN_POOL + 8 {
+        let requests = (0..64)
+            .map(|i| {
+                request(
+                    &format!("w{}", seen + i),
+                    &sentences[(seen + i) % sentences.len()],
+                )
+            })
+            .collect();
+        let r = c
+            .analyze_batch(proto::AnalyzeBatchRequest { requests })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.items.iter().all(|i| matches!(
+            i.outcome,
+            Some(proto::analyze_batch_item::Outcome::Response(_))
+        )));
+        seen += 64;
+    }
+    let after = c.analyze(probe(false)).await.unwrap().into_inner();
+    let after_multi = c.analyze(probe(true)).await.unwrap().into_inner();
+    let scores = |r: &proto::AnalyzeResponse| {
+        let mut v: Vec<(String, f32)> = r
+            .topics
+            .iter()
+            .map(|t| (t.label.clone(), t.score))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let changed = scores(&before)
+        .iter()
+        .zip(scores(&after))
+        .any(|(a, b)| (a.1 - b.1).abs() > 1e-4);
+    assert!(
+        changed,
+        "refinement changed nothing: {:?} vs {:?}",
+        before.topics, after.topics
+    );
+    assert_eq!(
+        scores(&before_multi),
+        scores(&after_multi),
+        "multi-label scores must not drift"
+    );
+}

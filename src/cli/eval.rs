@@ -42,6 +42,11 @@ pub enum EvalCommand {
         /// multi-label calibration on, pooled with `--labels`; each is reported on its own.
         #[arg(long = "calibration-labels")]
         calibration_labels: Vec<PathBuf>,
+        /// Also score `--labels` and every `--calibration-labels` wording on the odd rows,
+        /// before and after refining their prototypes with the even rows' articles as
+        /// unlabelled text (their labels are not read).
+        #[arg(long)]
+        refine: bool,
         #[command(flatten)]
         models: ModelArgs,
         #[command(flatten)]
@@ -95,6 +100,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
             limit,
             fit_multi_label,
             calibration_labels,
+            refine,
             models,
             limits,
         } => {
@@ -124,7 +130,57 @@ pub fn run(c: EvalCommand) -> Result<()> {
                 .iter()
                 .map(|(_, t, d)| (t.clone(), d.clone()))
                 .collect();
+            let refine_pool = limits.refine_topics;
+            let engine = engine_with_warm_pool(&rt, engine, &articles, refine_pool)?;
             let results = super::analyze_topics(&rt, &engine, &articles, Some(&tax.labels))?;
+            if refine_pool > 0 {
+                let odd: Vec<bool> = rows
+                    .iter()
+                    .zip(&results)
+                    .enumerate()
+                    .filter(|(i, _)| i % 2 == 1)
+                    .map(|(_, ((gold, _, _), a))| tax.labels[gold - 1].name == a.topics[0].label)
+                    .collect();
+                println!(
+                    "--refine-topics {refine_pool}: the even rows were analyzed first (the pool); accuracy on the odd rows {:.4}",
+                    odd.iter().filter(|&&b| b).count() as f64 / odd.len().max(1) as f64
+                );
+            }
+            if refine {
+                let golds: Vec<usize> = rows.iter().map(|(g, _, _)| g - 1).collect();
+                let embeddings: Vec<&[f32]> =
+                    results.iter().map(|a| a.embedding.as_slice()).collect();
+                let pool: Vec<&[f32]> = embeddings.iter().step_by(2).copied().collect();
+                println!(
+                    "refinement: {} unlabelled articles (even rows), accuracy on the {} odd rows",
+                    pool.len(),
+                    embeddings.len() / 2
+                );
+                for path in std::iter::once(&labels).chain(&calibration_labels) {
+                    let t: Taxonomy = serde_json::from_slice(
+                        &std::fs::read(path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )?;
+                    let set = rt
+                        .block_on(engine.label_set(&t.labels, engine.caller(Class::Batch)))
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let odd = |p: &[Vec<f32>]| {
+                        let (mut right, mut n) = (0usize, 0usize);
+                        for (i, e) in embeddings.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+                            right += usize::from(topics::nearest(p, e) == golds[i]);
+                            n += 1;
+                        }
+                        right as f64 / n.max(1) as f64
+                    };
+                    let refined = topics::refine(&set.weights, &pool, topics::REFINE_ROUNDS);
+                    println!(
+                        "  {}: {:.4} -> {:.4} refined",
+                        path.display(),
+                        odd(&set.weights),
+                        odd(&refined)
+                    );
+                }
+            }
             if fit_multi_label {
                 let mut sets = Vec::new();
                 for path in std::iter::once(&labels).chain(&calibration_labels) {
@@ -382,4 +438,19 @@ fn multi_label_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], g
             );
         }
     }
+}
+
+/// With `--refine-topics`, first analyzes the even rows (default labels, results dropped), as
+/// a server would have seen such news before, so that the scored pass is refined.
+fn engine_with_warm_pool(
+    rt: &tokio::runtime::Runtime,
+    engine: tidings::engine::Engine,
+    articles: &[(String, String)],
+    pool: usize,
+) -> Result<tidings::engine::Engine> {
+    if pool > 0 {
+        let even: Vec<(String, String)> = articles.iter().step_by(2).cloned().collect();
+        super::analyze_topics(rt, &engine, &even, None)?;
+    }
+    Ok(engine)
 }

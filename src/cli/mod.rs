@@ -179,6 +179,11 @@ pub struct LimitArgs {
     /// unary calls get the rest first. Higher favours batch throughput, lower unary latency.
     #[arg(long, env = "TIDINGS_BATCH_SHARE", default_value_t = EngineConfig::default().batch_share)]
     pub batch_share: f32,
+    /// Refine zero-shot topic prototypes with the last N articles analyzed (unlabelled):
+    /// markedly better topics from bare label names, at the cost of scores that drift with
+    /// the news the server sees. 0 = off.
+    #[arg(long, env = "TIDINGS_REFINE_TOPICS", default_value_t = 0)]
+    pub refine_topics: usize,
 }
 
 impl LimitArgs {
@@ -201,6 +206,7 @@ impl LimitArgs {
                 max_queue_tokens: self.max_queue_tokens,
                 max_wait: std::time::Duration::from_millis(self.max_wait_ms),
                 batch_share: self.batch_share.clamp(0.0, 1.0),
+                refine_pool: self.refine_topics,
                 ..EngineConfig::default()
             },
         )

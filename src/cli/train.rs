@@ -31,9 +31,22 @@ pub struct TrainTopicsArgs {
     /// Cross-validation folds.
     #[arg(long, default_value_t = 5)]
     folds: usize,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 300)]
-    steps: usize,
+    /// Optimizer steps (default 300; 100 with --prior).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Start from the zero-shot prototypes of this taxonomy (its labels, in the order of the
+    /// sorted label values: class 1, 2, ... for AG), so that a handful of examples per class
+    /// refines them: few-shot heads.
+    #[arg(long)]
+    prior: Option<PathBuf>,
+    /// Few-shot evaluation instead of a head: fit on this many random rows per class and
+    /// score on all the others, `--draws` times, for each count (comma-separated, e.g.
+    /// 8,16,32), next to zero-shot on the same rows. Writes no head.
+    #[arg(long, value_delimiter = ',')]
+    shots: Vec<usize>,
+    /// Random draws per shot count.
+    #[arg(long, default_value_t = 5)]
+    draws: usize,
     #[command(flatten)]
     models: super::ModelArgs,
     #[command(flatten)]
@@ -182,13 +195,47 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
         .map(|a| a.embedding)
         .collect();
     let embedded = started.elapsed();
+    let prior: Option<Vec<Vec<f32>>> = match &a.prior {
+        Some(p) => {
+            let tax: tidings::pipeline::topics::Taxonomy = serde_json::from_slice(
+                &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            )?;
+            if tax.labels.len() != names.len() {
+                anyhow::bail!(
+                    "{} has {} labels; the data has {} classes",
+                    p.display(),
+                    tax.labels.len(),
+                    names.len()
+                );
+            }
+            let set = rt
+                .block_on(
+                    engine.label_set(&tax.labels, engine.caller(tidings::engine::Class::Batch)),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Some(set.weights)
+        }
+        None => None,
+    };
     let cfg = HeadConfig {
-        steps: a.steps,
+        steps: a.steps.unwrap_or(if prior.is_some() {
+            topics::PRIOR_STEPS
+        } else {
+            300
+        }),
+        lr: if prior.is_some() {
+            topics::PRIOR_LR
+        } else {
+            HeadConfig::default().lr
+        },
         ..HeadConfig::default()
     };
+    if !a.shots.is_empty() {
+        return few_shot_report(&x, &y, &names, cfg, prior.as_deref(), &a.shots, a.draws);
+    }
     let cv = topics::cross_validate(&x, &y, &names, a.folds, cfg)?;
     let mean = cv.iter().sum::<f64>() / cv.len() as f64;
-    let head = topics::fit(&x, &y, &names, cfg)?;
+    let head = topics::fit_from(&x, &y, &names, cfg, prior.as_deref())?;
     if let Some(parent) = a.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -207,5 +254,89 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
         embedded.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Few-shot accuracy: for each count in `shots`, `draws` random draws of that many rows per
+/// class to fit on, scored on every other row; zero-shot (the prior alone) on the same rows.
+fn few_shot_report(
+    x: &[Vec<f32>],
+    y: &[usize],
+    names: &[String],
+    cfg: tidings::train::topics::HeadConfig,
+    prior: Option<&[Vec<f32>]>,
+    shots: &[usize],
+    draws: usize,
+) -> Result<()> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    use tidings::train::topics;
+    let started = std::time::Instant::now();
+    let k = names.len();
+    let zero_shot = prior.map(|p| tidings::pipeline::analysis::LabelSet {
+        names: names.to_vec(),
+        weights: p.to_vec(),
+        bias: vec![0.0; k],
+        scale: tidings::pipeline::topics::DEFAULT_SCALE,
+        ids: Vec::new(),
+        parents: Vec::new(),
+        multi_label: None,
+        refined: None,
+    });
+    println!(
+        "few-shot heads ({} steps, lr {}, {}), {} draws per count, scored on the rows not drawn",
+        cfg.steps,
+        cfg.lr,
+        if prior.is_some() {
+            "from the zero-shot prototypes"
+        } else {
+            "from zeros"
+        },
+        draws
+    );
+    for &n in shots {
+        let (mut accs, mut zs) = (Vec::new(), Vec::new());
+        for draw in 0..draws {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1000 * n as u64 + draw as u64);
+            let mut picked = vec![false; x.len()];
+            for c in 0..k {
+                let mut rows: Vec<usize> = (0..x.len()).filter(|&i| y[i] == c).collect();
+                rows.shuffle(&mut rng);
+                rows.iter().take(n).for_each(|&i| picked[i] = true);
+            }
+            let (mut tx, mut ty, mut vx, mut vy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for i in 0..x.len() {
+                if picked[i] {
+                    tx.push(x[i].clone());
+                    ty.push(y[i]);
+                } else {
+                    vx.push(x[i].clone());
+                    vy.push(y[i]);
+                }
+            }
+            let head = topics::fit_from(&tx, &ty, names, cfg, prior)?;
+            accs.push(topics::accuracy(&head, &vx, &vy));
+            if let Some(z) = &zero_shot {
+                zs.push(topics::accuracy(z, &vx, &vy));
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let sd = |v: &[f64]| {
+            let m = mean(v);
+            (v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / v.len().max(1) as f64).sqrt()
+        };
+        println!(
+            "{n:>3} per class: accuracy {:.4} (sd {:.4}; draws {:?}){}",
+            mean(&accs),
+            sd(&accs),
+            accs.iter().map(|a| format!("{a:.4}")).collect::<Vec<_>>(),
+            if zs.is_empty() {
+                String::new()
+            } else {
+                format!("  zero-shot on the same rows {:.4}", mean(&zs))
+            }
+        );
+    }
+    println!("({:.1}s fitting)", started.elapsed().as_secs_f64());
     Ok(())
 }

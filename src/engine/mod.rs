@@ -44,7 +44,15 @@ pub struct EngineConfig {
     pub max_queue_tokens: usize,
     /// Most label texts whose embeddings are cached.
     pub label_cache: usize,
+    /// Refine zero-shot prototypes with the embeddings of up to this many recently analyzed
+    /// articles (unlabelled text, see [`topics::refine`]); 0 = off.
+    pub refine_pool: usize,
 }
+
+/// Articles the refinement pool must hold before prototypes are refined.
+pub const REFINE_MIN_POOL: usize = 256;
+/// Refined prototypes are recomputed after this many new articles.
+pub const REFINE_EVERY: u64 = 256;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -59,6 +67,7 @@ impl Default for EngineConfig {
             max_wait: Duration::from_millis(2),
             max_queue_tokens: 262_144,
             label_cache: 8192,
+            refine_pool: 0,
         }
     }
 }
@@ -155,6 +164,33 @@ pub struct Engine {
     default_labels: Arc<Mutex<Option<LabelSet>>>,
     next_caller: Arc<AtomicU64>,
     stats: Arc<EngineStats>,
+    /// Embeddings of recently analyzed articles, for refining prototypes.
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// Prototypes shared between requests.
+type Prototypes = Arc<Vec<Vec<f32>>>;
+
+/// The refinement pool: recent article embeddings, and refined prototypes by label set.
+#[derive(Default)]
+struct Seen {
+    articles: std::collections::VecDeque<Vec<f32>>,
+    pushed: u64,
+    /// Hash of the original prototypes -> (pool generation, refined prototypes).
+    refined: std::collections::HashMap<u64, (u64, Prototypes)>,
+}
+
+/// A hash of prototypes, identifying a label set.
+fn prototypes_key(weights: &[Vec<f32>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for w in weights {
+        for x in w {
+            x.to_bits().hash(&mut h);
+        }
+        0xffu8.hash(&mut h);
+    }
+    h.finish()
 }
 
 impl Engine {
@@ -186,7 +222,66 @@ impl Engine {
             default_labels: Arc::new(Mutex::new(None)),
             next_caller: Arc::new(AtomicU64::new(1)),
             stats,
+            seen: Arc::new(Mutex::new(Seen::default())),
         }
+    }
+
+    /// `set` with its prototypes refined against the pool of seen articles, when refinement
+    /// is on, the set is zero-shot and the pool holds enough articles. Refined prototypes
+    /// are kept per label set and recomputed every [`REFINE_EVERY`] new articles; they serve
+    /// single-label scores, while multi-label scores keep the calibrated originals.
+    async fn refined(&self, mut set: LabelSet) -> LabelSet {
+        if self.cfg.refine_pool == 0 || set.multi_label.is_none() {
+            return set;
+        }
+        let key = prototypes_key(&set.weights);
+        let (pool, generation) = {
+            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.articles.len() < REFINE_MIN_POOL {
+                return set;
+            }
+            let generation = seen.pushed / REFINE_EVERY;
+            if let Some((g, w)) = seen.refined.get(&key) {
+                if *g == generation {
+                    set.refined = Some(w.clone());
+                    return set;
+                }
+            }
+            (
+                seen.articles.iter().cloned().collect::<Vec<_>>(),
+                generation,
+            )
+        };
+        let weights = set.weights.clone();
+        let refined = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
+            topics::refine(&weights, &refs, topics::REFINE_ROUNDS)
+        })
+        .await
+        .map(Arc::new)
+        .ok();
+        if let Some(w) = refined {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.refined.len() >= 1024 {
+                seen.refined.clear();
+            }
+            seen.refined.insert(key, (generation, w.clone()));
+            set.refined = Some(w);
+        }
+        set
+    }
+
+    /// Adds an analyzed article's embedding to the refinement pool.
+    fn remember(&self, embedding: &[f32]) {
+        if self.cfg.refine_pool == 0 || embedding.is_empty() {
+            return;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.articles.len() >= self.cfg.refine_pool {
+            seen.articles.pop_front();
+        }
+        seen.articles.push_back(embedding.to_vec());
+        seen.pushed += 1;
     }
 
     /// What the engine has done so far.
@@ -351,6 +446,7 @@ impl Engine {
             weights,
             scale,
             ids: labels.iter().map(|l| l.id.clone()).collect(),
+            refined: None,
             // Request labels are checked at the door and taxonomies when loaded.
             parents: topics::parents(labels).unwrap_or_else(|_| vec![None; labels.len()]),
             multi_label: Some((topics::MULTI_LABEL_SLOPE, topics::MULTI_LABEL_OFFSET)),
@@ -422,6 +518,10 @@ impl Engine {
             (true, Some(l)) => Some(self.label_set_within(l, &budget, caller).await?),
             (true, None) => Some(self.default_label_set().await?),
         };
+        let label_set = match label_set {
+            Some(set) => Some(self.refined(set).await),
+            None => None,
+        };
         let models = self.models.clone();
         let prepared = tokio::task::spawn_blocking(move || models.prepare(article))
             .await
@@ -446,6 +546,7 @@ impl Engine {
             tokio::task::spawn_blocking(move || models.finish(&prepared, &out, label_set.as_ref()))
                 .await
                 .map_err(|e| EngineError::Model(e.to_string()))?;
+        self.remember(&analysis.embedding);
         Ok((analysis, timing))
     }
 }

@@ -73,12 +73,17 @@ pub struct LabelSet {
     /// head's probabilities.
     #[serde(default)]
     pub multi_label: Option<(f32, f32)>,
+    /// Prototypes refined with unlabelled articles (`serve --refine-topics`), used for
+    /// single-label scores in place of `weights`.
+    #[serde(skip)]
+    pub refined: Option<Arc<Vec<Vec<f32>>>>,
 }
 
 impl LabelSet {
     /// Probabilities of each label for a unit-length article embedding.
     pub fn score(&self, article: &[f32]) -> Vec<f32> {
-        let w: Vec<&[f32]> = self.weights.iter().map(|v| v.as_slice()).collect();
+        let weights = self.refined.as_deref().unwrap_or(&self.weights);
+        let w: Vec<&[f32]> = weights.iter().map(|v| v.as_slice()).collect();
         topics::score(article, &w, &self.bias, self.scale)
     }
 

@@ -110,6 +110,71 @@ pub const MULTI_LABEL_SLOPE: f32 = 15.9;
 /// See [`MULTI_LABEL_SLOPE`].
 pub const MULTI_LABEL_OFFSET: f32 = -3.03;
 
+/// The index of the prototype closest to `article`.
+pub fn nearest(prototypes: &[Vec<f32>], article: &[f32]) -> usize {
+    prototypes
+        .iter()
+        .map(|p| p.iter().zip(article).map(|(a, b)| a * b).sum::<f32>())
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// Rounds of [`refine`].
+pub const REFINE_ROUNDS: usize = 5;
+
+/// Pseudo-count of [`refine`]'s anchor: a label whose articles weigh this much in total moves
+/// halfway towards them; one with (almost) none keeps its original prototype, so a feed that
+/// lacks a topic does not drag that topic's prototype towards other news.
+pub const REFINE_ANCHOR: f32 = 32.0;
+
+/// Prototypes refined with unlabelled articles (unit vectors): each round soft-assigns the
+/// articles to the labels (`softmax(DEFAULT_SCALE * cosine)`), and each label's prototype
+/// becomes its original prototype plus the (unit) weighted mean of its articles, the latter
+/// weighted `mass / (mass + REFINE_ANCHOR)` by the total weight of its articles. The original
+/// stays as an anchor, so a label keeps its meaning while taking the shape of the news it is
+/// applied to.
+pub fn refine(prototypes: &[Vec<f32>], articles: &[&[f32]], rounds: usize) -> Vec<Vec<f32>> {
+    let mut current = prototypes.to_vec();
+    if articles.is_empty() || prototypes.is_empty() {
+        return current;
+    }
+    for _ in 0..rounds {
+        let refs: Vec<&[f32]> = current.iter().map(Vec::as_slice).collect();
+        let mut sums = vec![vec![0f32; prototypes[0].len()]; prototypes.len()];
+        let mut mass = vec![0f32; prototypes.len()];
+        for a in articles {
+            let w = score(a, &refs, &[], DEFAULT_SCALE);
+            for (c, &wc) in w.iter().enumerate() {
+                mass[c] += wc;
+                for (s, x) in sums[c].iter_mut().zip(a.iter()) {
+                    *s += wc * x;
+                }
+            }
+        }
+        current = prototypes
+            .iter()
+            .zip(&sums)
+            .zip(&mass)
+            .map(|((p0, sum), &m)| {
+                if m <= 0.0 {
+                    return p0.clone();
+                }
+                let centroid: Vec<f32> = sum.iter().map(|x| x / m).collect();
+                let norm = centroid
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(1e-12);
+                let centroid: Vec<f32> = centroid.iter().map(|x| x / norm).collect();
+                mean_unit(&[p0, &centroid], &[1.0, m / (m + REFINE_ANCHOR)])
+            })
+            .collect();
+    }
+    current
+}
+
 /// Independent probabilities `sigmoid(slope * (label . article) + offset)`, each label capped
 /// by its parent's probability.
 pub fn score_independent(

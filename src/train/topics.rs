@@ -96,6 +96,26 @@ impl Default for HeadConfig {
 
 /// Fits `softmax(W x + b)` on embeddings `x` with class indices `y` (< `names.len()`).
 pub fn fit(x: &[Vec<f32>], y: &[usize], names: &[String], cfg: HeadConfig) -> Result<LabelSet> {
+    fit_from(x, y, names, cfg, None)
+}
+
+/// Steps and learning rate of a head that starts from zero-shot prototypes: few and small, so
+/// that a handful of examples adjusts the prototypes rather than replacing them (AdamW moves
+/// each weight by at most about `lr` per step: 100 x 0.01 = 1, the size of a prototype's
+/// coordinates times the scale).
+pub const PRIOR_STEPS: usize = 100;
+/// See [`PRIOR_STEPS`].
+pub const PRIOR_LR: f64 = 0.01;
+
+/// [`fit`], starting from `prior` (one unit-length zero-shot prototype per class, scaled by
+/// [`crate::pipeline::topics::DEFAULT_SCALE`]) instead of zeros when given.
+pub fn fit_from(
+    x: &[Vec<f32>],
+    y: &[usize],
+    names: &[String],
+    cfg: HeadConfig,
+    prior: Option<&[Vec<f32>]>,
+) -> Result<LabelSet> {
     let k = names.len();
     let Some(d) = x.first().map(Vec::len) else {
         bail!("no training rows");
@@ -110,7 +130,17 @@ pub fn fit(x: &[Vec<f32>], y: &[usize], names: &[String], cfg: HeadConfig) -> Re
         y.len(),
         &dev,
     )?;
-    let w = Var::zeros((k, d), DType::F32, &dev)?;
+    let w = match prior {
+        Some(p) => {
+            if p.len() != k || p.iter().any(|v| v.len() != d) {
+                bail!("the prior needs one {d}-dimensional prototype per class");
+            }
+            let scale = crate::pipeline::topics::DEFAULT_SCALE;
+            let flat: Vec<f32> = p.iter().flatten().map(|v| v * scale).collect();
+            Var::from_tensor(&Tensor::from_vec(flat, (k, d), &dev)?)?
+        }
+        None => Var::zeros((k, d), DType::F32, &dev)?,
+    };
     let b = Var::zeros(k, DType::F32, &dev)?;
     let mut opt = AdamW::new(
         vec![w.clone(), b.clone()],
@@ -135,6 +165,7 @@ pub fn fit(x: &[Vec<f32>], y: &[usize], names: &[String], cfg: HeadConfig) -> Re
         ids: Vec::new(),
         parents: Vec::new(),
         multi_label: None,
+        refined: None,
     })
 }
 
