@@ -474,14 +474,7 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
     // overflow it.
     let text = summit_article().repeat(3);
     let cost = common::cost(&text);
-    let srv = common::start(
-        EngineConfig {
-            max_queue_tokens: cost * 3 / 2,
-            max_wait: Duration::from_millis(20),
-            ..EngineConfig::default()
-        },
-        ServerConfig::default(),
-    );
+    let srv = common::one_article_queue_server(&text);
     let calls = (0..12).map(|i| {
         let text = text.clone();
         let srv = &srv;

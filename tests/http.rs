@@ -332,15 +332,7 @@ async fn deadlines_give_504_and_bad_ones_400() {
 #[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after() {
     let text = summit_article().repeat(3);
-    let cost = common::cost(&text);
-    let srv = common::start(
-        EngineConfig {
-            max_queue_tokens: cost * 3 / 2,
-            max_wait: Duration::from_millis(20),
-            ..EngineConfig::default()
-        },
-        ServerConfig::default(),
-    );
+    let srv = common::one_article_queue_server(&text);
     let url = format!("{}/v1/analyze", http_url(&srv));
     let calls = (0..12).map(|_| {
         let (url, text) = (url.clone(), text.clone());
@@ -521,20 +513,15 @@ fn serve_flag_metrics_and_readiness_during_drain() {
     rt.block_on(async {
         let base = format!("http://127.0.0.1:{http}");
         let c = reqwest::Client::new();
-        let r = c
-            .post(format!("{base}/v1/analyze"))
-            .json(&json!({"text": "Angela Merkel visited Paris."}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let r = c
-            .post(format!("{base}/v1/analyze"))
-            .json(&json!({"text": ""}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 400);
+        for (text, status) in [("Angela Merkel visited Paris.", 200), ("", 400)] {
+            let r = c
+                .post(format!("{base}/v1/analyze"))
+                .json(&json!({ "text": text }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), status);
+        }
         let text = c
             .get(format!("http://127.0.0.1:{metrics}/metrics"))
             .send()
@@ -577,4 +564,43 @@ fn serve_flag_metrics_and_readiness_during_drain() {
     let mut child = child;
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// A line over the size limit, or not UTF-8, is answered by its own item error, and the lines
+/// after it are still read and answered (the stream does not end at the first bad line).
+#[tokio::test]
+async fn ndjson_lines_over_the_limit_or_not_utf8_do_not_end_the_stream() {
+    let srv = common::start(
+        EngineConfig::default(),
+        ServerConfig {
+            max_message_bytes: 4096,
+            ..ServerConfig::default()
+        },
+    );
+    let line = |id: &str| format!("{}\n", json!({"id": id, "text": "Oslo is in Norway."}));
+    let mut body = line("a").into_bytes();
+    body.extend(format!("{}\n", json!({"id": "long", "text": "word ".repeat(2000)})).into_bytes());
+    body.extend(line("b").into_bytes());
+    body.extend(b"{\"id\":\"bad\",\"text\":\"P\xff\xfe\"}\n");
+    body.extend(line("c").into_bytes());
+    let lines = ndjson(stream_call(&srv, "").body(body).send().await.unwrap()).await;
+    let (end, items) = lines.split_last().unwrap();
+    assert_eq!(end["end"]["code"], 0, "{end}");
+    let mut ids: Vec<&str> = items
+        .iter()
+        .filter_map(|l| l["response"]["id"].as_str())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b", "c"], "{lines:?}");
+    let errors: Vec<String> = items
+        .iter()
+        .filter_map(|l| l["error"]["message"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors
+        .iter()
+        .any(|e| e.contains("line 2") && e.contains("--max-message-bytes")));
+    assert!(errors
+        .iter()
+        .any(|e| e.contains("line 4") && e.contains("UTF-8")));
 }

@@ -218,7 +218,7 @@ fn labels_from_proto(
                 ),
             ));
         }
-        if l.id.len() > limits.max_id_bytes {
+        if l.id.len() > limits.max_id_bytes || l.parent.len() > limits.max_id_bytes {
             return Err(invalid(
                 &format!("labels[{i}].id"),
                 format!(

@@ -143,9 +143,18 @@ pub async fn serve_with_http(
                 cfg.max_message_bytes,
                 ready_rx,
             ));
-            let (tls, stop, grace) = (cfg.tls.clone(), stop_rx.clone(), cfg.grace);
+            let tls = cfg.tls.as_ref().map(crate::http::tls_config).transpose()?;
+            let limits = crate::http::ConnLimits {
+                max_concurrent_streams: cfg.max_concurrent_streams,
+                keepalive: cfg.keepalive,
+            };
+            let (stop, grace) = (stop_rx.clone(), cfg.grace);
             Some(tokio::spawn(async move {
-                crate::http::serve(l, router, tls.as_ref(), stop, grace).await
+                let res = crate::http::serve(l, router, tls, limits, stop, grace).await;
+                if let Err(e) = &res {
+                    tracing::error!(error = %e, "the HTTP listener failed");
+                }
+                res
             }))
         }
         None => None,

@@ -178,6 +178,21 @@ struct Seen {
     pushed: u64,
     /// Hash of the original prototypes -> (pool generation, refined prototypes).
     refined: std::collections::HashMap<u64, (u64, Prototypes)>,
+    /// Label sets being refined now.
+    refining: std::collections::HashSet<u64>,
+}
+
+/// Marks a label set as being refined until dropped.
+struct RefiningMark {
+    seen: Arc<Mutex<Seen>>,
+    key: u64,
+}
+
+impl Drop for RefiningMark {
+    fn drop(&mut self) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.refining.remove(&self.key);
+    }
 }
 
 /// A hash of prototypes, identifying a label set.
@@ -236,21 +251,33 @@ impl Engine {
         }
         let key = prototypes_key(&set.weights);
         let (pool, generation) = {
-            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.articles.len() < REFINE_MIN_POOL {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.articles.len() < REFINE_MIN_POOL.min(self.cfg.refine_pool) {
                 return set;
             }
             let generation = seen.pushed / REFINE_EVERY;
-            if let Some((g, w)) = seen.refined.get(&key) {
+            let stale = seen.refined.get(&key).cloned();
+            if let Some((g, w)) = &stale {
                 if *g == generation {
                     set.refined = Some(w.clone());
                     return set;
                 }
             }
+            // One refinement per label set at a time: the others use the previous one (or
+            // the original prototypes) meanwhile, instead of all computing the same thing.
+            if !seen.refining.insert(key) {
+                set.refined = stale.map(|(_, w)| w);
+                return set;
+            }
             (
                 seen.articles.iter().cloned().collect::<Vec<_>>(),
                 generation,
             )
+        };
+        // Clears the mark however this ends, also when the caller's deadline drops us.
+        let _mark = RefiningMark {
+            seen: self.seen.clone(),
+            key,
         };
         let weights = set.weights.clone();
         let refined = tokio::task::spawn_blocking(move || {

@@ -110,7 +110,11 @@ impl IntoResponse for ApiError {
         let http = self.http.unwrap_or_else(|| http_status(code));
         let mut resp = (http, axum::Json(status_json(&self.status))).into_response();
         let headers = resp.headers_mut();
-        if matches!(code, Code::ResourceExhausted | Code::Unavailable) {
+        // Not on 413: a body over the limit never fits, however long the client waits.
+        if matches!(
+            http,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
         }
         if code == Code::Unauthenticated {

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::codec::{Decoder, FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::io::StreamReader;
 use tonic::{Code, Status};
 
@@ -140,14 +140,18 @@ fn grpc_request<T>(
     Ok(req)
 }
 
-/// Reads a JSON body of at most `state.max_body` bytes as a proto message.
+/// Reads a JSON body of at most `state.max_body` bytes as a proto message, into the gRPC
+/// request the call stands for. The content type, the token and the deadline are checked
+/// before a byte of the body is read.
 async fn read_json<T: DeserializeOwned>(
     state: &HttpState,
     req: Request,
     message: &str,
-) -> Result<(Parts, T), ApiError> {
+) -> Result<tonic::Request<T>, ApiError> {
+    let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     check_media(&parts.headers, is_json, "application/json")?;
+    let (md, ext, ()) = grpc_request(state, &parts, arrived, ())?.into_parts();
     let bytes = read_body(body, state.max_body).await?;
     let value = serde_json::from_slice::<T>(&bytes).map_err(|e| {
         crate::api::convert::invalid(
@@ -155,7 +159,7 @@ async fn read_json<T: DeserializeOwned>(
             format!("not a valid {message} in the proto3 JSON mapping: {e}"),
         )
     })?;
-    Ok((parts, value))
+    Ok(tonic::Request::from_parts(md, ext, value))
 }
 
 /// 413 for a body over the limit, named as the gRPC message limit is.
@@ -208,10 +212,7 @@ fn json<T: serde::Serialize>(message: &T) -> Response {
 
 /// `POST /v1/analyze`.
 pub async fn analyze(State(state): State<HttpState>, req: Request) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
-    let (parts, message) =
-        read_json::<proto::AnalyzeRequest>(&state, req, "AnalyzeRequest").await?;
-    let req = grpc_request(&state, &parts, arrived, message)?;
+    let req = read_json::<proto::AnalyzeRequest>(&state, req, "AnalyzeRequest").await?;
     Ok(json(&state.svc.analyze(req).await?.into_inner()))
 }
 
@@ -220,10 +221,7 @@ pub async fn analyze_batch(
     State(state): State<HttpState>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
-    let (parts, message) =
-        read_json::<proto::AnalyzeBatchRequest>(&state, req, "AnalyzeBatchRequest").await?;
-    let req = grpc_request(&state, &parts, arrived, message)?;
+    let req = read_json::<proto::AnalyzeBatchRequest>(&state, req, "AnalyzeBatchRequest").await?;
     Ok(json(&state.svc.analyze_batch(req).await?.into_inner()))
 }
 
@@ -234,24 +232,81 @@ pub async fn info(State(state): State<HttpState>, req: Request) -> Result<Respon
     Ok(json(&state.svc.get_info(req).await?.into_inner()))
 }
 
+/// What went wrong with one line alone: answered by an item error, and the stream goes on.
+enum BadLine {
+    /// Over the size limit (skipped up to its newline).
+    TooLong,
+    /// Not UTF-8.
+    NotUtf8,
+}
+
+/// NDJSON lines whose faults are per line: a line over the limit or not UTF-8 is an item
+/// (`Err(BadLine)`) and decoding goes on, where `LinesCodec` alone would end the stream
+/// (tokio-util's `FramedRead` stops at a decoder's first error). Only I/O errors of the body
+/// end it.
+struct NdjsonLines(LinesCodec);
+
+impl NdjsonLines {
+    fn lenient(
+        res: Result<Option<String>, LinesCodecError>,
+    ) -> Result<Option<Result<String, BadLine>>, std::io::Error> {
+        match res {
+            Ok(line) => Ok(line.map(Ok)),
+            Err(LinesCodecError::MaxLineLengthExceeded) => Ok(Some(Err(BadLine::TooLong))),
+            Err(LinesCodecError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Ok(Some(Err(BadLine::NotUtf8)))
+            }
+            Err(LinesCodecError::Io(e)) => Err(e),
+        }
+    }
+}
+
+impl Decoder for NdjsonLines {
+    type Item = Result<String, BadLine>;
+    type Error = std::io::Error;
+
+    fn decode(
+        &mut self,
+        buf: &mut tokio_util::bytes::BytesMut,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        Self::lenient(self.0.decode(buf))
+    }
+
+    fn decode_eof(
+        &mut self,
+        buf: &mut tokio_util::bytes::BytesMut,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        Self::lenient(self.0.decode_eof(buf))
+    }
+}
+
 /// One line of an NDJSON stream read as a request; a line that is not one is answered by
 /// an item error naming its line number (and its `id`, when that much could be read).
 fn incoming(
     n: usize,
-    line: Result<String, LinesCodecError>,
+    line: Result<Result<String, BadLine>, std::io::Error>,
     limit: usize,
 ) -> Option<Result<Incoming, Status>> {
+    let bad = |status: Status| {
+        Some(Ok(Incoming::Invalid {
+            id: String::new(),
+            status,
+        }))
+    };
     let line = match line {
-        Ok(l) => l,
-        Err(LinesCodecError::MaxLineLengthExceeded) => {
-            return Some(Ok(Incoming::Invalid {
-                id: String::new(),
-                status: Status::resource_exhausted(format!(
-                    "line {n}: longer than {limit} bytes (--max-message-bytes); skipped"
-                )),
-            }))
+        Ok(Ok(l)) => l,
+        Ok(Err(BadLine::TooLong)) => {
+            return bad(Status::resource_exhausted(format!(
+                "line {n}: longer than {limit} bytes (--max-message-bytes); skipped"
+            )))
         }
-        Err(LinesCodecError::Io(e)) => {
+        Ok(Err(BadLine::NotUtf8)) => {
+            return bad(crate::api::convert::invalid(
+                "body",
+                format!("line {n}: not valid UTF-8; skipped"),
+            ))
+        }
+        Err(e) => {
             return Some(Err(Status::invalid_argument(format!(
                 "reading the request body at line {n}: {e}"
             ))))
@@ -309,7 +364,7 @@ pub async fn analyze_stream(
         body.into_data_stream()
             .map(|r| r.map_err(std::io::Error::other)),
     );
-    let lines = FramedRead::new(reader, LinesCodec::new_with_max_length(limit))
+    let lines = FramedRead::new(reader, NdjsonLines(LinesCodec::new_with_max_length(limit)))
         .enumerate()
         .filter_map(move |(i, line)| futures::future::ready(incoming(i + 1, line, limit)));
     let answers = state.svc.stream_items(timeout, Box::pin(lines));

@@ -18,7 +18,7 @@ use crate::api::auth::BearerAuth;
 use crate::api::service::TidingsService;
 use crate::api::TlsConfig;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -68,20 +68,49 @@ pub fn router(state: HttpState) -> Router {
 /// How long a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an HTTP/1 client has to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Per-connection limits of the HTTP listener, from the server's gRPC settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Most h2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// h2 keepalive PING interval.
+    pub keepalive: Duration,
+}
+
+/// The rustls configuration of the HTTP listener, built before serving so that a bad
+/// certificate fails start-up rather than the HTTP port alone.
+pub fn tls_config(tls: &TlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    tls::server_config(tls)
+}
+
 /// Serves `router` on `listener` (HTTP/1.1 and h2, TLS when `tls` is set) until `stop`
 /// turns `true`; then the listener closes and open connections get `grace` to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    tls: Option<&TlsConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: ConnLimits,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let acceptor = match tls {
-        Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(t)?)),
-        None => None,
-    };
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A timer, so that hyper enforces its header-read timeout (slow clients holding
+    // connections) and h2 keepalive PINGs find dead peers as gRPC's do.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.keepalive)
+        .keep_alive_timeout(crate::api::KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(limits.max_concurrent_streams);
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tracing::info!(addr = %listener.local_addr()?, tls = acceptor.is_some(), "serving HTTP/JSON, /openapi.json and the page");
     let stopped = async {

@@ -176,6 +176,19 @@ pub fn document(descriptor_set: &[u8]) -> Value {
         }
     }
     schemas.insert("Error".into(), error_schema());
+    schemas.insert(
+        "StreamEnd".into(),
+        json!({
+            "type": "object",
+            "description": "The last line of an NDJSON answer: how the stream ended. Code 0 (OK) means every line was answered; otherwise (e.g. 4 DEADLINE_EXCEEDED, 14 UNAVAILABLE while the server drains) the lines without an answer were not read: send them again.",
+            "required": ["end"],
+            "properties": {"end": {"type": "object", "properties": {
+                "code": {"type": "integer"},
+                "status": {"type": "string"},
+                "message": {"type": "string"}
+            }}}
+        }),
+    );
 
     let mut paths = Map::new();
     for r in ROUTES {
@@ -194,6 +207,14 @@ pub fn document(descriptor_set: &[u8]) -> Value {
         });
         let (media, schema) = r.response;
         let body = match schema {
+            // An NDJSON answer: items, then the line saying how the stream ended.
+            Some(name) if media == "application/x-ndjson" => json!({"schema": {
+                "description": "Each line is one of these JSON objects.",
+                "oneOf": [
+                    {"$ref": format!("#/components/schemas/{name}")},
+                    {"$ref": "#/components/schemas/StreamEnd"}
+                ]
+            }}),
             Some(name) => json!({"schema": {"$ref": format!("#/components/schemas/{name}")}}),
             None if media == "text/html" => json!({"schema": {"type": "string"}}),
             None => json!({"schema": {"type": "object"}}),
@@ -205,8 +226,22 @@ pub fn document(descriptor_set: &[u8]) -> Value {
                 "content": {media: {"schema": {"$ref": format!("#/components/schemas/{name}")}}},
             });
         }
-        if r.rpc.is_some() || r.operation_id == "readyz" {
+        if r.rpc.is_some() {
             op["responses"]["default"] = json!({"$ref": "#/components/responses/Error"});
+            for code in ["400", "401", "429", "503", "504"] {
+                op["responses"][code] = json!({"$ref": "#/components/responses/Error"});
+            }
+            if r.request.is_some() {
+                for code in ["413", "415"] {
+                    op["responses"][code] = json!({"$ref": "#/components/responses/Error"});
+                }
+            }
+        }
+        if r.operation_id == "readyz" {
+            op["responses"]["503"] = json!({
+                "description": "Draining for shutdown: send new work elsewhere.",
+                "content": {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string", "const": "NOT_SERVING"}}}}}
+            });
         }
         if r.deadline {
             op["parameters"] = json!([
@@ -252,7 +287,7 @@ pub fn document(descriptor_set: &[u8]) -> Value {
             "parameters": {
                 "timeout": {
                     "name": "timeout", "in": "query", "required": false,
-                    "description": "The call's deadline, e.g. 2s, 1.5s, 250ms or 1m. Capped by the server's request timeout; past it the call fails with 504 DEADLINE_EXCEEDED.",
+                    "description": "The call's deadline, e.g. 2s, 1.5s, 250ms or 1m. For analyze and analyze:batch it is capped by the server's request timeout, and past it the call fails with 504 DEADLINE_EXCEEDED; for analyze:stream it bounds the whole stream, which then ends with a StreamEnd line of code 4.",
                     "schema": {"type": "string", "pattern": "^[0-9.]+(ms|s|m|h)$"}
                 },
                 "grpcTimeout": {

@@ -71,6 +71,20 @@ pub fn parents(labels: &[Label]) -> Result<Vec<Option<usize>>, String> {
             .iter()
             .position(|l| (!l.id.is_empty() && l.id == key) || l.name.eq_ignore_ascii_case(key))
     };
+    // Ids must be distinct, and no id may be another label's name, so that a parent names
+    // one label only.
+    for (i, l) in labels.iter().enumerate().filter(|(_, l)| !l.id.is_empty()) {
+        if let Some(j) = labels
+            .iter()
+            .enumerate()
+            .position(|(j, m)| j != i && (m.id == l.id || m.name.eq_ignore_ascii_case(&l.id)))
+        {
+            return Err(format!(
+                "labels[{i}].id: {:?} is also the id or name of labels[{j}]",
+                l.id
+            ));
+        }
+    }
     let mut out = Vec::with_capacity(labels.len());
     for (i, l) in labels.iter().enumerate() {
         let p = l.parent.trim();
@@ -201,7 +215,7 @@ pub fn cap_by_parents(scores: &mut [f32], parents: &[Option<usize>]) {
     for _ in 0..scores.len() {
         let mut changed = false;
         for (i, p) in parents.iter().enumerate() {
-            if let Some(&j) = p.as_ref() {
+            if let Some(&j) = p.as_ref().filter(|&&j| j < scores.len()) {
                 if scores[i] > scores[j] {
                     scores[i] = scores[j];
                     changed = true;
@@ -292,6 +306,19 @@ mod tests {
             .unwrap_err()
             .contains("labels[0].parent"));
         assert!(parents(&[l("a", "a")]).is_err());
+        let with_id = |name: &str, id: &str| Label {
+            name: name.into(),
+            id: id.into(),
+            ..Label::default()
+        };
+        assert!(parents(&[with_id("a", "x"), with_id("b", "x")])
+            .unwrap_err()
+            .contains("labels[0].id"));
+        assert!(parents(&[with_id("a", "b"), with_id("b", "")]).is_err());
+        // An index out of range (a hand-edited head file) is ignored, not a panic.
+        let mut s = vec![0.9, 0.1];
+        cap_by_parents(&mut s, &[Some(7), None]);
+        assert_eq!(s, vec![0.9, 0.1]);
     }
 
     #[test]

@@ -222,3 +222,16 @@ pub async fn post_json(
     let status = resp.status().as_u16();
     (status, resp.json().await.expect("a JSON answer"))
 }
+
+/// A server whose queue holds one `text` and not two (1.5 times its cost), so that
+/// concurrent calls with it overflow the queue.
+pub fn one_article_queue_server(text: &str) -> TestServer {
+    start(
+        EngineConfig {
+            max_queue_tokens: cost(text) * 3 / 2,
+            max_wait: Duration::from_millis(20),
+            ..EngineConfig::default()
+        },
+        ServerConfig::default(),
+    )
+}
