@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{http_url, post_json, server, summit_article};
+use common::{get_json, http_url, post_json, server, summit_article};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tidings::api::ServerConfig;
@@ -82,14 +82,7 @@ async fn summit_article_over_http_is_the_grpc_answer_in_proto3_json() {
 async fn info_health_readiness_openapi_and_page() {
     let base = http_url(server());
     let http = reqwest::Client::new();
-    let info: Value = http
-        .get(format!("{base}/v1/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = get_json(server(), "/v1/info").await;
     assert!(
         info["limits"]["maxTextChars"].as_u64().unwrap() > 0,
         "{info}"
@@ -99,14 +92,7 @@ async fn info_health_readiness_openapi_and_page() {
         let r = http.get(format!("{base}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
-    let doc: Value = http
-        .get(format!("{base}/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = get_json(server(), "/openapi.json").await;
     assert_eq!(doc["openapi"], "3.1.0");
     // Every documented path is served (none answers 404).
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -135,12 +121,7 @@ async fn info_health_readiness_openapi_and_page() {
 #[tokio::test]
 async fn bad_input_gets_400_naming_the_field() {
     let srv = server();
-    let info: Value = reqwest::get(format!("{}/v1/info", http_url(srv)))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = get_json(srv, "/v1/info").await;
     let limits = &info["limits"];
     let max_chars = limits["maxTextChars"].as_u64().unwrap() as usize;
     let max_labels = limits["maxLabels"].as_u64().unwrap() as usize;

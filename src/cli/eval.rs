@@ -104,9 +104,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
             models,
             limits,
         } => {
-            let tax: Taxonomy = serde_json::from_slice(
-                &std::fs::read(&labels).with_context(|| format!("reading {}", labels.display()))?,
-            )?;
+            let tax = Taxonomy::read(&labels)?;
             let mut rows = Vec::new();
             for ex in tidings::train::topics::read_examples(&file)? {
                 let label: usize = ex.label.parse().context("label column must be 1..N")?;
@@ -146,48 +144,10 @@ pub fn run(c: EvalCommand) -> Result<()> {
                     odd.iter().filter(|&&b| b).count() as f64 / odd.len().max(1) as f64
                 );
             }
-            if refine {
-                let golds: Vec<usize> = rows.iter().map(|(g, _, _)| g - 1).collect();
-                let embeddings: Vec<&[f32]> =
-                    results.iter().map(|a| a.embedding.as_slice()).collect();
-                let pool: Vec<&[f32]> = embeddings.iter().step_by(2).copied().collect();
-                println!(
-                    "refinement: {} unlabelled articles (even rows), accuracy on the {} odd rows",
-                    pool.len(),
-                    embeddings.len() / 2
-                );
-                for path in std::iter::once(&labels).chain(&calibration_labels) {
-                    let t: Taxonomy = serde_json::from_slice(
-                        &std::fs::read(path)
-                            .with_context(|| format!("reading {}", path.display()))?,
-                    )?;
-                    let set = rt
-                        .block_on(engine.label_set(&t.labels, engine.caller(Class::Batch)))
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let odd = |p: &[Vec<f32>]| {
-                        let (mut right, mut n) = (0usize, 0usize);
-                        for (i, e) in embeddings.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
-                            right += usize::from(topics::nearest(p, e) == golds[i]);
-                            n += 1;
-                        }
-                        right as f64 / n.max(1) as f64
-                    };
-                    let refined = topics::refine(&set.weights, &pool, topics::REFINE_ROUNDS);
-                    println!(
-                        "  {}: {:.4} -> {:.4} refined",
-                        path.display(),
-                        odd(&set.weights),
-                        odd(&refined)
-                    );
-                }
-            }
-            if fit_multi_label {
+            if refine || fit_multi_label {
                 let mut sets = Vec::new();
                 for path in std::iter::once(&labels).chain(&calibration_labels) {
-                    let t: Taxonomy = serde_json::from_slice(
-                        &std::fs::read(path)
-                            .with_context(|| format!("reading {}", path.display()))?,
-                    )?;
+                    let t = Taxonomy::read(path)?;
                     if t.labels.len() != tax.labels.len() {
                         anyhow::bail!(
                             "{} has {} labels, not {}",
@@ -204,7 +164,12 @@ pub fn run(c: EvalCommand) -> Result<()> {
                 let golds: Vec<usize> = rows.iter().map(|(g, _, _)| g - 1).collect();
                 let embeddings: Vec<&[f32]> =
                     results.iter().map(|a| a.embedding.as_slice()).collect();
-                multi_label_report(&sets, &embeddings, &golds);
+                if refine {
+                    refine_report(&sets, &embeddings, &golds);
+                }
+                if fit_multi_label {
+                    multi_label_report(&sets, &embeddings, &golds);
+                }
             }
             let n = tax.labels.len();
             let mut confusion = vec![vec![0usize; n]; n];
@@ -307,6 +272,33 @@ fn parity(task: &str, model: &std::path::Path, sentences: &std::path::Path) -> R
         serde_json::json!({"model": model.display().to_string(), "task": task, "sentences": out});
     println!("{}", serde_json::to_string(&doc)?);
     Ok(())
+}
+
+/// Accuracy of each label wording in `sets` on the odd rows, before and after refining its
+/// prototypes with the even rows' articles as unlabelled text.
+fn refine_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], golds: &[usize]) {
+    let pool: Vec<&[f32]> = embeddings.iter().step_by(2).copied().collect();
+    println!(
+        "refinement: {} unlabelled articles (even rows), accuracy on the {} odd rows",
+        pool.len(),
+        embeddings.len() / 2
+    );
+    let odd = |p: &[Vec<f32>]| {
+        let (mut right, mut n) = (0usize, 0usize);
+        for (i, e) in embeddings.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+            right += usize::from(topics::nearest(p, e) == golds[i]);
+            n += 1;
+        }
+        right as f64 / n.max(1) as f64
+    };
+    for (path, weights) in sets {
+        let refined = topics::refine(weights, &pool, topics::REFINE_ROUNDS);
+        println!(
+            "  {path}: {:.4} -> {:.4} refined",
+            odd(weights),
+            odd(&refined)
+        );
+    }
 }
 
 /// One-vs-rest pairs `(cosine, about)` of articles against labels.

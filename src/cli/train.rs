@@ -197,9 +197,7 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     let embedded = started.elapsed();
     let prior: Option<Vec<Vec<f32>>> = match &a.prior {
         Some(p) => {
-            let tax: tidings::pipeline::topics::Taxonomy = serde_json::from_slice(
-                &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-            )?;
+            let tax = tidings::pipeline::topics::Taxonomy::read(p)?;
             if tax.labels.len() != names.len() {
                 anyhow::bail!(
                     "{} has {} labels; the data has {} classes",

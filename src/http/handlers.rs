@@ -62,10 +62,17 @@ fn check_media(headers: &HeaderMap, ok: fn(&str) -> bool, want: &str) -> Result<
     ))
 }
 
-/// The call's deadline: the `timeout` query parameter (`2s`, `1.5s`, `250ms`, `1m`) or a
-/// `Grpc-Timeout` header (gRPC's format, as grpc-gateway takes it). The service caps it
-/// with its request timeout, as for gRPC.
+/// The call's deadline, in whole milliseconds from 1 ms to gRPC's 8-digit maximum (over a
+/// day; the service's own request timeout is shorter anyway). The service caps it with its
+/// request timeout, as for gRPC.
 fn deadline(parts: &Parts) -> Result<Option<Duration>, ApiError> {
+    Ok(requested_deadline(parts)?
+        .map(|d| Duration::from_millis(d.as_millis().clamp(1, 99_999_999) as u64)))
+}
+
+/// The deadline the client asked for: the `timeout` query parameter (`2s`, `1.5s`, `250ms`,
+/// `1m`) or a `Grpc-Timeout` header (gRPC's format, as grpc-gateway takes it).
+fn requested_deadline(parts: &Parts) -> Result<Option<Duration>, ApiError> {
     let query = parts.uri.query().unwrap_or("");
     for pair in query.split('&') {
         if let Some(v) = pair.strip_prefix("timeout=") {
@@ -112,14 +119,8 @@ fn parse_timeout(v: &str) -> Option<Duration> {
         .flatten()
 }
 
-/// The gRPC request an HTTP call stands for: the bearer token checked as the gRPC
-/// interceptor checks it, the deadline as `grpc-timeout`, and when the call arrived.
-fn grpc_request<T>(
-    state: &HttpState,
-    parts: &Parts,
-    arrived: Instant,
-    message: T,
-) -> Result<tonic::Request<T>, ApiError> {
+/// Checks the bearer token as the gRPC interceptor checks it.
+fn authorize(state: &HttpState, parts: &Parts) -> Result<(), ApiError> {
     let mut probe = tonic::Request::new(());
     if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
         if let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes()) {
@@ -127,12 +128,21 @@ fn grpc_request<T>(
         }
     }
     tonic::service::Interceptor::call(&mut state.auth.clone(), probe)?;
+    Ok(())
+}
+
+/// The gRPC request an HTTP call stands for: the bearer token checked, the deadline as
+/// `grpc-timeout`, and when the call arrived.
+fn grpc_request<T>(
+    state: &HttpState,
+    parts: &Parts,
+    arrived: Instant,
+    message: T,
+) -> Result<tonic::Request<T>, ApiError> {
+    authorize(state, parts)?;
     let mut req = tonic::Request::new(message);
     if let Some(d) = deadline(parts)? {
-        // gRPC's format allows 8 digits: in milliseconds that is over a day, and the
-        // service's own request timeout is shorter anyway.
-        let ms = d.as_millis().clamp(1, 99_999_999);
-        if let Ok(v) = format!("{ms}m").parse() {
+        if let Ok(v) = format!("{}m", d.as_millis()).parse() {
             req.metadata_mut().insert("grpc-timeout", v);
         }
     }
@@ -354,11 +364,8 @@ pub async fn analyze_stream(
         is_ndjson,
         "application/x-ndjson (one JSON request per line)",
     )?;
-    let timeout = grpc_request(&state, &parts, Instant::now(), ())?
-        .metadata()
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
+    authorize(&state, &parts)?;
+    let timeout = deadline(&parts)?;
     let limit = state.max_body;
     let reader = StreamReader::new(
         body.into_data_stream()

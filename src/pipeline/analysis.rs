@@ -90,19 +90,20 @@ impl LabelSet {
     /// Independent probabilities that the article is about each label, each capped by its
     /// parent's.
     pub fn score_independent(&self, article: &[f32]) -> Vec<f32> {
-        let parents = if self.parents.len() == self.names.len() {
-            self.parents.clone()
+        // Parents that do not match the labels (a hand-edited head file) are ignored.
+        let parents: &[Option<usize>] = if self.parents.len() == self.names.len() {
+            &self.parents
         } else {
-            vec![None; self.names.len()]
+            &[]
         };
         match self.multi_label {
             Some((slope, offset)) => {
                 let w: Vec<&[f32]> = self.weights.iter().map(|v| v.as_slice()).collect();
-                topics::score_independent(article, &w, &parents, slope, offset)
+                topics::score_independent(article, &w, parents, slope, offset)
             }
             None => {
                 let mut p = self.score(article);
-                topics::cap_by_parents(&mut p, &parents);
+                topics::cap_by_parents(&mut p, parents);
                 p
             }
         }
@@ -304,7 +305,6 @@ impl Models {
         taxonomy: Option<&Path>,
         window: WindowSpec,
     ) -> anyhow::Result<Self> {
-        use anyhow::Context;
         let device = Device::Cpu;
         let ner = match ner_dir {
             Some(p) => {
@@ -329,15 +329,7 @@ impl Models {
                 let model = SentenceEmbedder::load(&dir, &device)?;
                 let specials = specials_of(&dir)?;
                 let default_labels = match taxonomy {
-                    Some(t) => {
-                        let bytes = std::fs::read(t)
-                            .with_context(|| format!("reading taxonomy {}", t.display()))?;
-                        let tax: topics::Taxonomy = serde_json::from_slice(&bytes)
-                            .with_context(|| format!("parsing taxonomy {}", t.display()))?;
-                        topics::parents(&tax.labels)
-                            .map_err(|e| anyhow::anyhow!("taxonomy {}: {e}", t.display()))?;
-                        tax.labels
-                    }
+                    Some(t) => topics::Taxonomy::read(t)?.labels,
                     None => Vec::new(),
                 };
                 let window = window.fit(dir.config.max_tokens());

@@ -63,6 +63,19 @@ pub struct Taxonomy {
     pub attribution: String,
 }
 
+impl Taxonomy {
+    /// Reads a taxonomy file and checks its labels' parents (known, no cycles).
+    pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading taxonomy {}", path.display()))?;
+        let tax: Self = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing taxonomy {}", path.display()))?;
+        parents(&tax.labels).map_err(|e| anyhow::anyhow!("taxonomy {}: {e}", path.display()))?;
+        Ok(tax)
+    }
+}
+
 /// The parent of each label, as an index into `labels`, from each label's `parent` (a name
 /// or id of another label). Errors name the label at fault: an unknown parent, or a cycle.
 pub fn parents(labels: &[Label]) -> Result<Vec<Option<usize>>, String> {

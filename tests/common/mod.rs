@@ -207,6 +207,16 @@ pub fn http_url(server: &TestServer) -> String {
     format!("http://{}", server.http)
 }
 
+/// GETs `path` of `server`'s HTTP API as JSON.
+pub async fn get_json(server: &TestServer, path: &str) -> serde_json::Value {
+    reqwest::get(format!("{}{path}", http_url(server)))
+        .await
+        .expect("HTTP call")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
 /// POSTs `body` as JSON to `path` of `server`'s HTTP API: (HTTP status, JSON answer).
 pub async fn post_json(
     server: &TestServer,
