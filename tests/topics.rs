@@ -287,3 +287,120 @@ async fn prototypes_are_refined_with_the_articles_the_server_sees() {
         "multi-label scores must not drift"
     );
 }
+
+/// `tidings train topics --prior TAX --unlabelled FILE`: a few-shot head with a memory of
+/// unlabelled articles (and the labelled ones), served by `serve --topic-head` through gRPC.
+#[test]
+fn few_shot_head_with_memory_is_trained_and_served() {
+    use common::process;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p.display().to_string()
+    };
+    let line = |label: &str, text: &str| {
+        serde_json::json!({"label": label, "text": text}).to_string() + "\n"
+    };
+    let labelled: String = [
+        (
+            "markets",
+            "Shares fell on Wall Street as bond yields rose after the inflation report.",
+        ),
+        (
+            "markets",
+            "The central bank left interest rates unchanged and the dollar weakened.",
+        ),
+        (
+            "markets",
+            "Oil prices climbed to a six-month high on supply worries.",
+        ),
+        (
+            "markets",
+            "The retailer's quarterly profit beat forecasts and its stock jumped 8%.",
+        ),
+        (
+            "sport",
+            "The striker scored twice as the home side won the cup final 3-1.",
+        ),
+        (
+            "sport",
+            "The champion retained her title after a five-set match at Wimbledon.",
+        ),
+        (
+            "sport",
+            "The coach was sacked after the team's fifth straight league defeat.",
+        ),
+        (
+            "sport",
+            "He finished the marathon in a course record of two hours and four minutes.",
+        ),
+    ]
+    .iter()
+    .map(|(l, t)| line(l, t))
+    .collect();
+    let unlabelled: String = [
+        "European stocks closed lower, dragged down by banks and miners.",
+        "The euro slipped against the dollar after weak factory data.",
+        "Gold rose as investors sought safety from volatile equity markets.",
+        "Treasury yields hit their highest level since 2007.",
+        "The goalkeeper saved a late penalty to keep a clean sheet.",
+        "The sprinter won gold in the 100 metres final.",
+        "The quarterback threw three touchdowns in the second half.",
+        "The cyclist took the yellow jersey on the mountain stage.",
+    ]
+    .iter()
+    .map(|t| line("", t))
+    .collect();
+    let data = write("labelled.jsonl", labelled);
+    let pool = write("unlabelled.jsonl", unlabelled);
+    let prior = write(
+        "prior.json",
+        r#"{"labels": [{"name": "markets"}, {"name": "sport"}]}"#.to_string(),
+    );
+    let head = dir.path().join("head.json");
+    let out = std::process::Command::new(process::BIN)
+        .current_dir(common::root())
+        .args(["train", "topics", "--data", &data, "--prior", &prior])
+        .args(["--unlabelled", &pool, "--folds", "2", "--out"])
+        .arg(&head)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&head).unwrap()).unwrap();
+    assert_eq!(
+        written["memory"]["vectors"].as_array().map(Vec::len),
+        Some(16),
+        "8 unlabelled + 8 labelled articles remembered"
+    );
+    let port = process::free_port();
+    let child = process::serve(port, &["--topic-head", head.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c =
+            proto::tidings_client::TidingsClient::connect(format!("http://127.0.0.1:{port}"))
+                .await
+                .unwrap();
+        for (text, want) in [
+            (
+                "The midfielder was sent off as the derby ended 2-2.",
+                "sport",
+            ),
+            (
+                "Stock futures slid as traders priced in another rate hike.",
+                "markets",
+            ),
+        ] {
+            let r = c.analyze(request("q", text)).await.unwrap().into_inner();
+            assert_eq!(r.topics[0].label, want, "{text}: {:?}", r.topics);
+            let sum: f32 = r.topics.iter().map(|t| t.score).sum();
+            assert!((sum - 1.0).abs() < 1e-4, "{:?}", r.topics);
+        }
+    });
+    process::stop(child);
+}

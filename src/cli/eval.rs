@@ -275,7 +275,8 @@ fn parity(task: &str, model: &std::path::Path, sentences: &std::path::Path) -> R
 }
 
 /// Accuracy of each label wording in `sets` on the odd rows, before and after refining its
-/// prototypes with the even rows' articles as unlabelled text.
+/// prototypes with the even rows' articles as unlabelled text, and with a memory of those
+/// articles labelled by the refined prototypes (what `serve --refine-topics` serves).
 fn refine_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], golds: &[usize]) {
     let pool: Vec<&[f32]> = embeddings.iter().step_by(2).copied().collect();
     println!(
@@ -291,12 +292,22 @@ fn refine_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], golds:
         }
         right as f64 / n.max(1) as f64
     };
+    let pooled = std::sync::Arc::new(pool.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
     for (path, weights) in sets {
         let refined = topics::refine(weights, &pool, topics::REFINE_ROUNDS);
+        let memory = topics::Memory::pseudo_labelled(&refined, pooled.clone(), &[]);
+        let (mut right, mut n) = (0usize, 0usize);
+        for (i, e) in embeddings.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+            let p = memory.vote(e).unwrap_or_default();
+            let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b]));
+            right += usize::from(best == Some(golds[i]));
+            n += 1;
+        }
         println!(
-            "  {path}: {:.4} -> {:.4} refined",
+            "  {path}: {:.4} -> {:.4} refined -> {:.4} with the memory",
             odd(weights),
-            odd(&refined)
+            odd(&refined),
+            right as f64 / n.max(1) as f64
         );
     }
 }

@@ -179,9 +179,10 @@ pub struct LimitArgs {
     /// unary calls get the rest first. Higher favours batch throughput, lower unary latency.
     #[arg(long, env = "TIDINGS_BATCH_SHARE", default_value_t = EngineConfig::default().batch_share)]
     pub batch_share: f32,
-    /// Refine zero-shot topic prototypes with the last N articles analyzed (unlabelled):
-    /// markedly better topics from bare label names, at the cost of scores that drift with
-    /// the news the server sees. 0 = off.
+    /// Adapt zero-shot topics to the last N articles analyzed (unlabelled): prototypes are
+    /// refined with them, and single-label scores become the votes of each article's nearest
+    /// remembered articles: markedly better topics from bare label names, at the cost of
+    /// scores that drift with the news the server sees. 0 = off.
     #[arg(long, env = "TIDINGS_REFINE_TOPICS", default_value_t = 0)]
     pub refine_topics: usize,
 }

@@ -47,6 +47,16 @@ pub struct TrainTopicsArgs {
     /// Random draws per shot count.
     #[arg(long, default_value_t = 5)]
     draws: usize,
+    /// Unlabelled articles (CSV or JSONL as for --data; any label column is ignored) that
+    /// refine the --prior prototypes before the fit, together with the labelled rows
+    /// (semi-supervised: see `refine_with_examples`). With --shots, the unlabelled pool is
+    /// instead the even rows of --data (text only) and scores are on its odd rows.
+    #[arg(long)]
+    unlabelled: Option<PathBuf>,
+    /// Keep the article embeddings of --data (and --unlabelled) in this file and reuse them
+    /// when it matches the data, to iterate on recipes without re-embedding.
+    #[arg(long)]
+    embeddings_cache: Option<PathBuf>,
     #[command(flatten)]
     models: super::ModelArgs,
     #[command(flatten)]
@@ -185,15 +195,14 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     .load()?;
     let engine = a.limits.engine(models);
     let rt = super::runtime()?;
-    eprintln!("embedding {} articles...", examples.len());
-    let articles: Vec<(String, String)> = examples
-        .iter()
-        .map(|e| (e.title.clone(), e.text.clone()))
-        .collect();
-    let x: Vec<Vec<f32>> = super::analyze_topics(&rt, &engine, &articles, None)?
-        .into_iter()
-        .map(|a| a.embedding)
-        .collect();
+    let embed = |examples: &[topics::Example], path: &std::path::Path| -> Result<Vec<Vec<f32>>> {
+        embed_cached(&rt, &engine, examples, path, a.embeddings_cache.as_deref())
+    };
+    let x = embed(&examples, &a.data)?;
+    let unlabelled: Vec<Vec<f32>> = match &a.unlabelled {
+        Some(p) => embed(&topics::read_examples(p)?, p)?,
+        None => Vec::new(),
+    };
     let embedded = started.elapsed();
     let prior: Option<Vec<Vec<f32>>> = match &a.prior {
         Some(p) => {
@@ -231,9 +240,19 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     if !a.shots.is_empty() {
         return few_shot_report(&x, &y, &names, cfg, prior.as_deref(), &a.shots, a.draws);
     }
-    let cv = topics::cross_validate(&x, &y, &names, a.folds, cfg)?;
+    if prior.is_none() && !unlabelled.is_empty() {
+        anyhow::bail!("--unlabelled refines the --prior prototypes: give --prior too");
+    }
+    // The same kind of head is cross-validated and written.
+    let make = |tx: &[Vec<f32>], ty: &[usize]| match &prior {
+        Some(p) if !unlabelled.is_empty() => {
+            topics::memory_head(&names, p, unlabelled.clone(), tx, ty)
+        }
+        p => topics::fit_from(tx, ty, &names, cfg, p.as_deref()),
+    };
+    let cv = topics::cross_validate_with(&x, &y, a.folds, cfg.seed, make)?;
     let mean = cv.iter().sum::<f64>() / cv.len() as f64;
-    let head = topics::fit_from(&x, &y, &names, cfg, prior.as_deref())?;
+    let head = make(&x, &y)?;
     if let Some(parent) = a.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -255,8 +274,73 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     Ok(())
 }
 
+/// Embeddings of `examples` (read from `path`) as serving computes them, through `cache` when
+/// given: reused when the cache holds the same file with the same rows, else recomputed and
+/// written there.
+fn embed_cached(
+    rt: &tokio::runtime::Runtime,
+    engine: &tidings::engine::Engine,
+    examples: &[tidings::train::topics::Example],
+    path: &std::path::Path,
+    cache: Option<&std::path::Path>,
+) -> Result<Vec<Vec<f32>>> {
+    use anyhow::Context;
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Cached {
+        data: String,
+        bytes: u64,
+        embeddings: Vec<Vec<f32>>,
+    }
+    let key = path.display().to_string();
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let cache = cache.map(|c| c.with_extension(format!("{:016x}.json", fxhash(&key))));
+    if let Some(c) = &cache {
+        if let Ok(raw) = std::fs::read(c) {
+            if let Ok(hit) = serde_json::from_slice::<Cached>(&raw) {
+                if hit.data == key && hit.bytes == bytes && hit.embeddings.len() == examples.len() {
+                    eprintln!(
+                        "{} embeddings of {key} from {}",
+                        examples.len(),
+                        c.display()
+                    );
+                    return Ok(hit.embeddings);
+                }
+            }
+        }
+    }
+    eprintln!("embedding {} articles of {key}...", examples.len());
+    let articles: Vec<(String, String)> = examples
+        .iter()
+        .map(|e| (e.title.clone(), e.text.clone()))
+        .collect();
+    let embeddings: Vec<Vec<f32>> = super::analyze_topics(rt, engine, &articles, None)?
+        .into_iter()
+        .map(|a| a.embedding)
+        .collect();
+    if let Some(c) = &cache {
+        let out = Cached {
+            data: key,
+            bytes,
+            embeddings,
+        };
+        std::fs::write(c, serde_json::to_vec(&out)?)
+            .with_context(|| format!("writing {}", c.display()))?;
+        return Ok(out.embeddings);
+    }
+    Ok(embeddings)
+}
+
+/// FNV-1a of a string: names one cache file per data file.
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Few-shot accuracy: for each count in `shots`, `draws` random draws of that many rows per
-/// class to fit on, scored on every other row; zero-shot (the prior alone) on the same rows.
+/// class from the even rows to fit on, scored on the odd rows; next to zero-shot (the prior
+/// alone) and, with a prior, the semi-supervised route: the prior refined with the drawn rows
+/// and the even rows' text (labels unread), then the head fitted from the refined prototypes.
 fn few_shot_report(
     x: &[Vec<f32>],
     y: &[usize],
@@ -268,21 +352,27 @@ fn few_shot_report(
 ) -> Result<()> {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
+    use tidings::pipeline::topics as zs;
     use tidings::train::topics;
     let started = std::time::Instant::now();
     let k = names.len();
-    let zero_shot = prior.map(|p| tidings::pipeline::analysis::LabelSet {
+    let prototypes = |p: &[Vec<f32>]| tidings::pipeline::analysis::LabelSet {
         names: names.to_vec(),
         weights: p.to_vec(),
         bias: vec![0.0; k],
-        scale: tidings::pipeline::topics::DEFAULT_SCALE,
+        scale: zs::DEFAULT_SCALE,
         ids: Vec::new(),
         parents: Vec::new(),
         multi_label: None,
-        refined: None,
-    });
+        memory: None,
+    };
+    let (vx, vy): (Vec<Vec<f32>>, Vec<usize>) = (1..x.len())
+        .step_by(2)
+        .map(|i| (x[i].clone(), y[i]))
+        .unzip();
+    let even: Vec<usize> = (0..x.len()).step_by(2).collect();
     println!(
-        "few-shot heads ({} steps, lr {}, {}), {} draws per count, scored on the rows not drawn",
+        "few-shot heads ({} steps, lr {}, {}), {} draws per count from the {} even rows, scored on the {} odd rows",
         cfg.steps,
         cfg.lr,
         if prior.is_some() {
@@ -290,50 +380,85 @@ fn few_shot_report(
         } else {
             "from zeros"
         },
-        draws
+        draws,
+        even.len(),
+        vx.len()
     );
+    if let Some(p) = prior {
+        let pool: Vec<&[f32]> = even.iter().map(|&i| x[i].as_slice()).collect();
+        let pooled: Vec<Vec<f32>> = even.iter().map(|&i| x[i].clone()).collect();
+        println!(
+            "  0 per class: zero-shot {:.4}; with the even rows' text: refined prototypes {:.4}, memory {:.4}",
+            topics::accuracy(&prototypes(p), &vx, &vy),
+            topics::accuracy(
+                &prototypes(&zs::refine(p, &pool, zs::REFINE_ROUNDS)),
+                &vx,
+                &vy
+            ),
+            topics::accuracy(&topics::memory_head(names, p, pooled, &[], &[])?, &vx, &vy)
+        );
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let sd = |v: &[f64]| {
+        let m = mean(v);
+        (v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / v.len().max(1) as f64).sqrt()
+    };
+    let show = |v: &[f64]| format!("{:.4} (sd {:.4})", mean(v), sd(v));
     for &n in shots {
-        let (mut accs, mut zs) = (Vec::new(), Vec::new());
+        let (mut heads, mut refined, mut semi, mut memory) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for draw in 0..draws {
             let mut rng = rand::rngs::StdRng::seed_from_u64(1000 * n as u64 + draw as u64);
             let mut picked = vec![false; x.len()];
             for c in 0..k {
-                let mut rows: Vec<usize> = (0..x.len()).filter(|&i| y[i] == c).collect();
+                let mut rows: Vec<usize> = even.iter().copied().filter(|&i| y[i] == c).collect();
                 rows.shuffle(&mut rng);
                 rows.iter().take(n).for_each(|&i| picked[i] = true);
             }
-            let (mut tx, mut ty, mut vx, mut vy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for i in 0..x.len() {
-                if picked[i] {
-                    tx.push(x[i].clone());
-                    ty.push(y[i]);
-                } else {
-                    vx.push(x[i].clone());
-                    vy.push(y[i]);
-                }
-            }
-            let head = topics::fit_from(&tx, &ty, names, cfg, prior)?;
-            accs.push(topics::accuracy(&head, &vx, &vy));
-            if let Some(z) = &zero_shot {
-                zs.push(topics::accuracy(z, &vx, &vy));
+            let (tx, ty): (Vec<Vec<f32>>, Vec<usize>) = (0..x.len())
+                .filter(|&i| picked[i])
+                .map(|i| (x[i].clone(), y[i]))
+                .unzip();
+            heads.push(topics::accuracy(
+                &topics::fit_from(&tx, &ty, names, cfg, prior)?,
+                &vx,
+                &vy,
+            ));
+            if let Some(p) = prior {
+                let pool: Vec<&[f32]> = even
+                    .iter()
+                    .filter(|&&i| !picked[i])
+                    .map(|&i| x[i].as_slice())
+                    .collect();
+                let labelled: Vec<(&[f32], usize)> = tx
+                    .iter()
+                    .map(Vec::as_slice)
+                    .zip(ty.iter().copied())
+                    .collect();
+                let r = zs::refine_with_examples(p, &pool, &labelled, zs::REFINE_ROUNDS);
+                refined.push(topics::accuracy(&prototypes(&r), &vx, &vy));
+                semi.push(topics::accuracy(
+                    &topics::fit_from(&tx, &ty, names, cfg, Some(&r))?,
+                    &vx,
+                    &vy,
+                ));
+                let pooled: Vec<Vec<f32>> = pool.iter().map(|v| v.to_vec()).collect();
+                memory.push(topics::accuracy(
+                    &topics::memory_head(names, p, pooled, &tx, &ty)?,
+                    &vx,
+                    &vy,
+                ));
             }
         }
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let sd = |v: &[f64]| {
-            let m = mean(v);
-            (v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / v.len().max(1) as f64).sqrt()
-        };
-        println!(
-            "{n:>3} per class: accuracy {:.4} (sd {:.4}; draws {:?}){}",
-            mean(&accs),
-            sd(&accs),
-            accs.iter().map(|a| format!("{a:.4}")).collect::<Vec<_>>(),
-            if zs.is_empty() {
-                String::new()
-            } else {
-                format!("  zero-shot on the same rows {:.4}", mean(&zs))
-            }
-        );
+        println!("{n:>3} per class: head {}", show(&heads));
+        if prior.is_some() {
+            println!(
+                "               semi-supervised: refined prototypes {}, head from them {}, memory {}",
+                show(&refined),
+                show(&semi),
+                show(&memory)
+            );
+        }
     }
     println!("({:.1}s fitting)", started.elapsed().as_secs_f64());
     Ok(())

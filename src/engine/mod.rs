@@ -168,16 +168,20 @@ pub struct Engine {
     seen: Arc<Mutex<Seen>>,
 }
 
-/// Prototypes shared between requests.
-type Prototypes = Arc<Vec<Vec<f32>>>;
+/// Refined label sets kept at most (each holds a label distribution per pooled article, a
+/// few hundred KiB for a large taxonomy; the pooled vectors are shared).
+const REFINED_KEPT: usize = 256;
 
-/// The refinement pool: recent article embeddings, and refined prototypes by label set.
+/// The refinement pool: recent article embeddings, and the memories refined from them by
+/// label set.
 #[derive(Default)]
 struct Seen {
     articles: std::collections::VecDeque<Vec<f32>>,
     pushed: u64,
-    /// Hash of the original prototypes -> (pool generation, refined prototypes).
-    refined: std::collections::HashMap<u64, (u64, Prototypes)>,
+    /// The pool as of one generation, shared by the memories of all label sets.
+    snapshot: Option<(u64, Arc<Vec<Vec<f32>>>)>,
+    /// Hash of the original prototypes -> (pool generation, memory).
+    refined: std::collections::HashMap<u64, (u64, Arc<topics::Memory>)>,
     /// Label sets being refined now.
     refining: std::collections::HashSet<u64>,
 }
@@ -241,10 +245,11 @@ impl Engine {
         }
     }
 
-    /// `set` with its prototypes refined against the pool of seen articles, when refinement
-    /// is on, the set is zero-shot and the pool holds enough articles. Refined prototypes
-    /// are kept per label set and recomputed every [`REFINE_EVERY`] new articles; they serve
-    /// single-label scores, while multi-label scores keep the calibrated originals.
+    /// `set` with a memory of the seen articles, labelled by prototypes refined against them
+    /// ([`topics::refine`], [`topics::Memory`]), when refinement is on, the set is zero-shot
+    /// and the pool holds enough articles. Memories are kept per label set and recomputed
+    /// every [`REFINE_EVERY`] new articles; they serve single-label scores, while
+    /// multi-label scores keep the calibrated original prototypes.
     async fn refined(&self, mut set: LabelSet) -> LabelSet {
         if self.cfg.refine_pool == 0 || set.multi_label.is_none() {
             return set;
@@ -259,20 +264,25 @@ impl Engine {
             let stale = seen.refined.get(&key).cloned();
             if let Some((g, w)) = &stale {
                 if *g == generation {
-                    set.refined = Some(w.clone());
+                    set.memory = Some(w.clone());
                     return set;
                 }
             }
             // One refinement per label set at a time: the others use the previous one (or
             // the original prototypes) meanwhile, instead of all computing the same thing.
             if !seen.refining.insert(key) {
-                set.refined = stale.map(|(_, w)| w);
+                set.memory = stale.map(|(_, w)| w);
                 return set;
             }
-            (
-                seen.articles.iter().cloned().collect::<Vec<_>>(),
-                generation,
-            )
+            let pool = match &seen.snapshot {
+                Some((g, pool)) if *g == generation => pool.clone(),
+                _ => {
+                    let pool = Arc::new(seen.articles.iter().cloned().collect::<Vec<_>>());
+                    seen.snapshot = Some((generation, pool.clone()));
+                    pool
+                }
+            };
+            (pool, generation)
         };
         // Clears the mark however this ends, also when the caller's deadline drops us.
         let _mark = RefiningMark {
@@ -282,18 +292,19 @@ impl Engine {
         let weights = set.weights.clone();
         let refined = tokio::task::spawn_blocking(move || {
             let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
-            topics::refine(&weights, &refs, topics::REFINE_ROUNDS)
+            let prototypes = topics::refine(&weights, &refs, topics::REFINE_ROUNDS);
+            topics::Memory::pseudo_labelled(&prototypes, pool.clone(), &[])
         })
         .await
         .map(Arc::new)
         .ok();
         if let Some(w) = refined {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.refined.len() >= 1024 {
+            if seen.refined.len() >= REFINED_KEPT {
                 seen.refined.clear();
             }
             seen.refined.insert(key, (generation, w.clone()));
-            set.refined = Some(w);
+            set.memory = Some(w);
         }
         set
     }
@@ -473,7 +484,7 @@ impl Engine {
             weights,
             scale,
             ids: labels.iter().map(|l| l.id.clone()).collect(),
-            refined: None,
+            memory: None,
             // Request labels are checked at the door and taxonomies when loaded.
             parents: topics::parents(labels).unwrap_or_else(|_| vec![None; labels.len()]),
             multi_label: Some((topics::MULTI_LABEL_SLOPE, topics::MULTI_LABEL_OFFSET)),

@@ -73,17 +73,23 @@ pub struct LabelSet {
     /// head's probabilities.
     #[serde(default)]
     pub multi_label: Option<(f32, f32)>,
-    /// Prototypes refined with unlabelled articles (`serve --refine-topics`), used for
-    /// single-label scores in place of `weights`.
-    #[serde(skip)]
-    pub refined: Option<Arc<Vec<Vec<f32>>>>,
+    /// Remembered articles that give single-label scores by their nearest neighbours' votes
+    /// in place of `weights` (see [`topics::Memory`]): set by `serve --refine-topics` from
+    /// the articles the server has seen, or stored in a few-shot head by `tidings train
+    /// topics --unlabelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Arc<topics::Memory>>,
 }
 
 impl LabelSet {
     /// Probabilities of each label for a unit-length article embedding.
     pub fn score(&self, article: &[f32]) -> Vec<f32> {
-        let weights = self.refined.as_deref().unwrap_or(&self.weights);
-        let w: Vec<&[f32]> = weights.iter().map(|v| v.as_slice()).collect();
+        if let Some(p) = self.memory.as_ref().and_then(|m| m.vote(article)) {
+            if p.len() == self.names.len() {
+                return p;
+            }
+        }
+        let w: Vec<&[f32]> = self.weights.iter().map(|v| v.as_slice()).collect();
         topics::score(article, &w, &self.bias, self.scale)
     }
 

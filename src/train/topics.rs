@@ -6,6 +6,7 @@
 //! Accuracy is estimated by k-fold cross-validation before the final fit on all rows.
 
 use crate::pipeline::analysis::LabelSet;
+use crate::pipeline::topics;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -165,7 +166,39 @@ pub fn fit_from(
         ids: Vec::new(),
         parents: Vec::new(),
         multi_label: None,
-        refined: None,
+        memory: None,
+    })
+}
+
+/// A few-shot head that needs no fit: the `prior` prototypes refined with unlabelled
+/// articles `pool` and the labelled rows `x`, `y` ([`topics::refine_with_examples`]), and a
+/// [`topics::Memory`] of the pool (labelled by the refined prototypes) and the labelled rows,
+/// whose nearest neighbours give the scores. With no labelled rows it is the zero-shot
+/// labels adapted to the pool.
+pub fn memory_head(
+    names: &[String],
+    prior: &[Vec<f32>],
+    pool: Vec<Vec<f32>>,
+    x: &[Vec<f32>],
+    y: &[usize],
+) -> Result<LabelSet> {
+    if prior.len() != names.len() {
+        bail!("the prior needs one prototype per class");
+    }
+    let labelled: Vec<(&[f32], usize)> =
+        x.iter().map(Vec::as_slice).zip(y.iter().copied()).collect();
+    let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
+    let refined = topics::refine_with_examples(prior, &refs, &labelled, topics::REFINE_ROUNDS);
+    let memory = topics::Memory::pseudo_labelled(&refined, std::sync::Arc::new(pool), &labelled);
+    Ok(LabelSet {
+        names: names.to_vec(),
+        bias: vec![0.0; refined.len()],
+        weights: refined,
+        scale: topics::DEFAULT_SCALE,
+        ids: Vec::new(),
+        parents: Vec::new(),
+        multi_label: None,
+        memory: Some(std::sync::Arc::new(memory)),
     })
 }
 
@@ -185,7 +218,8 @@ pub fn accuracy(head: &LabelSet, x: &[Vec<f32>], y: &[usize]) -> f64 {
     correct as f64 / x.len().max(1) as f64
 }
 
-/// k-fold cross-validated accuracy (one value per fold), folds drawn with `cfg.seed`.
+/// k-fold cross-validated accuracy (one value per fold) of plain heads ([`fit`]), folds
+/// drawn with `cfg.seed`.
 pub fn cross_validate(
     x: &[Vec<f32>],
     y: &[usize],
@@ -193,11 +227,23 @@ pub fn cross_validate(
     folds: usize,
     cfg: HeadConfig,
 ) -> Result<Vec<f64>> {
+    cross_validate_with(x, y, folds, cfg.seed, |tx, ty| fit(tx, ty, names, cfg))
+}
+
+/// k-fold cross-validated accuracy (one value per fold) of the heads `fit_head` makes from
+/// the training folds, folds drawn with `seed`.
+pub fn cross_validate_with(
+    x: &[Vec<f32>],
+    y: &[usize],
+    folds: usize,
+    seed: u64,
+    mut fit_head: impl FnMut(&[Vec<f32>], &[usize]) -> Result<LabelSet>,
+) -> Result<Vec<f64>> {
     if folds < 2 || folds > x.len() {
         bail!("folds must be between 2 and the number of rows");
     }
     let mut order: Vec<usize> = (0..x.len()).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed));
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     let mut out = Vec::with_capacity(folds);
     for f in 0..folds {
         let (mut tx, mut ty, mut vx, mut vy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -210,7 +256,7 @@ pub fn cross_validate(
                 ty.push(y[r]);
             }
         }
-        let head = fit(&tx, &ty, names, cfg)?;
+        let head = fit_head(&tx, &ty)?;
         out.push(accuracy(&head, &vx, &vy));
     }
     Ok(out)
