@@ -210,7 +210,8 @@ fn iptc_media_topics_taxonomy_answers_with_qcodes() {
 }
 
 /// `--refine-topics`: once the server has seen enough articles, single-label scores come from
-/// prototypes refined with them; multi-label scores keep the calibrated originals.
+/// a memory of them labelled by refined prototypes; multi-label scores keep the calibrated
+/// originals.
 #[tokio::test]
 async fn prototypes_are_refined_with_the_articles_the_server_sees() {
     use tidings::engine::{EngineConfig, REFINE_MIN_POOL};
@@ -350,7 +351,7 @@ fn few_shot_head_with_memory_is_trained_and_served() {
         "The cyclist took the yellow jersey on the mountain stage.",
     ]
     .iter()
-    .map(|t| line("", t))
+    .map(|t| serde_json::json!({ "text": t }).to_string() + "\n")
     .collect();
     let data = write("labelled.jsonl", labelled);
     let pool = write("unlabelled.jsonl", unlabelled);
@@ -378,29 +379,118 @@ fn few_shot_head_with_memory_is_trained_and_served() {
         Some(16),
         "8 unlabelled + 8 labelled articles remembered"
     );
+    // Served twice over: as the default topics, and by name next to the default taxonomy.
     let port = process::free_port();
     let child = process::serve(port, &["--topic-head", head.to_str().unwrap()]);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let check = |port: u16, topic_head: &'static str| {
+        rt.block_on(async move {
+            let mut c =
+                proto::tidings_client::TidingsClient::connect(format!("http://127.0.0.1:{port}"))
+                    .await
+                    .unwrap();
+            for (text, want) in [
+                (
+                    "The midfielder was sent off as the derby ended 2-2.",
+                    "sport",
+                ),
+                (
+                    "Stock futures slid as traders priced in another rate hike.",
+                    "markets",
+                ),
+            ] {
+                let r = c
+                    .analyze(proto::AnalyzeRequest {
+                        topic_head: topic_head.into(),
+                        ..request("q", text)
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(r.topics.len(), 2, "{:?}", r.topics);
+                assert_eq!(r.topics[0].label, want, "{text}: {:?}", r.topics);
+                let sum: f32 = r.topics.iter().map(|t| t.score).sum();
+                assert!((sum - 1.0).abs() < 1e-4, "{:?}", r.topics);
+            }
+        })
+    };
+    check(port, "");
+    process::stop(child);
+
+    let port = process::free_port();
+    let http = process::free_port();
+    let spec = format!("desk={}", head.display());
+    let child = process::serve(
+        port,
+        &[
+            "--topic-head",
+            &spec,
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ],
+    );
+    check(port, "desk");
     rt.block_on(async {
         let mut c =
             proto::tidings_client::TidingsClient::connect(format!("http://127.0.0.1:{port}"))
                 .await
                 .unwrap();
-        for (text, want) in [
+        let info = c
+            .get_info(proto::GetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.topic_heads.len(), 1, "{info:?}");
+        assert_eq!(info.topic_heads[0].name, "desk");
+        assert_eq!(info.topic_heads[0].labels, ["markets", "sport"]);
+        assert!(info.default_topics.len() > 2, "the news taxonomy stays the default");
+        let plain = c
+            .analyze(request("d", "The striker scored twice in the final."))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(plain.topics.len() > 2, "{:?}", plain.topics);
+        for (req, says) in [
             (
-                "The midfielder was sent off as the derby ended 2-2.",
-                "sport",
+                proto::AnalyzeRequest {
+                    topic_head: "nope".into(),
+                    ..request("u", "Shares fell.")
+                },
+                "unknown topic head \"nope\"; loaded: desk",
             ),
             (
-                "Stock futures slid as traders priced in another rate hike.",
-                "markets",
+                proto::AnalyzeRequest {
+                    topic_head: "nope".into(),
+                    tasks: vec![proto::Task::Entities as i32],
+                    ..request("e", "Shares fell.")
+                },
+                "unknown topic head",
+            ),
+            (
+                proto::AnalyzeRequest {
+                    topic_head: "desk".into(),
+                    labels: vec![label("World", "", "")],
+                    ..request("b", "Shares fell.")
+                },
+                "not both",
             ),
         ] {
-            let r = c.analyze(request("q", text)).await.unwrap().into_inner();
-            assert_eq!(r.topics[0].label, want, "{text}: {:?}", r.topics);
-            let sum: f32 = r.topics.iter().map(|t| t.score).sum();
-            assert!((sum - 1.0).abs() < 1e-4, "{:?}", r.topics);
+            let e = c.analyze(req).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains("topic_head"), "{e:?}");
+            assert!(e.message().contains(says), "{e:?}");
         }
+        // The same over HTTP/JSON, where the field is `topicHead`.
+        let r: serde_json::Value = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{http}/v1/analyze"))
+            .json(&serde_json::json!({"text": "The sprinter won gold in the 100 metres.", "topicHead": "desk"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["topics"][0]["label"], "sport", "{r}");
     });
     process::stop(child);
 }

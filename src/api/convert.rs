@@ -121,6 +121,7 @@ pub fn article_from_proto(
         min_entity_score: req.min_entity_score,
         entity_types: HashSet::new(),
         multi_label: req.multi_label,
+        topic_head: (!req.topic_head.is_empty()).then(|| req.topic_head.clone()),
         min_topic_score: req.min_topic_score,
     };
     for (i, &t) in req.tasks.iter().enumerate() {
@@ -152,6 +153,24 @@ pub fn article_from_proto(
             ));
         }
         options.entity_types.insert(t.clone());
+    }
+    if !req.topic_head.is_empty() {
+        if !req.labels.is_empty() {
+            return Err(invalid(
+                "topic_head",
+                "give either labels or topic_head, not both",
+            ));
+        }
+        if req.topic_head.len() > limits.max_id_bytes {
+            return Err(invalid(
+                "topic_head",
+                format!(
+                    "has {} bytes, more than the limit of {} (max_id_bytes)",
+                    req.topic_head.len(),
+                    limits.max_id_bytes
+                ),
+            ));
+        }
     }
     let labels = labels_from_proto(req.labels, limits)?;
     Ok((
@@ -305,6 +324,7 @@ pub fn status_of(e: EngineError) -> Status {
         EngineError::Tokenize(_) => Code::InvalidArgument,
         EngineError::Model(_) => Code::Internal,
         EngineError::NoModel(_) => Code::FailedPrecondition,
+        EngineError::UnknownHead { .. } => return invalid("topic_head", e.to_string()),
     };
     Status::new(code, e.to_string())
 }

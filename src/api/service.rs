@@ -530,6 +530,15 @@ impl Tidings for TidingsService {
                 .as_ref()
                 .map(|t| t.default_names())
                 .unwrap_or_default(),
+            topic_heads: models
+                .topics
+                .iter()
+                .flat_map(|t| &t.heads)
+                .map(|(name, h)| proto::TopicHead {
+                    name: name.clone(),
+                    labels: h.names.clone(),
+                })
+                .collect(),
             limits: Some(proto::Limits {
                 max_text_chars: self.cfg.limits.max_text_chars as u32,
                 max_labels: self.cfg.limits.max_labels as u32,

@@ -1,6 +1,8 @@
-//! `tidings bench`: the model path alone, in-process, with no gRPC: the machine's measured
-//! FP32 matmul peak, then encoder forward throughput on full windows and what fraction of
-//! that peak it reaches. (End-to-end server benchmarks against PyTorch: `bench/run.sh`.)
+//! `tidings bench`: the model path alone, in-process, with no gRPC: three FP32 peaks (candle's
+//! own matmul, the machine's best SGEMM as measured by a BLAS when given, and the theoretical
+//! FMA peak where the CPU makes it computable), then encoder forward throughput on full
+//! windows and what fraction of each peak it reaches. (End-to-end server benchmarks:
+//! `bench/run.sh`.)
 
 use super::ModelArgs;
 use anyhow::{Context, Result};
@@ -22,6 +24,11 @@ pub struct BenchArgs {
     /// Timed forward passes per model.
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// The machine's best f32 SGEMM in GFLOP/s, as measured by the fastest BLAS at hand with
+    /// the same number of threads (`bench/sgemm_peak.py` measures OpenBLAS through numpy).
+    /// "Of peak" is then also given against it.
+    #[arg(long, env = "TIDINGS_BLAS_GFLOPS")]
+    blas_gflops: Option<f64>,
     #[command(flatten)]
     models: ModelArgs,
 }
@@ -39,6 +46,40 @@ fn matmul_peak(n: usize) -> Result<f64> {
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n * n * n) as f64 / best / 1e9)
+}
+
+/// The theoretical f32 FMA peak of `threads` cores in GFLOP/s, and how it was computed:
+/// clock (MHz, from /proc/cpuinfo: the nominal or current clock, not a boost clock) x f32
+/// lanes of the widest FMA (16 with AVX-512, 8 with AVX2) x 2 FMA units x 2 FLOPs per FMA.
+/// Two FMA units is what Intel since Haswell (server parts with AVX-512) and AMD since Zen 2
+/// have; Zen 1 and some AVX-512 parts have less, so this is an upper bound. `None` when
+/// /proc/cpuinfo says neither.
+fn fma_peak(threads: usize) -> Option<(f64, String)> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let mhz: f64 = field("cpu MHz")?.parse().ok()?;
+    let flags = field("flags")?;
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let (lanes, isa) = if has("avx512f") {
+        (16.0, "AVX-512")
+    } else if has("avx2") && has("fma") {
+        (8.0, "AVX2+FMA")
+    } else {
+        return None;
+    };
+    let gflops = threads as f64 * mhz / 1e3 * lanes * 2.0 * 2.0;
+    Some((
+        gflops,
+        format!(
+            "{threads} cores x {mhz:.0} MHz x {lanes} f32 lanes ({isa}) x 2 FMA units x 2; {}",
+            field("model name").unwrap_or_default()
+        ),
+    ))
 }
 
 /// Matmul FLOPs per token of one BERT-style encoder pass at sequence length `seq`.
@@ -64,11 +105,24 @@ fn peak_rss_mb() -> f64 {
 /// Runs the benchmark and prints a table.
 pub fn run(a: BenchArgs) -> Result<()> {
     let models = a.models.load()?;
+    let threads = candle_core::utils::get_num_threads();
     let peak = matmul_peak(2048)?;
-    println!(
-        "f32 matmul peak (2048^3, best of 3, {} threads): {peak:.1} GFLOP/s",
-        candle_core::utils::get_num_threads()
-    );
+    println!("candle f32 matmul (2048^3, best of 3, {threads} threads): {peak:.1} GFLOP/s");
+    let blas = a.blas_gflops.filter(|g| *g > 0.0);
+    match blas {
+        Some(g) => println!(
+            "machine's best SGEMM (--blas-gflops): {g:.1} GFLOP/s; candle reaches {:.0}% of it",
+            100.0 * peak / g
+        ),
+        None => println!(
+            "machine's best SGEMM: not given (measure it with bench/sgemm_peak.py, pass --blas-gflops)"
+        ),
+    }
+    let fma = fma_peak(threads);
+    match &fma {
+        Some((g, how)) => println!("theoretical FMA peak: {g:.1} GFLOP/s ({how})"),
+        None => println!("theoretical FMA peak: not computable from /proc/cpuinfo"),
+    }
     let content = a.seq.saturating_sub(2).max(1);
     let ids: Vec<u32> = (0..content)
         .map(|k| 1000 + (k as u32 * 7919) % 20000)
@@ -81,9 +135,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
         })
         .collect();
     println!(
-        "{:<8} {:>6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
-        "model", "batch", "seq", "p50 ms", "p99 ms", "tokens/s", "GFLOP/s", "of peak"
+        "{:<8} {:>6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "model",
+        "batch",
+        "seq",
+        "p50 ms",
+        "p99 ms",
+        "tokens/s",
+        "GFLOP/s",
+        "of candle",
+        "of BLAS",
+        "of FMA"
     );
+    let share = |gflops: f64, of: Option<f64>| {
+        of.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * gflops / p))
+    };
     let report = |name: &str,
                   cfg: &tidings::model::ModelConfig,
                   run: &dyn Fn() -> Result<()>|
@@ -108,7 +174,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 a.seq,
             ) / 1e9;
         println!(
-            "{:<8} {:>6} {:>6} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>8.0}%",
+            "{:<8} {:>6} {:>6} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>9} {:>9} {:>9}",
             name,
             a.batch,
             a.seq,
@@ -116,7 +182,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             p99 * 1e3,
             tps,
             gflops,
-            100.0 * gflops / peak
+            share(gflops, Some(peak)),
+            share(gflops, blas),
+            share(gflops, fma.as_ref().map(|f| f.0))
         );
         Ok(())
     };

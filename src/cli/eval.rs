@@ -42,9 +42,10 @@ pub enum EvalCommand {
         /// multi-label calibration on, pooled with `--labels`; each is reported on its own.
         #[arg(long = "calibration-labels")]
         calibration_labels: Vec<PathBuf>,
-        /// Also score `--labels` and every `--calibration-labels` wording on the odd rows,
-        /// before and after refining their prototypes with the even rows' articles as
-        /// unlabelled text (their labels are not read).
+        /// Also score `--labels` and every `--calibration-labels` wording on the odd rows:
+        /// zero-shot, with prototypes refined with the even rows' articles as unlabelled text
+        /// (their labels are not read), and with a memory of those articles (what `serve
+        /// --refine-topics` serves).
         #[arg(long)]
         refine: bool,
         #[command(flatten)]
@@ -295,7 +296,8 @@ fn refine_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], golds:
     let pooled = std::sync::Arc::new(pool.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
     for (path, weights) in sets {
         let refined = topics::refine(weights, &pool, topics::REFINE_ROUNDS);
-        let memory = topics::Memory::pseudo_labelled(&refined, pooled.clone(), &[]);
+        let memory =
+            topics::Memory::pseudo_labelled(&refined, pooled.clone(), &[], topics::DEFAULT_SCALE);
         let (mut right, mut n) = (0usize, 0usize);
         for (i, e) in embeddings.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
             let p = memory.vote(e).unwrap_or_default();

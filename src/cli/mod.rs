@@ -89,9 +89,12 @@ pub struct ModelArgs {
         default_value = "models/topics/news.json"
     )]
     pub taxonomy: PathBuf,
-    /// A trained topic head (`tidings train topics`), used when a request brings no labels.
-    #[arg(long, env = "TIDINGS_TOPIC_HEAD")]
-    pub topic_head: Option<PathBuf>,
+    /// Trained topic heads (`tidings train topics`), repeated or comma-separated. `PATH`: the
+    /// default topics, used when a request brings no labels (at most one). `NAME=PATH`, NAME
+    /// made of letters, digits, `_`, `-` and `.`: a head requests choose with
+    /// `topic_head: NAME`.
+    #[arg(long, env = "TIDINGS_TOPIC_HEAD", value_delimiter = ',')]
+    pub topic_head: Vec<String>,
     /// Multiplier of cosine similarities before the topic softmax (the calibration
     /// temperature's inverse).
     #[arg(long, env = "TIDINGS_TOPIC_SCALE", default_value_t = tidings::pipeline::topics::DEFAULT_SCALE)]
@@ -102,6 +105,45 @@ pub struct ModelArgs {
     /// Pieces shared by consecutive windows.
     #[arg(long, env = "TIDINGS_WINDOW_OVERLAP", default_value_t = 64)]
     pub window_overlap: usize,
+}
+
+/// `[NAME=]PATH` of `--topic-head`. Text before the first `=` is a name only when it is made
+/// of letters, digits, `_`, `-` and `.` (so `/data/run=3/head.json` is a path).
+fn head_spec(spec: &str) -> Result<(Option<&str>, &str)> {
+    match spec.split_once('=') {
+        Some(("", _)) => anyhow::bail!("--topic-head {spec:?}: the name before '=' is empty"),
+        Some((n, p))
+            if n.len() <= 256
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) =>
+        {
+            Ok((Some(n), p.trim()))
+        }
+        _ => Ok((None, spec)),
+    }
+}
+
+/// A trained topic head file, checked against the topic encoder's width.
+fn read_head(p: &std::path::Path, dim: usize) -> Result<tidings::pipeline::analysis::LabelSet> {
+    let head: tidings::pipeline::analysis::LabelSet = serde_json::from_slice(
+        &std::fs::read(p).with_context(|| format!("reading topic head {}", p.display()))?,
+    )
+    .with_context(|| format!("parsing topic head {}", p.display()))?;
+    let memory_fits = head
+        .memory
+        .as_ref()
+        .is_none_or(|m| m.fits(dim, head.names.len()));
+    if head.weights.iter().any(|w| w.len() != dim)
+        || head.bias.len() != head.names.len()
+        || head.weights.len() != head.names.len()
+        || !memory_fits
+    {
+        anyhow::bail!(
+            "topic head {} does not fit the {dim}-wide topic encoder",
+            p.display()
+        );
+    }
+    Ok(head)
 }
 
 /// `None` for the word `none`, which disables a model.
@@ -124,23 +166,26 @@ impl ModelArgs {
         )?;
         if let Some(t) = models.topics.as_mut() {
             t.scale = self.topic_scale;
-            if let Some(p) = &self.topic_head {
-                let head: tidings::pipeline::analysis::LabelSet = serde_json::from_slice(
-                    &std::fs::read(p)
-                        .with_context(|| format!("reading topic head {}", p.display()))?,
-                )
-                .with_context(|| format!("parsing topic head {}", p.display()))?;
-                let dim = t.model.dim();
-                if head.weights.iter().any(|w| w.len() != dim)
-                    || head.bias.len() != head.names.len()
-                    || head.weights.len() != head.names.len()
-                {
-                    anyhow::bail!(
-                        "topic head {} does not fit the {dim}-wide topic encoder",
-                        p.display()
-                    );
+            for spec in self
+                .topic_head
+                .iter()
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+            {
+                let (name, path) = head_spec(spec)?;
+                let head = read_head(std::path::Path::new(path), t.model.dim())?;
+                match name {
+                    Some(n) if t.heads.iter().any(|(k, _)| k == n) => {
+                        anyhow::bail!("--topic-head: the name {n:?} is given twice")
+                    }
+                    Some(n) => t.heads.push((n.to_string(), head)),
+                    None if t.head.is_some() => {
+                        anyhow::bail!(
+                            "--topic-head: more than one default head (give names: NAME=PATH)"
+                        )
+                    }
+                    None => t.head = Some(head),
                 }
-                t.head = Some(head);
             }
         }
         tracing::info!(

@@ -39,22 +39,25 @@ pub struct TrainTopicsArgs {
     /// refines them: few-shot heads.
     #[arg(long)]
     prior: Option<PathBuf>,
-    /// Few-shot evaluation instead of a head: fit on this many random rows per class and
-    /// score on all the others, `--draws` times, for each count (comma-separated, e.g.
-    /// 8,16,32), next to zero-shot on the same rows. Writes no head.
+    /// Few-shot evaluation instead of a head: for each count (comma-separated, e.g. 8,16,32),
+    /// `--draws` times, fit on that many random rows per class drawn from the even rows of
+    /// --data, with the even rows' text as the unlabelled pool, and score on the odd rows;
+    /// next to zero-shot on the same rows. Writes no head; --unlabelled is not used.
     #[arg(long, value_delimiter = ',')]
     shots: Vec<usize>,
     /// Random draws per shot count.
     #[arg(long, default_value_t = 5)]
     draws: usize,
-    /// Unlabelled articles (CSV or JSONL as for --data; any label column is ignored) that
-    /// refine the --prior prototypes before the fit, together with the labelled rows
-    /// (semi-supervised: see `refine_with_examples`). With --shots, the unlabelled pool is
-    /// instead the even rows of --data (text only) and scores are on its odd rows.
+    /// Unlabelled articles (JSONL of {"text", "title"?}, or CSV with the label,title,
+    /// description header; labels are ignored) of the kind the head will see: with --prior,
+    /// writes a memory head instead of fitting a regression. The prototypes are refined with
+    /// these articles and the labelled rows, and the head remembers both (about 4.7 KB of
+    /// JSON per article) and scores by nearest neighbours (see models/topics/REPORT.md).
     #[arg(long)]
     unlabelled: Option<PathBuf>,
-    /// Keep the article embeddings of --data (and --unlabelled) in this file and reuse them
-    /// when it matches the data, to iterate on recipes without re-embedding.
+    /// Keep the article embeddings of --data (and --unlabelled) in files named after this
+    /// path (PATH.<key>.json), and reuse them when the rows' text, the topic model and its
+    /// window are the same, to iterate on recipes without re-embedding.
     #[arg(long)]
     embeddings_cache: Option<PathBuf>,
     #[command(flatten)]
@@ -163,6 +166,14 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     use tidings::train::topics::{self, HeadConfig};
     let started = std::time::Instant::now();
     let examples = topics::read_examples(&a.data)?;
+    if let Some(i) = examples.iter().position(|e| e.label.trim().is_empty()) {
+        anyhow::bail!("{}: row {} has no label", a.data.display(), i + 1);
+    }
+    if a.unlabelled.is_some() && a.prior.is_none() && a.shots.is_empty() {
+        anyhow::bail!(
+            "--unlabelled builds a memory head from the --prior prototypes: give --prior too"
+        );
+    }
     let rename: std::collections::HashMap<String, String> = a
         .label_names
         .as_deref()
@@ -187,22 +198,42 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
         .iter()
         .map(|e| values.binary_search(&e.label).unwrap_or(0))
         .collect();
+    let cache_key = format!(
+        "{}|{}|{}|{}",
+        a.models.topic_model.display(),
+        a.models.window,
+        a.models.window_overlap,
+        a.limits.max_text_chars
+    );
     let models = super::ModelArgs {
         ner_model: "none".into(),
-        topic_head: None,
+        topic_head: Vec::new(),
         ..a.models
     }
     .load()?;
     let engine = a.limits.engine(models);
     let rt = super::runtime()?;
-    let embed = |examples: &[topics::Example], path: &std::path::Path| -> Result<Vec<Vec<f32>>> {
-        embed_cached(&rt, &engine, examples, path, a.embeddings_cache.as_deref())
+    let embed = |examples: &[topics::Example]| -> Result<Vec<Vec<f32>>> {
+        embed_cached(
+            &rt,
+            &engine,
+            examples,
+            &cache_key,
+            a.embeddings_cache.as_deref(),
+        )
     };
-    let x = embed(&examples, &a.data)?;
-    let unlabelled: Vec<Vec<f32>> = match &a.unlabelled {
-        Some(p) => embed(&topics::read_examples(p)?, p)?,
-        None => Vec::new(),
+    let x = embed(&examples)?;
+    let unlabelled: Vec<Vec<f32>> = match (&a.unlabelled, a.shots.is_empty()) {
+        (Some(p), true) => {
+            let rows = topics::read_examples(p)?;
+            if rows.is_empty() {
+                anyhow::bail!("{}: no articles", p.display());
+            }
+            embed(&rows)?
+        }
+        _ => Vec::new(),
     };
+    let unlabelled = std::sync::Arc::new(unlabelled);
     let embedded = started.elapsed();
     let prior: Option<Vec<Vec<f32>>> = match &a.prior {
         Some(p) => {
@@ -240,9 +271,6 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     if !a.shots.is_empty() {
         return few_shot_report(&x, &y, &names, cfg, prior.as_deref(), &a.shots, a.draws);
     }
-    if prior.is_none() && !unlabelled.is_empty() {
-        anyhow::bail!("--unlabelled refines the --prior prototypes: give --prior too");
-    }
     // The same kind of head is cross-validated and written.
     let make = |tx: &[Vec<f32>], ty: &[usize]| match &prior {
         Some(p) if !unlabelled.is_empty() => {
@@ -274,41 +302,49 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     Ok(())
 }
 
-/// Embeddings of `examples` (read from `path`) as serving computes them, through `cache` when
-/// given: reused when the cache holds the same file with the same rows, else recomputed and
-/// written there.
+/// Embeddings of `examples` as serving computes them, through files named after `cache`
+/// when given: reused when the file was written for the same rows (a hash of every title
+/// and text, in order) under the same `model` key (topic model, window settings) and has one
+/// vector per row, else recomputed and written there (a failed write only warns).
 fn embed_cached(
     rt: &tokio::runtime::Runtime,
     engine: &tidings::engine::Engine,
     examples: &[tidings::train::topics::Example],
-    path: &std::path::Path,
+    model: &str,
     cache: Option<&std::path::Path>,
 ) -> Result<Vec<Vec<f32>>> {
-    use anyhow::Context;
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Cached {
-        data: String,
-        bytes: u64,
+        key: String,
         embeddings: Vec<Vec<f32>>,
     }
-    let key = path.display().to_string();
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let cache = cache.map(|c| c.with_extension(format!("{:016x}.json", fxhash(&key))));
-    if let Some(c) = &cache {
-        if let Ok(raw) = std::fs::read(c) {
+    let mut h = Fnv1a::default();
+    h.add(model);
+    for e in examples {
+        h.add(&e.title);
+        h.add(&e.text);
+    }
+    let key = format!("{:016x}-{}", h.0, examples.len());
+    let file = cache.map(|c| {
+        let mut name = c.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{key}.json"));
+        c.with_file_name(name)
+    });
+    let dim = engine.models().topics.as_ref().map(|t| t.model.dim());
+    if let Some(f) = &file {
+        if let Ok(raw) = std::fs::read(f) {
             if let Ok(hit) = serde_json::from_slice::<Cached>(&raw) {
-                if hit.data == key && hit.bytes == bytes && hit.embeddings.len() == examples.len() {
-                    eprintln!(
-                        "{} embeddings of {key} from {}",
-                        examples.len(),
-                        c.display()
-                    );
+                if hit.key == key
+                    && hit.embeddings.len() == examples.len()
+                    && hit.embeddings.iter().all(|v| Some(v.len()) == dim)
+                {
+                    eprintln!("{} embeddings from {}", examples.len(), f.display());
                     return Ok(hit.embeddings);
                 }
             }
         }
     }
-    eprintln!("embedding {} articles of {key}...", examples.len());
+    eprintln!("embedding {} articles...", examples.len());
     let articles: Vec<(String, String)> = examples
         .iter()
         .map(|e| (e.title.clone(), e.text.clone()))
@@ -317,24 +353,38 @@ fn embed_cached(
         .into_iter()
         .map(|a| a.embedding)
         .collect();
-    if let Some(c) = &cache {
-        let out = Cached {
-            data: key,
-            bytes,
-            embeddings,
-        };
-        std::fs::write(c, serde_json::to_vec(&out)?)
-            .with_context(|| format!("writing {}", c.display()))?;
+    if let Some(f) = &file {
+        let out = Cached { key, embeddings };
+        let written = f
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(f, serde_json::to_vec(&out).unwrap_or_default()));
+        if let Err(e) = written {
+            eprintln!(
+                "warning: could not keep the embeddings in {}: {e}",
+                f.display()
+            );
+        }
         return Ok(out.embeddings);
     }
     Ok(embeddings)
 }
 
-/// FNV-1a of a string: names one cache file per data file.
-fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// FNV-1a over strings, each followed by a 0xff separator: a cache key of rows.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn add(&mut self, s: &str) {
+        for b in s.bytes().chain([0xff]) {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 /// Few-shot accuracy: for each count in `shots`, `draws` random draws of that many rows per
@@ -386,7 +436,7 @@ fn few_shot_report(
     );
     if let Some(p) = prior {
         let pool: Vec<&[f32]> = even.iter().map(|&i| x[i].as_slice()).collect();
-        let pooled: Vec<Vec<f32>> = even.iter().map(|&i| x[i].clone()).collect();
+        let pooled = std::sync::Arc::new(even.iter().map(|&i| x[i].clone()).collect::<Vec<_>>());
         println!(
             "  0 per class: zero-shot {:.4}; with the even rows' text: refined prototypes {:.4}, memory {:.4}",
             topics::accuracy(&prototypes(p), &vx, &vy),
@@ -442,7 +492,8 @@ fn few_shot_report(
                     &vx,
                     &vy,
                 ));
-                let pooled: Vec<Vec<f32>> = pool.iter().map(|v| v.to_vec()).collect();
+                let pooled =
+                    std::sync::Arc::new(pool.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
                 memory.push(topics::accuracy(
                     &topics::memory_head(names, p, pooled, &tx, &ty)?,
                     &vx,

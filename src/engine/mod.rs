@@ -44,14 +44,15 @@ pub struct EngineConfig {
     pub max_queue_tokens: usize,
     /// Most label texts whose embeddings are cached.
     pub label_cache: usize,
-    /// Refine zero-shot prototypes with the embeddings of up to this many recently analyzed
-    /// articles (unlabelled text, see [`topics::refine`]); 0 = off.
+    /// Adapt zero-shot label sets to the embeddings of up to this many recently analyzed
+    /// articles (unlabelled text): prototypes refined with them ([`topics::refine`]) label a
+    /// [`topics::Memory`] of them that gives single-label scores; 0 = off.
     pub refine_pool: usize,
 }
 
-/// Articles the refinement pool must hold before prototypes are refined.
+/// Articles the refinement pool must hold before label sets are adapted to it.
 pub const REFINE_MIN_POOL: usize = 256;
-/// Refined prototypes are recomputed after this many new articles.
+/// Memories of the pool are recomputed after this many new articles.
 pub const REFINE_EVERY: u64 = 256;
 
 impl Default for EngineConfig {
@@ -101,6 +102,14 @@ pub enum EngineError {
     /// The task needs a model that is not loaded.
     #[error("no {0} model is loaded")]
     NoModel(&'static str),
+    /// The request names a topic head the server has not loaded.
+    #[error("unknown topic head {name:?}; loaded: {known}")]
+    UnknownHead {
+        /// The name asked for.
+        name: String,
+        /// The loaded heads' names, comma-separated (or "none").
+        known: String,
+    },
 }
 
 /// Where the time of one article went.
@@ -169,7 +178,9 @@ pub struct Engine {
 }
 
 /// Refined label sets kept at most (each holds a label distribution per pooled article, a
-/// few hundred KiB for a large taxonomy; the pooled vectors are shared).
+/// few hundred KiB for a large taxonomy; the pooled vectors are shared by the label sets of
+/// a generation, and memories of older generations are dropped, so at most two pool
+/// snapshots are alive through this cache).
 const REFINED_KEPT: usize = 256;
 
 /// The refinement pool: recent article embeddings, and the memories refined from them by
@@ -290,16 +301,20 @@ impl Engine {
             key,
         };
         let weights = set.weights.clone();
+        let scale = set.scale;
         let refined = tokio::task::spawn_blocking(move || {
             let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
             let prototypes = topics::refine(&weights, &refs, topics::REFINE_ROUNDS);
-            topics::Memory::pseudo_labelled(&prototypes, pool.clone(), &[])
+            topics::Memory::pseudo_labelled(&prototypes, pool.clone(), &[], scale)
         })
         .await
         .map(Arc::new)
         .ok();
         if let Some(w) = refined {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            // Memories two generations old hold a pool snapshot nobody else shares: drop
+            // them, so a cache of many label sets does not keep many snapshots alive.
+            seen.refined.retain(|_, (g, _)| *g + 1 >= generation);
             if seen.refined.len() >= REFINED_KEPT {
                 seen.refined.clear();
             }
@@ -311,7 +326,10 @@ impl Engine {
 
     /// Adds an analyzed article's embedding to the refinement pool.
     fn remember(&self, embedding: &[f32]) {
-        if self.cfg.refine_pool == 0 || embedding.is_empty() {
+        if self.cfg.refine_pool == 0
+            || embedding.is_empty()
+            || !embedding.iter().all(|x| x.is_finite())
+        {
             return;
         }
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -530,6 +548,29 @@ impl Engine {
         Ok(set)
     }
 
+    /// The trained head loaded as `name` (`serve --topic-head NAME=PATH`).
+    pub fn named_head(&self, name: &str) -> Result<LabelSet, EngineError> {
+        let Some(t) = &self.models.topics else {
+            return Err(EngineError::NoModel("topic"));
+        };
+        t.heads
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, h)| h.clone())
+            .ok_or_else(|| EngineError::UnknownHead {
+                name: name.to_string(),
+                known: if t.heads.is_empty() {
+                    "none".into()
+                } else {
+                    t.heads
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            })
+    }
+
     /// Analyzes one article for `caller`: admits it on an estimate of its cost, embeds new
     /// labels, tokenizes it (off the async runtime), queues its windows, and decodes the
     /// outputs. `labels` = `None` uses the default labels ([`Engine::default_label_set`]).
@@ -545,6 +586,11 @@ impl Engine {
         if article.options.topics && self.models.topics.is_none() {
             return Err(EngineError::NoModel("topic"));
         }
+        // An unknown head is a bad request whatever the tasks and however full the queue.
+        let head = match &article.options.topic_head {
+            Some(name) => Some(self.named_head(name)?),
+            None => None,
+        };
         let custom = labels.filter(|l| article.options.topics && !l.is_empty());
         // Admission comes first: a request the queue cannot take costs no tokenizing and no
         // label embedding.
@@ -554,7 +600,10 @@ impl Engine {
         let label_set = match (article.options.topics, custom) {
             (false, _) => None,
             (true, Some(l)) => Some(self.label_set_within(l, &budget, caller).await?),
-            (true, None) => Some(self.default_label_set().await?),
+            (true, None) => match head {
+                Some(h) => Some(h),
+                None => Some(self.default_label_set().await?),
+            },
         };
         let label_set = match label_set {
             Some(set) => Some(self.refined(set).await),

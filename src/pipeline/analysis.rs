@@ -28,6 +28,8 @@ pub struct Options {
     pub entity_types: HashSet<String>,
     /// Score topics independently (multi-label) instead of a softmax over the labels.
     pub multi_label: bool,
+    /// Score topics with this named trained head instead of the default labels.
+    pub topic_head: Option<String>,
     /// Drop topics scoring below this.
     pub min_topic_score: f32,
 }
@@ -41,16 +43,20 @@ impl Default for Options {
             min_entity_score: 0.0,
             entity_types: HashSet::new(),
             multi_label: false,
+            topic_head: None,
             min_topic_score: 0.0,
         }
     }
 }
 
 /// Topic labels and how an article embedding is scored against them:
-/// `softmax(scale * (weights . article) + bias)`.
+/// `softmax(scale * (weights . article) + bias)`, or, when the set has a [`topics::Memory`],
+/// the vote of the article's nearest remembered articles.
 ///
 /// Zero-shot labels have unit-length prototypes as weights, no bias and the calibrated
-/// scale; a trained head (`tidings train topics`) has its own weights and bias and scale 1.
+/// scale; a regression head (`tidings train topics`) has its own weights and bias and scale
+/// 1; a memory head (`train topics --unlabelled`) has refined prototypes, no bias, the
+/// zero-shot scale and a memory.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LabelSet {
     /// Label names, in the caller's order.
@@ -82,7 +88,8 @@ pub struct LabelSet {
 }
 
 impl LabelSet {
-    /// Probabilities of each label for a unit-length article embedding.
+    /// Probabilities of each label for a unit-length article embedding: the memory's vote
+    /// when there is one that fits, else the softmax of the weights.
     pub fn score(&self, article: &[f32]) -> Vec<f32> {
         if let Some(p) = self.memory.as_ref().and_then(|m| m.vote(article)) {
             if p.len() == self.names.len() {
@@ -268,6 +275,8 @@ pub struct TopicModel {
     /// A trained classification head, used instead of the taxonomy when a request brings no
     /// labels.
     pub head: Option<LabelSet>,
+    /// Named trained heads that a request selects by name (`serve --topic-head NAME=PATH`).
+    pub heads: Vec<(String, LabelSet)>,
 }
 
 /// Both models, loaded once at start-up.
@@ -347,6 +356,7 @@ impl Models {
                     default_labels,
                     scale: topics::DEFAULT_SCALE,
                     head: None,
+                    heads: Vec::new(),
                 })
             }
             None => None,

@@ -218,6 +218,7 @@ pub fn refine_with_examples(
 
 /// Neighbours that vote in a [`Memory`].
 pub const MEMORY_NEIGHBOURS: usize = 10;
+const _: () = assert!(MEMORY_NEIGHBOURS > 0);
 
 /// A nearest-neighbour topic classifier over remembered articles: an article's scores are
 /// the mean label distribution of its [`MEMORY_NEIGHBOURS`] most similar remembered articles.
@@ -236,17 +237,18 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// `articles` labelled with `softmax(DEFAULT_SCALE * cosine)` against `prototypes`, plus
+    /// `articles` labelled with `softmax(scale * cosine)` against `prototypes`, plus
     /// `examples` with their known labels (one-hot; out of range ones are skipped).
     pub fn pseudo_labelled(
         prototypes: &[Vec<f32>],
         articles: std::sync::Arc<Vec<Vec<f32>>>,
         examples: &[(&[f32], usize)],
+        scale: f32,
     ) -> Self {
         let refs: Vec<&[f32]> = prototypes.iter().map(Vec::as_slice).collect();
         let mut labels: Vec<Vec<f32>> = articles
             .iter()
-            .map(|a| score(a, &refs, &[], DEFAULT_SCALE))
+            .map(|a| score(a, &refs, &[], scale))
             .collect();
         let examples: Vec<&(&[f32], usize)> =
             examples.iter().filter(|(_, c)| *c < refs.len()).collect();
@@ -265,8 +267,24 @@ impl Memory {
         Self { vectors, labels }
     }
 
+    /// Whether every vector has `dim` finite values and every label row `labels` finite
+    /// values summing to 1, one row per vector.
+    pub fn fits(&self, dim: usize, labels: usize) -> bool {
+        self.vectors.len() == self.labels.len()
+            && self
+                .vectors
+                .iter()
+                .all(|v| v.len() == dim && v.iter().all(|x| x.is_finite()))
+            && self.labels.iter().all(|l| {
+                l.len() == labels
+                    && l.iter().all(|x| x.is_finite() && *x >= 0.0)
+                    && (l.iter().sum::<f32>() - 1.0).abs() < 1e-3
+            })
+    }
+
     /// The mean label distribution of the article's nearest remembered neighbours; `None`
-    /// when nothing is remembered or the dimensions do not match.
+    /// when nothing is remembered or the dimensions do not match. A non-finite similarity
+    /// never counts as near.
     pub fn vote(&self, article: &[f32]) -> Option<Vec<f32>> {
         let width = self.labels.first()?.len();
         if self.vectors.len() != self.labels.len() || self.vectors.first()?.len() != article.len() {
@@ -276,7 +294,10 @@ impl Memory {
             .vectors
             .iter()
             .enumerate()
-            .map(|(i, v)| (v.iter().zip(article).map(|(a, b)| a * b).sum(), i))
+            .map(|(i, v)| {
+                let s: f32 = v.iter().zip(article).map(|(a, b)| a * b).sum();
+                (if s.is_finite() { s } else { f32::NEG_INFINITY }, i)
+            })
             .collect();
         let k = MEMORY_NEIGHBOURS.min(sims.len());
         sims.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
@@ -436,7 +457,8 @@ mod tests {
             .collect();
         let examples: Vec<(&[f32], usize)> = near.iter().map(|v| (v.as_slice(), 1)).collect();
         let pool = std::sync::Arc::new(vec![unit([1.0, 0.05]); 3]);
-        let m = Memory::pseudo_labelled(&prototypes, pool, &examples);
+        let m = Memory::pseudo_labelled(&prototypes, pool, &examples, DEFAULT_SCALE);
+        assert!(m.fits(2, 2) && !m.fits(3, 2));
         assert_eq!(m.vectors.len(), 3 + MEMORY_NEIGHBOURS);
         let article = unit([0.8, 0.61]);
         let refs: Vec<&[f32]> = prototypes.iter().map(Vec::as_slice).collect();
@@ -445,6 +467,13 @@ mod tests {
         assert!(p[1] > 0.99, "{p:?}");
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(m.vote(&[1.0, 0.0, 0.0]).is_none(), "wrong dimension");
+        // Fewer remembered articles than neighbours: all of them vote.
+        let none = std::sync::Arc::new(Vec::new());
+        let small =
+            Memory::pseudo_labelled(&prototypes, none.clone(), &examples[..2], DEFAULT_SCALE);
+        assert_eq!(small.vote(&article).unwrap(), vec![0.0, 1.0]);
+        let empty = Memory::pseudo_labelled(&prototypes, none, &[], DEFAULT_SCALE);
+        assert!(empty.vote(&article).is_none());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn read_examples(path: &std::path::Path) -> Result<Vec<Example>> {
     if is_jsonl {
         #[derive(serde::Deserialize)]
         struct Line {
+            #[serde(default)]
             label: String,
             text: String,
             #[serde(default)]
@@ -178,7 +179,7 @@ pub fn fit_from(
 pub fn memory_head(
     names: &[String],
     prior: &[Vec<f32>],
-    pool: Vec<Vec<f32>>,
+    pool: std::sync::Arc<Vec<Vec<f32>>>,
     x: &[Vec<f32>],
     y: &[usize],
 ) -> Result<LabelSet> {
@@ -189,7 +190,7 @@ pub fn memory_head(
         x.iter().map(Vec::as_slice).zip(y.iter().copied()).collect();
     let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
     let refined = topics::refine_with_examples(prior, &refs, &labelled, topics::REFINE_ROUNDS);
-    let memory = topics::Memory::pseudo_labelled(&refined, std::sync::Arc::new(pool), &labelled);
+    let memory = topics::Memory::pseudo_labelled(&refined, pool, &labelled, topics::DEFAULT_SCALE);
     Ok(LabelSet {
         names: names.to_vec(),
         bias: vec![0.0; refined.len()],
