@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""ONNX Runtime baseline for the encoder microbenchmark (issue #11), without torch.
+
+Builds ONNX graphs of the two encoders Tidings serves straight from their safetensors weights
+(onnx.helper; f16 weights are widened to f32):
+
+- `models/ner`: BertForTokenClassification + Tidings' casing embedding (a row per casing id,
+  added to the word embedding); inputs input_ids, attention_mask, casing_ids; output logits
+  [B, S, labels];
+- `models/minilm`: BertModel, mean pooling over the mask, L2 normalisation; output [B, H].
+
+token_type_ids are implicitly 0; positions are 0..S-1; the attention mask is additive,
+(1 - mask) * -10000. Standard op patterns (MatMul+Add, Reshape/Transpose heads, Softmax,
+LayerNormalization, Erf GELU; opset 17) so that ORT's BERT optimizer can fuse them.
+
+Backends: `fp32` (onnxruntime.transformers optimize_model(model_type="bert") when it accepts
+the graph, else the plain graph; ORT graph optimizations on), `int8` (quantize_dynamic of that
+graph: QInt8 weights of MatMul/Attention with per-channel scales, activations quantized per
+call; --no-per-channel: per tensor, which drifts clearly further for no measured speed gain),
+and `fp32-plain` (the unfused graph, only when asked for with --backends).
+
+`--check` (on by default; --no-check skips it) asserts that ORT fp32 matches a float64 numpy
+forward pass of the same weights on a 2x16 input (the second row padded), and reports how far
+int8 drifts. Timing: full rows as `tidings bench` makes them ([CLS], ids 1000 + (k*7919) %
+20000, [SEP]; casing 1, 0 on the specials; no padding), p50/p99 over --iters runs after
+--warmup runs, tokens/s = B*S / p50. With --tidings BIN, also runs `BIN bench` per shape (with
+RAYON_NUM_THREADS = --threads) and prints Tidings / ORT ratios.
+
+    pip install -r bench/ort-requirements.txt
+    python3 bench/ort_encoder.py --tidings target/release/tidings
+    python3 bench/ort_encoder.py --shapes 1x16 --iters 2     # quick end-to-end try
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+OPSET = 17
+MASK_VALUE = -10000.0
+
+
+@dataclass
+class Bert:
+    """One encoder: config, f32 weights without the `bert.` prefix, and what it outputs."""
+    name: str  # "ner" or "topics", as `tidings bench` names them
+    dir: Path
+    cfg: dict
+    w: dict[str, np.ndarray]
+    casing: bool
+    labels: int  # 0 for the pooled embedder
+    cls_id: int
+    sep_id: int
+
+    @property
+    def heads(self) -> int:
+        return int(self.cfg["num_attention_heads"])
+
+
+def load_bert(name: str, model_dir: Path) -> Bert:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{model_dir}: hidden_act {cfg['hidden_act']!r}, only exact gelu is built")
+    raw = load_file(str(model_dir / "model.safetensors"))
+    w = {(k[5:] if k.startswith("bert.") else k): v.astype(np.float32)
+         for k, v in raw.items() if np.issubdtype(v.dtype, np.floating)}
+    casing = bool(cfg.get("tidings_casing"))
+    if casing and "embeddings.casing_embeddings.weight" not in w:
+        raise ValueError(f"{model_dir}: tidings_casing is set but the casing table is missing")
+    labels = w["classifier.weight"].shape[0] if name == "ner" else 0
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    return Bert(name, model_dir, cfg, w, casing, labels, vocab["[CLS]"], vocab["[SEP]"])
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; every helper returns its output's name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.names: set[str] = set()
+        self.n = 0
+
+    def const(self, name: str, value) -> str:
+        if name in self.names:
+            return name
+        self.names.add(name)
+        arr = np.asarray(value)
+        arr = arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        self.n += 1
+        out = f"{op_type.lower()}_{self.n}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{op_type}_{self.n}", **attrs))
+        return out
+
+    def linear(self, x: str, m: Bert, prefix: str) -> str:
+        wt = self.const(prefix + ".weight", m.w[prefix + ".weight"].T.copy())  # [in, out]
+        return self.op("Add", self.op("MatMul", x, wt), self.const(prefix + ".bias", m.w[prefix + ".bias"]))
+
+    def gelu(self, x: str) -> str:
+        """Exact GELU as 0.5 * x * (1 + erf(x / sqrt 2)): the pattern FusionGelu matches."""
+        sqrt2, one, half = (self.const(n, np.float32(v)) for n, v in
+                            (("f_sqrt2", math.sqrt(2.0)), ("f_1", 1.0), ("f_half", 0.5)))
+        return self.op("Mul", self.op("Mul", x, self.op("Add", self.op("Erf", self.op("Div", x, sqrt2)), one)), half)
+
+    def layer_norm(self, x: str, m: Bert, prefix: str) -> str:
+        return self.op("LayerNormalization", x, self.const(prefix + ".weight", m.w[prefix + ".weight"]),
+                       self.const(prefix + ".bias", m.w[prefix + ".bias"]), axis=-1,
+                       epsilon=float(m.cfg.get("layer_norm_eps", 1e-12)))
+
+
+def build_graph(m: Bert) -> onnx.ModelProto:
+    g = GraphBuilder()
+    hidden, heads = int(m.cfg["hidden_size"]), m.heads
+    head = hidden // heads
+    dyn = ["batch", "seq"]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, dyn),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, dyn)]
+    # Embeddings: word + token type 0 (+ casing) + position, then LayerNorm.
+    x = g.op("Gather", g.const("embeddings.word_embeddings.weight", m.w["embeddings.word_embeddings.weight"]),
+             "input_ids")
+    x = g.op("Add", x, g.const("token_type_0", m.w["embeddings.token_type_embeddings.weight"][0]))
+    if m.casing:
+        inputs.append(helper.make_tensor_value_info("casing_ids", TensorProto.INT64, dyn))
+        cas = g.const("embeddings.casing_embeddings.weight", m.w["embeddings.casing_embeddings.weight"])
+        x = g.op("Add", x, g.op("Gather", cas, "casing_ids"))
+    seq = g.op("Shape", "input_ids", start=1, end=2)
+    zero, one = g.const("i64_0", [0]), g.const("i64_1", [1])
+    pos = g.op("Slice", g.const("embeddings.position_embeddings.weight", m.w["embeddings.position_embeddings.weight"]),
+               zero, seq, zero)
+    x = g.layer_norm(g.op("Add", x, pos), m, "embeddings.LayerNorm")
+    # Additive mask [B, 1, 1, S], the pattern the BERT optimizer's attention fusion expects.
+    mask = g.op("Cast", g.op("Unsqueeze", g.op("Unsqueeze", "attention_mask", one), g.const("i64_2", [2])),
+                to=TensorProto.FLOAT)
+    mask = g.op("Mul", g.op("Sub", g.const("f_1", np.float32(1.0)), mask), g.const("f_mask", np.float32(MASK_VALUE)))
+    split = g.const("heads_shape", [0, 0, heads, head])
+    merge = g.const("merge_shape", [0, 0, hidden])
+    scale = g.const("f_sqrt_head", np.float32(math.sqrt(head)))
+    for i in range(int(m.cfg["num_hidden_layers"])):
+        p = f"encoder.layer.{i}."
+        q = g.op("Transpose", g.op("Reshape", g.linear(x, m, p + "attention.self.query"), split), perm=[0, 2, 1, 3])
+        k = g.op("Transpose", g.op("Reshape", g.linear(x, m, p + "attention.self.key"), split), perm=[0, 2, 3, 1])
+        v = g.op("Transpose", g.op("Reshape", g.linear(x, m, p + "attention.self.value"), split), perm=[0, 2, 1, 3])
+        probs = g.op("Softmax", g.op("Add", g.op("Div", g.op("MatMul", q, k), scale), mask), axis=-1)
+        ctx = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3]), merge)
+        att = g.linear(ctx, m, p + "attention.output.dense")
+        x = g.layer_norm(g.op("Add", att, x), m, p + "attention.output.LayerNorm")
+        out = g.linear(g.gelu(g.linear(x, m, p + "intermediate.dense")), m, p + "output.dense")
+        x = g.layer_norm(g.op("Add", out, x), m, p + "output.LayerNorm")
+    if m.labels:
+        g.linear(x, m, "classifier")
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, dyn + [m.labels])]
+    else:  # mean pooling over the mask, then L2 normalisation
+        mf = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.FLOAT), g.const("i64_m1", [-1]))
+        total = g.op("ReduceSum", g.op("Mul", x, mf), one, keepdims=0)
+        count = g.op("Max", g.op("ReduceSum", mf, one, keepdims=0), g.const("f_1", np.float32(1.0)))
+        mean = g.op("Div", total, count)
+        norm = g.op("Max", g.op("ReduceL2", mean, axes=[-1], keepdims=1), g.const("f_eps", np.float32(1e-12)))
+        g.op("Div", mean, norm)
+        outputs = [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", hidden])]
+    g.nodes[-1].output[0] = outputs[0].name  # the last node made is the output
+    graph = helper.make_graph(g.nodes, f"tidings_{m.name}", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidings-bench")
+    onnx.checker.check_model(model)
+    return model
+
+
+def numpy_forward(m: Bert, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The same encoder in float64 numpy: the reference the ORT graphs are checked against."""
+    w = {k: v.astype(np.float64) for k, v in m.w.items()}
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    b, s = ids.shape
+    hidden, heads = int(m.cfg["hidden_size"]), m.heads
+    eps = float(m.cfg.get("layer_norm_eps", 1e-12))
+    erf = np.vectorize(math.erf)
+
+    def ln(x: np.ndarray, p: str) -> np.ndarray:
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * w[p + ".weight"] + w[p + ".bias"]
+
+    def lin(x: np.ndarray, p: str) -> np.ndarray:
+        return x @ w[p + ".weight"].T + w[p + ".bias"]
+
+    def split(x: np.ndarray) -> np.ndarray:
+        return x.reshape(b, s, heads, hidden // heads).transpose(0, 2, 1, 3)
+
+    x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.token_type_embeddings.weight"][0]
+    if m.casing:
+        x = x + w["embeddings.casing_embeddings.weight"][feeds["casing_ids"]]
+    x = ln(x + w["embeddings.position_embeddings.weight"][:s], "embeddings.LayerNorm")
+    add_mask = (1.0 - mask[:, None, None, :]) * MASK_VALUE
+    for i in range(int(m.cfg["num_hidden_layers"])):
+        p = f"encoder.layer.{i}."
+        q, k, v = (split(lin(x, p + "attention.self." + n)) for n in ("query", "key", "value"))
+        sc = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hidden // heads) + add_mask
+        pr = np.exp(sc - sc.max(-1, keepdims=True))
+        pr /= pr.sum(-1, keepdims=True)
+        ctx = (pr @ v).transpose(0, 2, 1, 3).reshape(b, s, hidden)
+        x = ln(lin(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+        h = lin(x, p + "intermediate.dense")
+        x = ln(lin(0.5 * h * (1.0 + erf(h / math.sqrt(2.0))), p + "output.dense") + x, p + "output.LayerNorm")
+    if m.labels:
+        return lin(x, "classifier")
+    mf = mask[:, :, None].astype(np.float64)
+    mean = (x * mf).sum(1) / np.maximum(mf.sum(1), 1.0)
+    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def export(m: Bert, workdir: Path, per_channel: bool) -> dict[str, Path]:
+    """Writes the plain, optimized and int8 graphs; returns backend -> path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {"fp32-plain": workdir / f"{m.name}.fp32.onnx"}
+    onnx.save(build_graph(m), str(paths["fp32-plain"]))
+    paths["fp32"] = paths["fp32-plain"]
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+        # opt_level=0: only the Python fusions. Levels >= 1 first run an ORT pre-pass whose
+        # code imports torch (onnxruntime 1.32); this graph has nothing for it to fold anyway.
+        opt = optimize_model(str(paths["fp32-plain"]), model_type="bert", num_heads=m.heads,
+                             hidden_size=int(m.cfg["hidden_size"]), opt_level=0)
+        fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+        paths["fp32"] = workdir / f"{m.name}.fp32-opt.onnx"
+        opt.save_model_to_file(str(paths["fp32"]))
+        print(f"[{m.name}] bert optimizer fused: {fused}")
+    except Exception as e:  # noqa: BLE001 -- any failure: time the plain graph instead
+        print(f"[{m.name}] bert optimizer failed ({type(e).__name__}: {e}); fp32 = plain graph")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    paths["int8"] = workdir / f"{m.name}.int8.onnx"
+    quantize_dynamic(str(paths["fp32"]), str(paths["int8"]), weight_type=QuantType.QInt8,
+                     per_channel=per_channel, op_types_to_quantize=["MatMul", "Attention"],
+                     # DefaultTensorType: shape inference stops at the fused com.microsoft ops
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
+    for b in ("fp32", "int8"):
+        print(f"[{m.name}] {b} graph ops: {op_counts(paths[b])}")
+    return paths
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def bench_feeds(m: Bert, batch: int, seq: int) -> dict[str, np.ndarray]:
+    """Full rows as `tidings bench` builds them: [CLS] ids [SEP], casing 1 (0 on the specials)."""
+    body = [1000 + (k * 7919) % 20000 for k in range(max(seq - 2, 1))]
+    row = np.array([m.cls_id, *body, m.sep_id], dtype=np.int64)
+    feeds = {"input_ids": np.tile(row, (batch, 1)), "attention_mask": np.ones((batch, row.size), np.int64)}
+    if m.casing:
+        cas = np.ones(row.size, np.int64)
+        cas[0] = cas[-1] = 0
+        feeds["casing_ids"] = np.tile(cas, (batch, 1))
+    return feeds
+
+
+def check_feeds(m: Bert, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """2x16 random rows; the second has 11 real tokens, then padding."""
+    ids = rng.integers(1000, 21000, size=(2, 16), dtype=np.int64)
+    mask = np.ones((2, 16), np.int64)
+    ids[:, 0], ids[0, 15], ids[1, 10] = m.cls_id, m.sep_id, m.sep_id
+    ids[1, 11:], mask[1, 11:] = 0, 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if m.casing:
+        feeds["casing_ids"] = rng.integers(0, 6, size=(2, 16), dtype=np.int64) * mask
+    return feeds
+
+
+def check(m: Bert, paths: dict[str, Path], threads: int) -> None:
+    feeds = check_feeds(m, np.random.default_rng(11))
+    ref = numpy_forward(m, feeds)
+    tol = 1e-3 if m.labels else 1e-4
+    outs = {}
+    for b in ("fp32-plain", "fp32", "int8"):
+        outs[b] = session(paths[b], threads).run(None, feeds)[0].astype(np.float64)
+    for b in ("fp32-plain", "fp32"):
+        diff = float(np.abs(outs[b] - ref).max())
+        print(f"[{m.name}] check {b:<10} vs numpy f64: max |diff| {diff:.2e} (tolerance {tol:g})")
+        if not diff < tol:
+            raise SystemExit(f"check FAILED: {m.name}: ORT {b} differs from numpy by {diff:.3e}")
+    drift = float(np.abs(outs["int8"] - outs["fp32"]).max())
+    if m.labels:
+        real = feeds["attention_mask"].astype(bool)
+        agree = float((outs["int8"].argmax(-1) == outs["fp32"].argmax(-1))[real].mean())
+        print(f"[{m.name}] int8 drift vs fp32: max |diff| {drift:.3f}, argmax agreement {agree:.1%} "
+              f"of {int(real.sum())} tokens (random ids: indicative only)")
+    else:
+        cos = (outs["int8"] * outs["fp32"]).sum(-1)  # both unit length
+        print(f"[{m.name}] int8 drift vs fp32: max |diff| {drift:.4f}, min cosine {cos.min():.5f}")
+
+
+def percentile(times: list[float], q: float) -> float:
+    """Same rule as `tidings bench`: sorted[ceil(n*q) - 1] (p50 is sorted[n // 2] there)."""
+    s = sorted(times)
+    return s[len(s) // 2] if q == 0.5 else s[max(math.ceil(len(s) * q) - 1, 0)]
+
+
+def time_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], iters: int,
+                 warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return percentile(times, 0.5), percentile(times, 0.99)
+
+
+def run_tidings(binary: str, batch: int, seq: int, iters: int, threads: int, ner: Path,
+                topics: Path) -> dict[str, float]:
+    """tokens/s per model from `BIN bench`: lines `ner|topics batch seq p50 p99 tokens/s ...`."""
+    cmd = [binary, "bench", "--batch", str(batch), "--seq", str(seq), "--iters", str(iters),
+           "--ner-model", str(ner), "--topic-model", str(topics)]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}: {res.stderr.strip()[-2000:]}")
+    out = {}
+    for line in res.stdout.splitlines():
+        f = line.split()
+        if len(f) >= 6 and f[0] in ("ner", "topics") and f[1:3] == [str(batch), str(seq)]:
+            out[f[0]] = float(f[5])
+    if not out:
+        raise RuntimeError(f"no ner/topics rows in the output of {' '.join(cmd)}:\n{res.stdout}")
+    return out
+
+
+def proc_field(path: str, name: str, default: str) -> str:
+    """The value of the first `name: value` line of a /proc file."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return default
+
+
+def cpu_int8_flags() -> str:
+    flags = proc_field("/proc/cpuinfo", "flags", "").split()
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "none"
+
+
+def peak_rss_mb() -> float:
+    return int(proc_field("/proc/self/status", "VmHWM", "0 kB").split()[0]) / 1024
+
+
+def cell(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def ratio(x: float | None, y: float | None) -> str:
+    return "-" if x is None or y is None else f"{x / y:.2f}x"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [(int(b), int(s)) for b, s in (part.lower().split("x") for part in text.split(","))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="1x64,16x64,8x256", help="BATCHxSEQ list (SEQ counts [CLS] and [SEP])")
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (and RAYON_NUM_THREADS for Tidings)")
+    ap.add_argument("--iters", type=int, default=20, help="timed runs per model/backend/shape")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed runs before them")
+    ap.add_argument("--backends", default="fp32,int8", help="of fp32, int8, fp32-plain")
+    ap.add_argument("--ner", type=Path, default=ROOT / "models/ner", help="NER model dir ('none' to skip)")
+    ap.add_argument("--minilm", type=Path, default=ROOT / "models/minilm", help="topic encoder dir ('none' to skip)")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "target/ort", help="where the .onnx files go")
+    ap.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                    help="int8 weight scales per output column (default) or per tensor (--no-per-channel)")
+    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="parity check first")
+    ap.add_argument("--check-only", action="store_true", help="export and check, no timing")
+    ap.add_argument("--tidings", metavar="BIN", help="also run `BIN bench` per shape and compare")
+    a = ap.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)  # optimizer/quantizer chatter (producer name, pre-processing)
+    ort.set_default_logger_severity(3)
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    if bad := set(backends) - {"fp32", "int8", "fp32-plain"}:
+        ap.error(f"unknown backends {sorted(bad)}")
+    shapes = parse_shapes(a.shapes)
+    print(f"CPU: {proc_field('/proc/cpuinfo', 'model name', 'unknown')} ({os.cpu_count()} cpus; int8-relevant flags: {cpu_int8_flags()})")
+    print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}; "
+          f"{a.threads} intra-op threads")
+    models = [load_bert(n, d) for n, d in (("ner", a.ner), ("topics", a.minilm)) if str(d) != "none"]
+    rows: dict[tuple[str, str, int, int], float] = {}  # (model, backend, B, S) -> tokens/s
+    for m in models:
+        print(f"[{m.name}] {m.dir}: {m.cfg['num_hidden_layers']} layers, hidden {m.cfg['hidden_size']}, "
+              f"{m.heads} heads, casing {m.casing}, labels {m.labels or '-'}")
+        paths = export(m, a.workdir, a.per_channel)
+        if a.check or a.check_only:
+            check(m, paths, a.threads)
+        if a.check_only:
+            continue
+        print(f"{'model':<8} {'backend':<10} {'batch':>6} {'seq':>6} {'p50 ms':>10} {'p99 ms':>10} {'tokens/s':>10}")
+        for backend in backends:
+            sess = session(paths[backend], a.threads)
+            for b, s in shapes:
+                p50, p99 = time_session(sess, bench_feeds(m, b, s), a.iters, a.warmup)
+                rows[(m.name, backend, b, s)] = b * s / p50
+                print(f"{m.name:<8} {backend:<10} {b:>6} {s:>6} {p50 * 1e3:>10.2f} {p99 * 1e3:>10.2f} "
+                      f"{b * s / p50:>10.0f}")
+            del sess
+    if a.tidings and not a.check_only:
+        tid: dict[tuple[str, int, int], float] = {}
+        for b, s in shapes:
+            for name, tps in run_tidings(a.tidings, b, s, a.iters, a.threads, a.ner, a.minilm).items():
+                tid[(name, b, s)] = tps
+        print(f"\nTidings vs ORT ({a.threads} threads), tokens/s")
+        print(f"{'model':<8} {'batch':>6} {'seq':>6} {'tidings':>10} {'ort fp32':>10} {'ort int8':>10} "
+              f"{'T/fp32':>8} {'T/int8':>8}")
+        for m in models:
+            for b, s in shapes:
+                t = tid.get((m.name, b, s))
+                f32, i8 = rows.get((m.name, "fp32", b, s)), rows.get((m.name, "int8", b, s))
+                print(f"{m.name:<8} {b:>6} {s:>6} {cell(t):>10} {cell(f32):>10} {cell(i8):>10} "
+                      f"{ratio(t, f32):>8} {ratio(t, i8):>8}")
+    print(f"peak RSS (python process) {peak_rss_mb():.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
