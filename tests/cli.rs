@@ -550,21 +550,12 @@ fn sigterm_drains_in_flight_calls_and_stops() {
 
 #[test]
 fn analyze_prints_json_for_a_file() {
-    let out = Command::new(BIN)
-        .current_dir(common::root())
-        .args([
-            "analyze",
-            common::fixture("summit-article.txt").to_str().unwrap(),
-            "--top-k",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::process::run_ok([
+        "analyze",
+        common::fixture("summit-article.txt").to_str().unwrap(),
+        "--top-k",
+        "2",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(v["topics"].as_array().unwrap().len(), 2);
     assert_eq!(v["topics"][0]["label"], "world", "{v}");

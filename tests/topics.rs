@@ -168,10 +168,7 @@ fn iptc_media_topics_taxonomy_answers_with_qcodes() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut c =
-            proto::tidings_client::TidingsClient::connect(format!("http://127.0.0.1:{port}"))
-                .await
-                .unwrap();
+        let mut c = process::connect(port).await;
         let info = c
             .get_info(proto::GetInfoRequest {})
             .await
@@ -360,18 +357,20 @@ fn few_shot_head_with_memory_is_trained_and_served() {
         r#"{"labels": [{"name": "markets"}, {"name": "sport"}]}"#.to_string(),
     );
     let head = dir.path().join("head.json");
-    let out = std::process::Command::new(process::BIN)
-        .current_dir(common::root())
-        .args(["train", "topics", "--data", &data, "--prior", &prior])
-        .args(["--unlabelled", &pool, "--folds", "2", "--out"])
-        .arg(&head)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    process::run_ok([
+        "train",
+        "topics",
+        "--data",
+        &data,
+        "--prior",
+        &prior,
+        "--unlabelled",
+        &pool,
+        "--folds",
+        "2",
+        "--out",
+        head.to_str().unwrap(),
+    ]);
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&head).unwrap()).unwrap();
     assert_eq!(
@@ -385,10 +384,7 @@ fn few_shot_head_with_memory_is_trained_and_served() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let check = |port: u16, topic_head: &'static str| {
         rt.block_on(async move {
-            let mut c =
-                proto::tidings_client::TidingsClient::connect(format!("http://127.0.0.1:{port}"))
-                    .await
-                    .unwrap();
+            let mut c = process::connect(port).await;
             for (text, want) in [
                 (
                     "The midfielder was sent off as the derby ended 2-2.",
@@ -432,9 +428,7 @@ fn few_shot_head_with_memory_is_trained_and_served() {
     check(port, "desk");
     rt.block_on(async {
         let mut c =
-            proto::tidings_client::TidingsClient::connect(format!("http://127.0.0.1:{port}"))
-                .await
-                .unwrap();
+            process::connect(port).await;
         let info = c
             .get_info(proto::GetInfoRequest {})
             .await

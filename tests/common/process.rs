@@ -49,6 +49,33 @@ pub fn serve(port: u16, extra: &[&str]) -> Child {
     }
 }
 
+/// A gRPC client of the server on `port`.
+pub async fn connect(port: u16) -> TidingsClient<tonic::transport::Channel> {
+    TidingsClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("connect to tidings serve")
+}
+
+/// Runs `tidings ARGS` in the project root, asserts that it succeeded (else shows its
+/// stderr) and returns its output.
+pub fn run_ok<I, S>(args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(BIN)
+        .current_dir(super::root())
+        .args(args)
+        .output()
+        .expect("run tidings");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Sends SIGTERM to `child`.
 pub fn sigterm(child: &Child) {
     let _ = Command::new("kill")
