@@ -166,7 +166,8 @@ pub fn run(c: EvalCommand) -> Result<()> {
                 let embeddings: Vec<&[f32]> =
                     results.iter().map(|a| a.embedding.as_slice()).collect();
                 if refine {
-                    refine_report(&sets, &embeddings, &golds);
+                    let names: Vec<String> = tax.labels.iter().map(|l| l.name.clone()).collect();
+                    refine_report(&names, &sets, &embeddings, &golds);
                 }
                 if fit_multi_label {
                     multi_label_report(&sets, &embeddings, &golds);
@@ -275,41 +276,39 @@ fn parity(task: &str, model: &std::path::Path, sentences: &std::path::Path) -> R
     Ok(())
 }
 
-/// Accuracy of each label wording in `sets` on the odd rows, before and after refining its
-/// prototypes with the even rows' articles as unlabelled text, and with a memory of those
-/// articles labelled by the refined prototypes (what `serve --refine-topics` serves).
-fn refine_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], golds: &[usize]) {
+/// Accuracy of each label wording in `sets` (labels `names`) on the odd rows, before and
+/// after refining its prototypes with the even rows' articles as unlabelled text, and with a
+/// memory of those articles labelled by the refined prototypes (what `serve
+/// --refine-topics` serves).
+fn refine_report(
+    names: &[String],
+    sets: &[(String, Vec<Vec<f32>>)],
+    embeddings: &[&[f32]],
+    golds: &[usize],
+) {
+    use tidings::pipeline::analysis::LabelSet;
+    use tidings::train::topics::{accuracy, memory_head_refined};
     let pool: Vec<&[f32]> = embeddings.iter().step_by(2).copied().collect();
+    let (odd_x, odd_y): (Vec<Vec<f32>>, Vec<usize>) = (1..embeddings.len())
+        .step_by(2)
+        .map(|i| (embeddings[i].to_vec(), golds[i]))
+        .unzip();
     println!(
         "refinement: {} unlabelled articles (even rows), accuracy on the {} odd rows",
         pool.len(),
-        embeddings.len() / 2
+        odd_x.len()
     );
-    let odd = |p: &[Vec<f32>]| {
-        let (mut right, mut n) = (0usize, 0usize);
-        for (i, e) in embeddings.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
-            right += usize::from(topics::nearest(p, e) == golds[i]);
-            n += 1;
-        }
-        right as f64 / n.max(1) as f64
-    };
+    let odd = |set: &LabelSet| accuracy(set, &odd_x, &odd_y);
+    let prototypes =
+        |w: &[Vec<f32>]| LabelSet::prototypes(names.to_vec(), w.to_vec(), topics::DEFAULT_SCALE);
     let pooled = std::sync::Arc::new(pool.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
     for (path, weights) in sets {
         let refined = topics::refine(weights, &pool, topics::REFINE_ROUNDS);
-        let memory =
-            topics::Memory::pseudo_labelled(&refined, pooled.clone(), &[], topics::DEFAULT_SCALE);
-        let (mut right, mut n) = (0usize, 0usize);
-        for (i, e) in embeddings.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
-            let p = memory.vote(e).unwrap_or_default();
-            let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b]));
-            right += usize::from(best == Some(golds[i]));
-            n += 1;
-        }
         println!(
             "  {path}: {:.4} -> {:.4} refined -> {:.4} with the memory",
-            odd(weights),
-            odd(&refined),
-            right as f64 / n.max(1) as f64
+            odd(&prototypes(weights)),
+            odd(&prototypes(&refined)),
+            odd(&memory_head_refined(names, refined, pooled.clone(), &[]))
         );
     }
 }

@@ -406,15 +406,12 @@ fn few_shot_report(
     use tidings::train::topics;
     let started = std::time::Instant::now();
     let k = names.len();
-    let prototypes = |p: &[Vec<f32>]| tidings::pipeline::analysis::LabelSet {
-        names: names.to_vec(),
-        weights: p.to_vec(),
-        bias: vec![0.0; k],
-        scale: zs::DEFAULT_SCALE,
-        ids: Vec::new(),
-        parents: Vec::new(),
-        multi_label: None,
-        memory: None,
+    let prototypes = |p: &[Vec<f32>]| {
+        tidings::pipeline::analysis::LabelSet::prototypes(
+            names.to_vec(),
+            p.to_vec(),
+            zs::DEFAULT_SCALE,
+        )
     };
     let (vx, vy): (Vec<Vec<f32>>, Vec<usize>) = (1..x.len())
         .step_by(2)
@@ -437,15 +434,16 @@ fn few_shot_report(
     if let Some(p) = prior {
         let pool: Vec<&[f32]> = even.iter().map(|&i| x[i].as_slice()).collect();
         let pooled = std::sync::Arc::new(even.iter().map(|&i| x[i].clone()).collect::<Vec<_>>());
+        let refined = zs::refine(p, &pool, zs::REFINE_ROUNDS);
         println!(
             "  0 per class: zero-shot {:.4}; with the even rows' text: refined prototypes {:.4}, memory {:.4}",
             topics::accuracy(&prototypes(p), &vx, &vy),
+            topics::accuracy(&prototypes(&refined), &vx, &vy),
             topics::accuracy(
-                &prototypes(&zs::refine(p, &pool, zs::REFINE_ROUNDS)),
+                &topics::memory_head_refined(names, refined, pooled, &[]),
                 &vx,
                 &vy
-            ),
-            topics::accuracy(&topics::memory_head(names, p, pooled, &[], &[])?, &vx, &vy)
+            )
         );
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -495,7 +493,7 @@ fn few_shot_report(
                 let pooled =
                     std::sync::Arc::new(pool.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
                 memory.push(topics::accuracy(
-                    &topics::memory_head(names, p, pooled, &tx, &ty)?,
+                    &topics::memory_head_refined(names, r, pooled, &labelled),
                     &vx,
                     &vy,
                 ));

@@ -88,6 +88,21 @@ pub struct LabelSet {
 }
 
 impl LabelSet {
+    /// Labels scored by their prototypes alone: `softmax(scale * cosine)`, no bias, ids,
+    /// parents, multi-label calibration or memory.
+    pub fn prototypes(names: Vec<String>, weights: Vec<Vec<f32>>, scale: f32) -> Self {
+        Self {
+            bias: vec![0.0; weights.len()],
+            names,
+            weights,
+            scale,
+            ids: Vec::new(),
+            parents: Vec::new(),
+            multi_label: None,
+            memory: None,
+        }
+    }
+
     /// Probabilities of each label for a unit-length article embedding: the memory's vote
     /// when there is one that fits, else the softmax of the weights.
     pub fn score(&self, article: &[f32]) -> Vec<f32> {

@@ -137,14 +137,9 @@ pub const MULTI_LABEL_SLOPE: f32 = 15.9;
 /// See [`MULTI_LABEL_SLOPE`].
 pub const MULTI_LABEL_OFFSET: f32 = -3.03;
 
-/// The index of the prototype closest to `article`.
-pub fn nearest(prototypes: &[Vec<f32>], article: &[f32]) -> usize {
-    prototypes
-        .iter()
-        .map(|p| p.iter().zip(article).map(|(a, b)| a * b).sum::<f32>())
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map_or(0, |(i, _)| i)
+/// The dot product of two vectors (the cosine, for unit vectors).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Rounds of [`refine`].
@@ -295,7 +290,7 @@ impl Memory {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                let s: f32 = v.iter().zip(article).map(|(a, b)| a * b).sum();
+                let s = dot(v, article);
                 (if s.is_finite() { s } else { f32::NEG_INFINITY }, i)
             })
             .collect();
@@ -323,7 +318,7 @@ pub fn score_independent(
     let mut p: Vec<f32> = labels
         .iter()
         .map(|l| {
-            let cos: f32 = l.iter().zip(article).map(|(a, b)| a * b).sum();
+            let cos = dot(l, article);
             1.0 / (1.0 + (-(slope * cos + offset)).exp())
         })
         .collect();
@@ -372,10 +367,7 @@ pub fn score(article: &[f32], labels: &[&[f32]], bias: &[f32], scale: f32) -> Ve
     let logits: Vec<f32> = labels
         .iter()
         .enumerate()
-        .map(|(i, l)| {
-            scale * l.iter().zip(article).map(|(a, b)| a * b).sum::<f32>()
-                + bias.get(i).copied().unwrap_or(0.0)
-        })
+        .map(|(i, l)| scale * dot(l, article) + bias.get(i).copied().unwrap_or(0.0))
         .collect();
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();

@@ -137,7 +137,7 @@ pub fn fit_from(
             if p.len() != k || p.iter().any(|v| v.len() != d) {
                 bail!("the prior needs one {d}-dimensional prototype per class");
             }
-            let scale = crate::pipeline::topics::DEFAULT_SCALE;
+            let scale = topics::DEFAULT_SCALE;
             let flat: Vec<f32> = p.iter().flatten().map(|v| v * scale).collect();
             Var::from_tensor(&Tensor::from_vec(flat, (k, d), &dev)?)?
         }
@@ -190,17 +190,22 @@ pub fn memory_head(
         x.iter().map(Vec::as_slice).zip(y.iter().copied()).collect();
     let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
     let refined = topics::refine_with_examples(prior, &refs, &labelled, topics::REFINE_ROUNDS);
-    let memory = topics::Memory::pseudo_labelled(&refined, pool, &labelled, topics::DEFAULT_SCALE);
-    Ok(LabelSet {
-        names: names.to_vec(),
-        bias: vec![0.0; refined.len()],
-        weights: refined,
-        scale: topics::DEFAULT_SCALE,
-        ids: Vec::new(),
-        parents: Vec::new(),
-        multi_label: None,
+    Ok(memory_head_refined(names, refined, pool, &labelled))
+}
+
+/// The head [`memory_head`] builds, from prototypes it has already refined with `pool` and
+/// `labelled`.
+pub fn memory_head_refined(
+    names: &[String],
+    refined: Vec<Vec<f32>>,
+    pool: std::sync::Arc<Vec<Vec<f32>>>,
+    labelled: &[(&[f32], usize)],
+) -> LabelSet {
+    let memory = topics::Memory::pseudo_labelled(&refined, pool, labelled, topics::DEFAULT_SCALE);
+    LabelSet {
         memory: Some(std::sync::Arc::new(memory)),
-    })
+        ..LabelSet::prototypes(names.to_vec(), refined, topics::DEFAULT_SCALE)
+    }
 }
 
 /// Accuracy of `head` on rows `x`, `y`.
