@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use tidings::model::{Encoder, EncoderInput, Mode, ModelDir};
+use tidings::model::{Encoder, EncoderInput, Mode, ModelDir, Precision};
 use tidings::pipeline::batch::{encode_rows, Row};
 use tidings::pipeline::tokens::tokenize;
 
@@ -127,4 +127,72 @@ fn fused_matches_graph_on_the_ner_model() {
 #[test]
 fn fused_matches_graph_on_minilm() {
     check("models/minilm");
+}
+
+/// Smallest cosine similarity between corresponding rows of `[n, h]` hidden states.
+fn min_cosine(a: &[f32], b: &[f32], h: usize) -> f32 {
+    a.chunks_exact(h)
+        .zip(b.chunks_exact(h))
+        .map(|(x, y)| {
+            let dot: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            let nx: f32 = x.iter().map(|p| p * p).sum::<f32>().sqrt();
+            let ny: f32 = y.iter().map(|q| q * q).sum::<f32>().sqrt();
+            dot / (nx * ny)
+        })
+        .fold(1.0, f32::min)
+}
+
+/// The int8 path against the f32 graph: every real token's hidden state points the same
+/// way (the accuracy of whole tasks is in the models' REPORT.md), and a row's result does
+/// not depend on the batch around it (activation scales are per token).
+fn check_int8(dir: &str) {
+    let (graph, mut int8, input, lens) = load(dir);
+    if !tidings::model::qgemm::available() {
+        eprintln!("no AVX2: the int8 path is not available on this CPU, nothing to check");
+        return;
+    }
+    assert_eq!(int8.set_precision(Precision::Int8), Precision::Int8);
+    assert_eq!(int8.precision(), Precision::Int8);
+    let h = int8.hidden_size();
+    let g = graph.forward(&input, Mode::INFERENCE).unwrap();
+    let q = int8.forward(&input, Mode::INFERENCE).unwrap();
+    let mut worst = 1f32;
+    for (r, &len) in lens.iter().enumerate() {
+        let (gr, qr) = (real(&g, r, len), real(&q, r, len));
+        assert!(qr.iter().all(|v| v.is_finite()));
+        worst = worst.min(min_cosine(&gr, &qr, h));
+        assert!(
+            max_diff(&gr, &qr) > 0.0,
+            "{dir}: int8 gave the f32 result exactly"
+        );
+    }
+    eprintln!("{dir}: int8 vs f32, smallest per-token cosine {worst:.5}");
+    assert!(worst > 0.98, "{dir}: int8 drifts from f32: cosine {worst}");
+    let single = EncoderInput {
+        input_ids: input
+            .input_ids
+            .narrow(0, 0, 1)
+            .unwrap()
+            .narrow(1, 0, lens[0])
+            .unwrap(),
+        type_ids: None,
+        casing: input
+            .casing
+            .as_ref()
+            .map(|c| c.narrow(0, 0, 1).unwrap().narrow(1, 0, lens[0]).unwrap()),
+        attention_mask: Tensor::ones((1, lens[0]), DType::F32, &Device::Cpu).unwrap(),
+    };
+    let alone = real(&int8.forward(&single, Mode::INFERENCE).unwrap(), 0, lens[0]);
+    let d = max_diff(&alone, &real(&q, 0, lens[0]));
+    assert!(d < 1e-4, "{dir}: int8 batched differs from alone by {d}");
+}
+
+#[test]
+fn int8_follows_f32_on_the_ner_model() {
+    check_int8("models/ner");
+}
+
+#[test]
+fn int8_follows_f32_on_minilm() {
+    check_int8("models/minilm");
 }

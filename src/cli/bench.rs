@@ -48,6 +48,38 @@ fn matmul_peak(n: usize) -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / best / 1e9)
 }
 
+/// Best-of-3 rates of Tidings' own kernels on an n x n x n product with `threads` tasks:
+/// the packed f32 microkernel (GFLOP/s) and the int8 one (GOP/s, the activations' per-call
+/// quantization included); `None` for a kernel this CPU does not run.
+fn kernel_peaks(n: usize, threads: usize) -> (Option<f64>, Option<f64>) {
+    use tidings::model::qgemm::{QuantizedRows, QuantizedWeights};
+    use tidings::model::sgemm::PackedWeights;
+    let a: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let b: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let mut c = vec![0f32; n * n];
+    let ops = 2.0 * (n * n * n) as f64;
+    let best = |run: &mut dyn FnMut()| {
+        run();
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                run();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let f32_rate = PackedWeights::pack(&b, n, n)
+        .map(|p| ops / best(&mut || p.matmul_acc(&a, n, &mut c, threads)) / 1e9);
+    let mut rows = QuantizedRows::default();
+    let int8_rate = QuantizedWeights::quantize(&b, n, n)
+        .map(|q| ops / best(&mut || q.matmul_acc(&a, n, &mut c, threads, &mut rows)) / 1e9);
+    (f32_rate, int8_rate)
+}
+
 /// The theoretical f32 FMA peak of `threads` cores in GFLOP/s, and how it was computed:
 /// clock (MHz, from /proc/cpuinfo: the nominal or current clock, not a boost clock) x f32
 /// lanes of the widest FMA (16 with AVX-512, 8 with AVX2) x 2 FMA units x 2 FLOPs per FMA.
@@ -118,6 +150,35 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "machine's best SGEMM: not given (measure it with bench/sgemm_peak.py, pass --blas-gflops)"
         ),
     }
+    let (own_f32, own_int8) = kernel_peaks(2048, threads);
+    let of_blas = |g: f64| {
+        blas.map_or(String::new(), |b| {
+            format!("; {:.0}% of the machine's best SGEMM", 100.0 * g / b)
+        })
+    };
+    match own_f32 {
+        Some(g) => println!(
+            "Tidings f32 kernel (weights packed at load, 2048^3, best of 3): {g:.1} GFLOP/s{}",
+            of_blas(g)
+        ),
+        None => println!("Tidings f32 kernel: not used on this CPU (candle's gemm instead)"),
+    }
+    match own_int8 {
+        Some(g) => println!(
+            "Tidings int8 kernel (2048^3, activation quantization included, best of 3): {g:.1} GOP/s{}",
+            of_blas(g)
+        ),
+        None => println!("Tidings int8 kernel: not available on this CPU"),
+    }
+    let precision = [
+        models.ner.as_ref().map(|n| n.model.precision()),
+        models.topics.as_ref().map(|t| t.model.precision()),
+    ];
+    println!(
+        "precision of the products below: ner {}, topics {}",
+        precision[0].map_or("-".into(), |p| p.to_string()),
+        precision[1].map_or("-".into(), |p| p.to_string())
+    );
     let fma = fma_peak(threads);
     match &fma {
         Some((g, how)) => println!("theoretical FMA peak: {g:.1} GFLOP/s ({how})"),

@@ -99,6 +99,12 @@ pub struct ModelArgs {
     /// temperature's inverse).
     #[arg(long, env = "TIDINGS_TOPIC_SCALE", default_value_t = tidings::pipeline::topics::DEFAULT_SCALE)]
     pub topic_scale: f32,
+    /// Arithmetic of the encoders' matrix products: `int8` (weights quantized per column at
+    /// load, activations per row at each product; x86-64 with AVX2, f32 elsewhere) or `f32`.
+    /// int8 is the default because it keeps accuracy (CoNLL dev F1 -0.08 points, AG dev
+    /// zero-shot -0.10; models/*/REPORT.md) and is 1.1-1.8x faster.
+    #[arg(long, env = "TIDINGS_PRECISION", default_value = "int8")]
+    pub precision: tidings::model::Precision,
     /// Pieces per model window (special tokens excluded).
     #[arg(long, env = "TIDINGS_WINDOW", default_value_t = 254)]
     pub window: usize,
@@ -164,6 +170,25 @@ impl ModelArgs {
                 overlap: self.window_overlap,
             },
         )?;
+        let ner_precision = models
+            .ner
+            .as_mut()
+            .map(|n| n.model.set_precision(self.precision));
+        let topic_precision = models
+            .topics
+            .as_mut()
+            .map(|t| t.model.set_precision(self.precision));
+        if [ner_precision, topic_precision]
+            .into_iter()
+            .flatten()
+            .any(|p| p != self.precision)
+        {
+            tracing::warn!(
+                asked = %self.precision,
+                "--precision {} is not available on this CPU or model path; running f32",
+                self.precision
+            );
+        }
         if let Some(t) = models.topics.as_mut() {
             t.scale = self.topic_scale;
             for spec in self
@@ -192,6 +217,8 @@ impl ModelArgs {
             ner = models.ner.is_some(),
             topics = models.topics.is_some(),
             shared_tokenizer = models.shared_tokenizer,
+            ner_precision = ner_precision.map(|p| p.to_string()),
+            topic_precision = topic_precision.map(|p| p.to_string()),
             ms = started.elapsed().as_millis() as u64,
             "models loaded"
         );

@@ -199,8 +199,9 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
         .map(|e| values.binary_search(&e.label).unwrap_or(0))
         .collect();
     let cache_key = format!(
-        "{}|{}|{}|{}",
+        "{}|{}|{}|{}|{}",
         a.models.topic_model.display(),
+        a.models.precision,
         a.models.window,
         a.models.window_overlap,
         a.limits.max_text_chars

@@ -352,6 +352,7 @@ impl Layer {
     /// The same layer for the fused CPU inference path.
     fn fuse(&self) -> Result<FusedLayer> {
         let lin = |d: &Dense| FusedLinear::new(&d.weight, &d.bias);
+        let packed = |d: &Dense| Ok::<_, candle_core::Error>(lin(d)?.packed());
         let norm = |n: &Norm| -> Result<FusedNorm> {
             Ok(FusedNorm {
                 gamma: n.weight.to_vec1::<f32>()?,
@@ -365,11 +366,12 @@ impl Layer {
                 (&lin(&self.query)?, scale),
                 (&lin(&self.key)?, 1.0),
                 (&lin(&self.value)?, 1.0),
-            ])?,
-            attn_out: lin(&self.attn_out)?,
+            ])?
+            .packed(),
+            attn_out: packed(&self.attn_out)?,
             attn_norm: norm(&self.attn_norm)?,
-            ffn_in: lin(&self.ffn_in)?,
-            ffn_out: lin(&self.ffn_out)?,
+            ffn_in: packed(&self.ffn_in)?,
+            ffn_out: packed(&self.ffn_out)?,
             out_norm: norm(&self.out_norm)?,
             heads: self.heads,
             head_dim: self.head_dim,
@@ -389,6 +391,39 @@ enum Stack {
     Graph(Vec<Layer>),
     /// The fused f32 CPU kernels of [`super::fused`]: inference only.
     Fused(Vec<FusedLayer>),
+}
+
+/// Arithmetic of the fused CPU path's matrix products (the four per layer; attention,
+/// layer norms and activations stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 weights and activations.
+    #[default]
+    F32,
+    /// int8 weights (per output column, quantized at load) and activations (per row, at
+    /// each product), exact integer sums, f32 results: [`super::qgemm`].
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(Self::F32),
+            "int8" | "i8" => Ok(Self::Int8),
+            other => Err(format!("unknown precision {other:?} (f32 or int8)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Int8 => "int8",
+        })
+    }
 }
 
 /// The transformer body: embeddings and layers, no head.
@@ -436,6 +471,32 @@ impl Encoder {
     /// Whether the layers run on the fused CPU kernels.
     pub fn is_fused(&self) -> bool {
         matches!(self.stack, Stack::Fused(_))
+    }
+
+    /// Sets the precision of the matrix products and returns the one in effect: int8 needs
+    /// the fused CPU path and an x86-64 CPU with AVX2, and stays f32 otherwise. Going back
+    /// from int8 to f32 needs a reload (the f32 weights are dropped).
+    pub fn set_precision(&mut self, precision: Precision) -> Precision {
+        match (&mut self.stack, precision) {
+            (Stack::Fused(layers), Precision::Int8) => {
+                if layers.iter_mut().all(FusedLayer::quantize) {
+                    Precision::Int8
+                } else {
+                    Precision::F32
+                }
+            }
+            _ => self.precision(),
+        }
+    }
+
+    /// The precision of the matrix products.
+    pub fn precision(&self) -> Precision {
+        match &self.stack {
+            Stack::Fused(layers) if layers.first().is_some_and(FusedLayer::is_quantized) => {
+                Precision::Int8
+            }
+            _ => Precision::F32,
+        }
     }
 
     /// Like [`Encoder::load`], but always as candle ops (the differentiable path).

@@ -1,13 +1,16 @@
 //! The fused CPU inference path of the encoder's transformer layers.
 //!
 //! candle runs a layer as some twenty tensor ops, each a pass over memory with its own
-//! allocation and thread fork. Here a layer is five matrix products (`gemm`, the crate candle
-//! itself uses) and a few one-pass kernels ([`super::kernels`]) over buffers reused for the
-//! whole forward pass:
+//! allocation and thread fork. Here a layer is five matrix products and a few one-pass kernels
+//! ([`super::kernels`]) over buffers reused for the whole forward pass. The products run on
+//! weights packed once at load for Tidings' microkernel ([`super::sgemm`]), or quantized to
+//! int8 ([`super::qgemm`], [`super::encoder::Precision`]); on CPUs those do not serve, on
+//! `gemm` (the crate candle itself uses). Attention packs each head's keys and values for the
+//! same microkernel. Around them:
 //! - one product for query, key and value together (their weights side by side, the query's
 //!   pre-multiplied by `1/sqrt(head_dim)`), with the bias written into the output first;
-//! - attention per (sequence, head) read straight out of that product with strides, no
-//!   transposes or copies;
+//! - attention per (sequence, head) read straight out of that product with strides (keys and
+//!   values are packed per head, with no other transposes or copies);
 //! - residual connections added by accumulating the products into them.
 //!
 //! Sequences are **unpadded**: only tokens whose attention-mask value is 1 are packed, one
@@ -16,6 +19,8 @@
 //! computation (a masked key gets probability `exp(-10000)`, which is 0 in f32).
 
 use super::kernels;
+use super::qgemm::{QuantizedRows, QuantizedWeights};
+use super::sgemm::PackedWeights;
 use candle_core::{Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -77,10 +82,15 @@ unsafe fn matmul(
     );
 }
 
-/// `y = x W^T + b` with `W^T` stored contiguous, `[in, out]` row-major.
+/// `y = x W^T + b` with `W^T` stored contiguous, `[in, out]` row-major, or packed once for
+/// the microkernel of [`super::sgemm`] where the CPU runs it (see [`FusedLinear::packed`]).
 #[derive(Debug, Clone)]
 pub(super) struct FusedLinear {
+    /// `W^T`, emptied once the weights are packed or quantized.
     wt: Vec<f32>,
+    packed: Option<PackedWeights>,
+    /// The int8 form ([`super::qgemm`]), which then replaces both f32 forms.
+    quantized: Option<QuantizedWeights>,
     bias: Vec<f32>,
     inp: usize,
     out: usize,
@@ -92,6 +102,8 @@ impl FusedLinear {
         let (out, inp) = weight.dims2()?;
         Ok(Self {
             wt: weight.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            packed: None,
+            quantized: None,
             bias: bias.to_vec1::<f32>()?,
             inp,
             out,
@@ -116,11 +128,61 @@ impl FusedLinear {
             .iter()
             .flat_map(|(p, s)| p.bias.iter().map(move |b| b * s))
             .collect();
-        Ok(Self { wt, bias, inp, out })
+        Ok(Self {
+            wt,
+            packed: None,
+            quantized: None,
+            bias,
+            inp,
+            out,
+        })
     }
 
-    /// `y[rows, out] = x[rows, in] W^T + b (+ residual)`.
-    fn forward(&self, x: &[f32], rows: usize, residual: Option<&[f32]>, y: &mut [f32]) {
+    /// The same layer with its weights packed for [`super::sgemm`] when this CPU runs its
+    /// microkernel (the plain copy is then dropped); unchanged otherwise. Last step of
+    /// building a layer: [`FusedLinear::concat`] reads the plain weights.
+    pub(super) fn packed(mut self) -> Self {
+        if self.packed.is_none() {
+            self.packed = PackedWeights::pack(&self.wt, self.inp, self.out);
+            if self.packed.is_some() {
+                self.wt = Vec::new();
+            }
+        }
+        self
+    }
+
+    /// The same layer with int8 weights when this CPU runs [`super::qgemm`]'s kernel (the
+    /// f32 copies are then dropped); unchanged otherwise. Returns whether it was quantized.
+    pub(super) fn quantize(&mut self) -> bool {
+        if self.quantized.is_some() {
+            return true;
+        }
+        let plain;
+        let wt = match &self.packed {
+            Some(p) => {
+                plain = p.unpack();
+                &plain
+            }
+            None => &self.wt,
+        };
+        self.quantized = QuantizedWeights::quantize(wt, self.inp, self.out);
+        if self.quantized.is_some() {
+            self.wt = Vec::new();
+            self.packed = None;
+        }
+        self.quantized.is_some()
+    }
+
+    /// `y[rows, out] = x[rows, in] W^T + b (+ residual)`; `qrows` holds the quantized
+    /// activations of the int8 path between calls.
+    fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        residual: Option<&[f32]>,
+        y: &mut [f32],
+        qrows: &mut QuantizedRows,
+    ) {
         let y = &mut y[..rows * self.out];
         match residual {
             Some(res) => {
@@ -140,6 +202,14 @@ impl FusedLinear {
             return;
         }
         let threads = rayon::current_num_threads();
+        if let Some(q) = &self.quantized {
+            q.matmul_acc(x, rows, y, threads, qrows);
+            return;
+        }
+        if let Some(packed) = &self.packed {
+            packed.matmul_acc(x, rows, y, threads);
+            return;
+        }
         let par = if threads > 1 {
             Parallelism::Rayon(threads)
         } else {
@@ -208,6 +278,7 @@ pub(super) struct Scratch {
     mid: Vec<f32>,
     ffn: Vec<f32>,
     out: Vec<f32>,
+    qrows: QuantizedRows,
 }
 
 /// A raw pointer that rayon tasks may share; each task writes a disjoint region.
@@ -253,7 +324,8 @@ impl FusedLayer {
         scratch.ffn.resize(n * self.ffn_in.out, 0.0);
         scratch.out.resize(n * h, 0.0);
 
-        self.qkv.forward(x, n, None, &mut scratch.qkv);
+        self.qkv
+            .forward(x, n, None, &mut scratch.qkv, &mut scratch.qrows);
 
         // Attention, one task per (sequence, head).
         let qkv = &scratch.qkv;
@@ -262,9 +334,10 @@ impl FusedLayer {
             .iter()
             .flat_map(|&(start, len)| (0..self.heads).map(move |hd| (start, len, hd)))
             .collect();
-        tasks
-            .par_iter()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, &(start, len, hd)| {
+        let packed_attention = super::sgemm::available();
+        tasks.par_iter().for_each_init(
+            || (Vec::new(), PackedWeights::empty()),
+            |(scores, packed): &mut (Vec<f32>, PackedWeights), &(start, len, hd)| {
                 if len == 0 {
                     return;
                 }
@@ -276,6 +349,17 @@ impl FusedLayer {
                 // inside `qkv`; scores is len x len; this task alone writes the ctx block
                 // rows start..start+len, columns hd*d..(hd+1)*d.
                 unsafe {
+                    let dst = ctx.ptr().add(start * h + hd * d);
+                    if packed_attention {
+                        // K^T and V packed for the microkernel (len x d each, against
+                        // len x len x d multiply-adds per product).
+                        packed.repack(k, d, len, 1, three_h);
+                        packed.matmul_into(q, three_h, len, scores.as_mut_ptr(), len);
+                        kernels::softmax_rows(scores, len);
+                        packed.repack(v, len, d, three_h, 1);
+                        packed.matmul_into(scores.as_ptr(), len, len, dst, h);
+                        return;
+                    }
                     // scores = Q K^T (Q is pre-scaled by 1/sqrt(d)); K^T is K read with
                     // rows and columns swapped.
                     let k_t = View {
@@ -288,30 +372,61 @@ impl FusedLayer {
                     let q = View::rows(q, three_h);
                     matmul(seq, scores.as_mut_ptr(), len, false, q, k_t, one);
                     kernels::softmax_rows(scores, len);
-                    let dst = ctx.ptr().add(start * h + hd * d);
                     let p = View::rows(scores.as_ptr(), len);
                     let v = View::rows(v, three_h);
                     matmul((len, d, len), dst, h, false, p, v, one);
                 }
-            });
+            },
+        );
 
         // Output projection + residual, then layer norm.
-        self.attn_out
-            .forward(&scratch.ctx, n, Some(x), &mut scratch.mid);
+        self.attn_out.forward(
+            &scratch.ctx,
+            n,
+            Some(x),
+            &mut scratch.mid,
+            &mut scratch.qrows,
+        );
         self.attn_norm.forward(&mut scratch.mid);
 
         // Feed-forward + residual, then layer norm.
-        self.ffn_in.forward(&scratch.mid, n, None, &mut scratch.ffn);
+        self.ffn_in
+            .forward(&scratch.mid, n, None, &mut scratch.ffn, &mut scratch.qrows);
         let act = self.act;
         rows_in_parallel(&mut scratch.ffn, self.ffn_in.out, |rows| match act {
             FusedActivation::GeluErf => kernels::gelu_erf(rows),
             FusedActivation::GeluTanh => kernels::gelu_tanh(rows),
             FusedActivation::Relu => kernels::relu(rows),
         });
-        self.ffn_out
-            .forward(&scratch.ffn, n, Some(&scratch.mid), &mut scratch.out);
+        self.ffn_out.forward(
+            &scratch.ffn,
+            n,
+            Some(&scratch.mid),
+            &mut scratch.out,
+            &mut scratch.qrows,
+        );
         self.out_norm.forward(&mut scratch.out);
         std::mem::swap(x, &mut scratch.out);
+    }
+}
+
+impl FusedLayer {
+    /// Switches the layer's four matrix products to int8 (see [`FusedLinear::quantize`]);
+    /// whether they were.
+    pub(super) fn quantize(&mut self) -> bool {
+        [
+            &mut self.qkv,
+            &mut self.attn_out,
+            &mut self.ffn_in,
+            &mut self.ffn_out,
+        ]
+        .into_iter()
+        .all(FusedLinear::quantize)
+    }
+
+    /// Whether the layer's products run in int8.
+    pub(super) fn is_quantized(&self) -> bool {
+        self.qkv.quantized.is_some()
     }
 }
 

@@ -2,7 +2,7 @@
 //! for topics.
 
 use super::config::ModelConfig;
-use super::encoder::{Encoder, EncoderInput, Mode};
+use super::encoder::{Encoder, EncoderInput, Mode, Precision};
 use super::files::{ModelDir, ModelError};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
@@ -50,6 +50,16 @@ impl TokenClassifier {
         Self::from_var_builder(vb, &prefix, &dir.config).map_err(|e| dir.weights_error(e))
     }
 
+    /// Sets the encoder's precision; returns the one in effect ([`Encoder::set_precision`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Precision {
+        self.encoder.set_precision(precision)
+    }
+
+    /// The precision of the encoder's matrix products.
+    pub fn precision(&self) -> Precision {
+        self.encoder.precision()
+    }
+
     /// Tag names by output index (e.g. `O`, `B-PER`, ...).
     pub fn labels(&self) -> &[String] {
         &self.labels
@@ -77,6 +87,16 @@ impl SentenceEmbedder {
         let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
         let encoder = Encoder::load(vb, &dir.config).map_err(|e| dir.weights_error(e))?;
         Ok(Self { encoder })
+    }
+
+    /// Sets the encoder's precision; returns the one in effect ([`Encoder::set_precision`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Precision {
+        self.encoder.set_precision(precision)
+    }
+
+    /// The precision of the encoder's matrix products.
+    pub fn precision(&self) -> Precision {
+        self.encoder.precision()
     }
 
     /// Width of the embeddings.

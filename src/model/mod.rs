@@ -3,6 +3,9 @@
 //! - [`config`] — `config.json`.
 //! - [`encoder`] — the BERT-family transformer body (BERT, RoBERTa/XLM-R, DistilBERT).
 //! - [`fused`] and [`kernels`] — the fused, unpadded f32 CPU inference path of the layers.
+//! - [`sgemm`] — weights packed once at load for an AVX2+FMA microkernel (the fused path's
+//!   linear layers).
+//! - [`qgemm`] — the int8 path: weights quantized at load, activations per call.
 //! - [`files`] — a model directory on disk (config, tokenizer, weights) and its loading errors.
 //! - [`heads`] — what sits on the encoder: token classification (NER) and mean-pooled
 //!   sentence embeddings (topics).
@@ -13,8 +16,10 @@ pub mod files;
 mod fused;
 pub mod heads;
 mod kernels;
+pub mod qgemm;
+pub mod sgemm;
 
 pub use config::ModelConfig;
-pub use encoder::{Encoder, EncoderInput, Mode};
+pub use encoder::{Encoder, EncoderInput, Mode, Precision};
 pub use files::{ModelDir, ModelError};
 pub use heads::{SentenceEmbedder, TokenClassifier};

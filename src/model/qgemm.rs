@@ -1,0 +1,477 @@
+//! The int8 path: weights quantized once at load (symmetric, one scale per output column),
+//! activations quantized per call (symmetric, one scale per row), products in integers.
+//!
+//! `c[i, j] += sa[i] sb[j] sum_k qa[i, k] qb[k, j]` where `qa = round(a / sa)` and
+//! `qb = round(b / sb)` lie in `[-127, 127]` (`sa` = a row's largest magnitude / 127, `sb` a
+//! column's). The integer sum is exact: AVX2's `vpmaddubsw` multiplies unsigned by signed
+//! bytes and adds pairs into saturating 16-bit lanes, so the kernel feeds it `|qb|` and `qa`
+//! carrying the sign of `qb` (`vpsignb`), whose pair sums stay within `2 * 127 * 127 = 32258`
+//! and never saturate (unlike the plain unsigned-activation form, which can); `vpmaddwd`
+//! then widens four products of a column into one 32-bit lane. A 4-row x 16-column tile
+//! keeps eight accumulators; a column panel of `k` 4-byte groups (16 KiB-24 KiB at the
+//! encoder's widths) stays in L1 while every row passes over it.
+//!
+//! Like [`super::sgemm`], it runs on x86-64 CPUs with AVX2 ([`QuantizedWeights::quantize`]
+//! returns `None` elsewhere, and the caller keeps f32). CPUs with AVX-512 VNNI would do
+//! better with `vpdpbusd`; that kernel is not written, since no such machine was at hand to
+//! measure it.
+
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// Columns per panel (two `ymm` registers of eight 32-bit sums).
+const NR: usize = 16;
+/// Rows per tile: 8 accumulators, 4 weight registers, a broadcast and temporaries fit the 16
+/// `ymm` registers.
+const MR: usize = 4;
+/// Rows per block: a block's quantized rows (at most 128 x 1536 bytes at the encoder's
+/// widths) stay in L2 while every panel passes over them.
+const MC: usize = 128;
+/// Bytes of one panel line: 16 columns x 4 consecutive `k`.
+const LINE: usize = NR * 4;
+
+/// One line of a panel: for columns 0..16, four consecutive weights of that column.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i8; LINE]);
+
+impl Default for Line {
+    fn default() -> Self {
+        Self([0; LINE])
+    }
+}
+
+/// A `[k, n]` row-major matrix (`W^T`) quantized per column to int8 and packed in panels of
+/// 16 columns, `k` rounded up to a multiple of 4 (zeros).
+#[derive(Debug, Clone)]
+pub struct QuantizedWeights {
+    lines: Vec<Line>,
+    /// Per column, padded with zeros to whole panels.
+    scales: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+/// Rows of activations quantized for [`QuantizedWeights::matmul_acc`], reused between calls.
+#[derive(Debug, Default)]
+pub struct QuantizedRows {
+    values: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl QuantizedWeights {
+    /// Quantizes and packs `b: [k, n]` (row-major) when this CPU runs the kernel (x86-64 with
+    /// AVX2), `None` otherwise.
+    pub fn quantize(b: &[f32], k: usize, n: usize) -> Option<Self> {
+        if !available() {
+            return None;
+        }
+        Some(Self::quantize_always(b, k, n))
+    }
+
+    fn quantize_always(b: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "matrix is not k x n");
+        let panels = n.div_ceil(NR);
+        let groups = k.div_ceil(4);
+        let mut scales = vec![0f32; panels * NR];
+        for (j, s) in scales.iter_mut().enumerate().take(n) {
+            let max = (0..k).map(|t| b[t * n + j].abs()).fold(0f32, f32::max);
+            *s = if max.is_finite() { max / 127.0 } else { 0.0 };
+        }
+        let mut lines = vec![Line::default(); panels * groups];
+        for p in 0..panels {
+            for g in 0..groups {
+                let line = &mut lines[p * groups + g].0;
+                for c in 0..NR {
+                    let j = p * NR + c;
+                    if j >= n || scales[j] == 0.0 {
+                        continue;
+                    }
+                    let inv = 1.0 / scales[j];
+                    for t in 0..4 {
+                        let kk = g * 4 + t;
+                        if kk < k {
+                            line[c * 4 + t] = quantize(b[kk * n + j], inv);
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            lines,
+            scales,
+            k,
+            n,
+        }
+    }
+
+    /// Output columns.
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    /// `c[m, n] += a[m, k] B`, with `a` and `c` row-major and contiguous; `a` is quantized
+    /// into `rows` first. Spread over `threads` rayon tasks (1: the calling thread).
+    pub fn matmul_acc(
+        &self,
+        a: &[f32],
+        m: usize,
+        c: &mut [f32],
+        threads: usize,
+        rows: &mut QuantizedRows,
+    ) {
+        let (k, n) = (self.k, self.n);
+        assert!(a.len() >= m * k && c.len() >= m * n, "buffers too small");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let kp = k.div_ceil(4) * 4;
+        rows.quantize(&a[..m * k], m, k, kp, threads);
+        let panels = n.div_ceil(NR);
+        let groups = threads.clamp(1, panels);
+        let per_group = panels.div_ceil(groups);
+        let out = Out(c.as_mut_ptr());
+        let rows = &*rows;
+        let run = |g: usize| {
+            let first = g * per_group;
+            let last = ((g + 1) * per_group).min(panels);
+            // SAFETY: AVX2 held when these weights were quantized; panels first..last are
+            // this task's own output columns; `rows` holds m x kp bytes and m scales, `c`
+            // m x n floats (asserted above).
+            unsafe { self.run_panels(rows, m, out, first..last) };
+        };
+        if groups == 1 {
+            run(0);
+        } else {
+            (0..groups).into_par_iter().for_each(run);
+        }
+    }
+
+    /// # Safety
+    /// AVX2; `rows` holds `m` quantized rows of this matrix's padded depth; `c` `m x n`
+    /// floats; no other thread writes the columns of `panels`.
+    unsafe fn run_panels(
+        &self,
+        rows: &QuantizedRows,
+        m: usize,
+        c: Out,
+        panels: std::ops::Range<usize>,
+    ) {
+        let (k, n) = (self.k, self.n);
+        let groups = k.div_ceil(4);
+        let kp = groups * 4;
+        for m0 in (0..m).step_by(MC) {
+            let end = (m0 + MC).min(m);
+            for p in panels.clone() {
+                let cols = (n - p * NR).min(NR);
+                let b = self.lines.as_ptr().add(p * groups) as *const i8;
+                let sb = self.scales.as_ptr().add(p * NR);
+                let mut r = m0;
+                while r < end {
+                    let tile_rows = MR.min(end - r);
+                    let a = rows.values.as_ptr().add(r * kp);
+                    let sa = rows.scales.as_ptr().add(r);
+                    let c_tile = c.0.add(r * n + p * NR);
+                    avx2::tile(tile_rows, groups, a, kp, sa, b, sb, c_tile, n, cols);
+                    r += tile_rows;
+                }
+            }
+        }
+    }
+}
+
+impl QuantizedRows {
+    /// Quantizes the `m` rows of `a: [m, k]` to `kp` bytes each (zeros past `k`).
+    fn quantize(&mut self, a: &[f32], m: usize, k: usize, kp: usize, threads: usize) {
+        self.values.resize(m * kp, 0);
+        self.scales.resize(m, 0.0);
+        let work = |((row, dst), scale): ((&[f32], &mut [i8]), &mut f32)| {
+            *scale = quantize_row(row, &mut dst[..k]);
+            dst[k..].fill(0);
+        };
+        if threads > 1 && m * k >= 1 << 16 {
+            a.par_chunks_exact(k)
+                .zip(self.values.par_chunks_exact_mut(kp))
+                .zip(self.scales.par_iter_mut())
+                .for_each(work);
+        } else {
+            a.chunks_exact(k)
+                .zip(self.values.chunks_exact_mut(kp))
+                .zip(self.scales.iter_mut())
+                .for_each(work);
+        }
+    }
+}
+
+/// `round(x * inv)` as a byte, clamped to `[-127, 127]`; NaN gives 0.
+fn quantize(x: f32, inv: f32) -> i8 {
+    (x * inv).round().clamp(-127.0, 127.0) as i8
+}
+
+/// Lanes of the manual max reduction (spelled out so that the compiler vectorises it).
+const LANES: usize = 16;
+
+/// The largest magnitude in `x` (NaN ignored).
+#[inline(always)]
+fn max_abs(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder().iter().fold(0f32, |m, v| m.max(v.abs()));
+    for c in chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v.abs());
+        }
+    }
+    lanes.iter().fold(rest, |m, v| m.max(*v))
+}
+
+/// Quantizes `src` into `dst` with the scale `max |src| / 127`, which it returns (0 for a
+/// row of zeros, or one with an infinity, whose bytes are then all 0).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn quantize_row(src: &[f32], dst: &mut [i8]) -> f32 {
+    let max = max_abs(src);
+    if !(max.is_finite() && max > 0.0) {
+        dst.fill(0);
+        return 0.0;
+    }
+    let inv = 127.0 / max;
+    for (d, s) in dst.iter_mut().zip(src) {
+        // `round()` is not vectorised; adding and subtracting 1.5 * 2^23 rounds to nearest
+        // (ties to even) in f32 for |v| <= 2^22, which the clamp guarantees first.
+        // `max`/`min` (unlike `clamp`) also turn NaN into a bound, which the conversion
+        // below needs.
+        #[allow(clippy::manual_clamp)]
+        let v = (s * inv).max(-127.0).min(127.0);
+        let r = (v + 12_582_912.0) - 12_582_912.0;
+        // SAFETY: `r` is a whole number in [-127, 127]; unlike `as`, the conversion then
+        // needs no saturation and NaN checks, and vectorises.
+        *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
+    }
+    max / 127.0
+}
+
+/// The output pointer shared by the column groups (each writes only its own columns).
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the output.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Whether the int8 kernel runs here.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{LINE, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `c[rows, cols] += sa[i] sb[j] (qa qb)[i, j]` for one tile of at most [`MR`] rows.
+    ///
+    /// # Safety
+    /// AVX2; `a` addresses `rows` rows of `4 * groups` bytes with stride `lda`, `sa` `rows`
+    /// scales, `b` `groups` 64-byte lines, `sb` 16 scales, `c` `rows` rows of `cols` floats
+    /// with stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn tile(
+        rows: usize,
+        groups: usize,
+        a: *const i8,
+        lda: usize,
+        sa: *const f32,
+        b: *const i8,
+        sb: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        match rows {
+            4 => tile_m::<4>(groups, a, lda, sa, b, sb, c, ldc, cols),
+            3 => tile_m::<3>(groups, a, lda, sa, b, sb, c, ldc, cols),
+            2 => tile_m::<2>(groups, a, lda, sa, b, sb, c, ldc, cols),
+            1 => tile_m::<1>(groups, a, lda, sa, b, sb, c, ldc, cols),
+            _ => debug_assert!(rows == 0 || rows > MR, "tile of {rows} rows"),
+        }
+    }
+
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile_m<const M: usize>(
+        groups: usize,
+        a: *const i8,
+        lda: usize,
+        sa: *const f32,
+        b: *const i8,
+        sb: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; M];
+        for g in 0..groups {
+            let b0 = _mm256_load_si256(b.add(g * LINE) as *const __m256i);
+            let b1 = _mm256_load_si256(b.add(g * LINE + 32) as *const __m256i);
+            let m0 = _mm256_abs_epi8(b0);
+            let m1 = _mm256_abs_epi8(b1);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let four = std::ptr::read_unaligned(a.add(i * lda + g * 4) as *const i32);
+                let ai = _mm256_set1_epi32(four);
+                let p0 = _mm256_maddubs_epi16(m0, _mm256_sign_epi8(ai, b0));
+                let p1 = _mm256_maddubs_epi16(m1, _mm256_sign_epi8(ai, b1));
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(p0, ones));
+                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(p1, ones));
+            }
+        }
+        let s0 = _mm256_loadu_ps(sb);
+        let s1 = _mm256_loadu_ps(sb.add(8));
+        for (i, acc) in acc.iter().enumerate() {
+            let si = _mm256_set1_ps(*sa.add(i));
+            let v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[0]), _mm256_mul_ps(s0, si));
+            let v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[1]), _mm256_mul_ps(s1, si));
+            let ci = c.add(i * ldc);
+            if cols == NR {
+                _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), v0));
+                _mm256_storeu_ps(ci.add(8), _mm256_add_ps(_mm256_loadu_ps(ci.add(8)), v1));
+            } else {
+                let mut tmp = [0f32; NR];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
+                for (j, t) in tmp.iter().take(cols).enumerate() {
+                    *ci.add(j) += t;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    /// Never called: [`super::available`] is false off x86-64.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(
+        _: usize,
+        _: usize,
+        _: *const i8,
+        _: usize,
+        _: *const f32,
+        _: *const i8,
+        _: *const f32,
+        _: *mut f32,
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("the int8 kernel runs only on x86-64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn integer_product_is_exact_for_the_quantized_values() {
+        if !available() {
+            return;
+        }
+        for &(m, k, n) in &[(1, 1, 1), (5, 7, 17), (9, 384, 48), (13, 130, 33)] {
+            let a = values(m * k, 4);
+            let b = values(k * n, 5);
+            let start = values(m * n, 6);
+            let w = QuantizedWeights::quantize_always(&b, k, n);
+            for threads in [1, 2, 3] {
+                let mut rows = QuantizedRows::default();
+                let mut c = start.clone();
+                w.matmul_acc(&a, m, &mut c, threads, &mut rows);
+                let kp = k.div_ceil(4) * 4;
+                for i in 0..m {
+                    for j in 0..n {
+                        // The same maths in f64 from the quantized values: only the final
+                        // f32 scaling may differ.
+                        let (sa, sb) = (rows.scales[i] as f64, w.scales[j] as f64);
+                        let dot: i64 = (0..k)
+                            .map(|t| {
+                                let qa = rows.values[i * kp + t] as i64;
+                                let (p, g, c4) = (j / NR, t / 4, (j % NR) * 4 + t % 4);
+                                let qb = w.lines[p * k.div_ceil(4) + g].0[c4] as i64;
+                                qa * qb
+                            })
+                            .sum();
+                        let want = start[i * n + j] as f64 + sa * sb * dot as f64;
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{m}x{k}x{n} threads {threads} at ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_product_is_close_to_the_float_product() {
+        if !available() {
+            return;
+        }
+        let (m, k, n) = (8, 384, 64);
+        let a = values(m * k, 7);
+        let b = values(k * n, 8);
+        let w = QuantizedWeights::quantize_always(&b, k, n);
+        let mut c = vec![0f32; m * n];
+        w.matmul_acc(&a, m, &mut c, 1, &mut QuantizedRows::default());
+        let mut worst = 0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|t| a[i * k + t] as f64 * b[t * n + j] as f64)
+                    .sum();
+                worst = worst.max((c[i * n + j] as f64 - exact).abs());
+            }
+        }
+        // Rounding moves each factor by at most half a step (1/254 here), so a term moves by
+        // about (|a| + |b|) / 254 <= 1/127; over 384 terms of random sign the sum moves by
+        // ~0.05 (one standard deviation), against sums of |a b| near 96.
+        assert!(worst < 0.3, "worst error {worst}");
+    }
+
+    #[test]
+    fn quantization_keeps_the_extremes_and_zeroes_empty_rows() {
+        let row = [0.5f32, -1.0, 0.25, 0.0, f32::NAN];
+        assert_eq!(max_abs(&row), 1.0);
+        let mut q = [0i8; 5];
+        assert_eq!(quantize_row(&row, &mut q), 1.0 / 127.0);
+        assert_eq!(q[..4], [64, -127, 32, 0]);
+        assert_eq!(quantize_row(&[1.0, f32::INFINITY], &mut q[..2]), 0.0);
+        assert_eq!(q[..2], [0, 0]);
+        let mut rows = QuantizedRows::default();
+        rows.quantize(&[0.0; 6], 2, 3, 4, 1);
+        assert_eq!(rows.scales, [0.0, 0.0]);
+        assert!(rows.values.iter().all(|&v| v == 0));
+    }
+}

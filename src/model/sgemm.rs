@@ -1,0 +1,422 @@
+//! Single-precision products against a weight matrix packed once, at load, for an AVX2+FMA
+//! register-blocked microkernel.
+//!
+//! `gemm` (the crate candle uses) packs its right-hand side on every call and reached about
+//! two thirds of the machine's best SGEMM on the encoder's shapes. Weights never change
+//! while serving, so here they are laid out once, as the microkernel reads them: panels of
+//! [`NR`] columns, one 64-byte line per row of the panel. Each call then only walks the
+//! activations, BLIS-style:
+//! - a 6 x 16 tile of the output lives in twelve `ymm` accumulators while `k` runs; each step
+//!   loads one line of the panel and broadcasts six activations (12 FMAs per 8 loads);
+//! - `k` is cut in blocks of [`KC`] so that a panel's block stays in L1 while every row block
+//!   of the activations passes over it, and rows in blocks of [`MC`] so that those stay in L2;
+//! - threads take disjoint groups of panels (output columns), so they never share a line.
+//!
+//! The kernel is used where the CPU has AVX2 and FMA but not AVX-512: there `gemm`'s own
+//! AVX-512 kernels are kept, since this machine could not measure a replacement. Anything
+//! else (other CPUs, other architectures) keeps `gemm` as well; see [`PackedWeights::pack`].
+
+use rayon::prelude::*;
+
+/// Columns per packed panel: two `ymm` registers.
+pub const NR: usize = 16;
+/// Rows per output tile.
+const MR: usize = 6;
+/// Depth of a block of `k`: a panel's block (`KC` lines of 64 bytes) is 24 KiB, in L1.
+const KC: usize = 384;
+/// Rows per block of the activations (`MC x KC` floats, 144 KiB, stay in L2); the output
+/// rows of a block are finished (every `k` block) before the next block starts, so the
+/// output is written back once per `k` block while it is still in cache.
+const MC: usize = 96;
+
+/// One row of a packed panel: sixteen weights on one cache line.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([f32; NR]);
+
+/// A `[k, n]` row-major matrix (`W^T`) packed in panels of [`NR`] columns (the last one
+/// padded with zeros), each panel `k` lines deep.
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    lines: Vec<Line>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedWeights {
+    /// Packs `b: [k, n]` (row-major) when this CPU runs the microkernel (AVX2 and FMA, no
+    /// AVX-512F), `None` otherwise; `TIDINGS_SGEMM=gemm` in the environment forces `None`.
+    pub fn pack(b: &[f32], k: usize, n: usize) -> Option<Self> {
+        if !available() {
+            return None;
+        }
+        Some(Self::pack_always(b, k, n))
+    }
+
+    fn pack_always(b: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "matrix is not k x n");
+        let mut packed = Self::empty();
+        // SAFETY: `b` holds k x n floats, row-major.
+        unsafe { packed.repack(b.as_ptr(), k, n, n, 1) };
+        packed
+    }
+
+    /// A `0 x 0` matrix, to be filled by [`PackedWeights::repack`].
+    pub(super) fn empty() -> Self {
+        Self {
+            lines: Vec::new(),
+            k: 0,
+            n: 0,
+        }
+    }
+
+    /// Packs the `[k, n]` matrix whose element `(kk, j)` is at `base + kk * rs + j * cs`
+    /// (any strides: a transpose is `rs = 1`), reusing this one's memory.
+    ///
+    /// # Safety
+    /// Every such element must be readable.
+    pub(super) unsafe fn repack(
+        &mut self,
+        base: *const f32,
+        k: usize,
+        n: usize,
+        rs: usize,
+        cs: usize,
+    ) {
+        let panels = n.div_ceil(NR);
+        self.lines.clear();
+        self.lines.resize(panels * k, Line::default());
+        for p in 0..panels {
+            let cols = (n - p * NR).min(NR);
+            for kk in 0..k {
+                let line = &mut self.lines[p * k + kk].0;
+                let row = base.add(kk * rs + p * NR * cs);
+                for (j, v) in line.iter_mut().take(cols).enumerate() {
+                    *v = *row.add(j * cs);
+                }
+            }
+        }
+        self.k = k;
+        self.n = n;
+    }
+
+    /// `c[m, n] = a[m, k] B` on the calling thread, `a` with row stride `lda` and `c` with
+    /// row stride `ldc` (columns contiguous in both).
+    ///
+    /// # Safety
+    /// The CPU must run the microkernel ([`available`]); `a` must address `m` rows of `k`
+    /// floats, `c` `m` rows of `n` writable floats that nothing else uses meanwhile.
+    pub(super) unsafe fn matmul_into(
+        &self,
+        a: *const f32,
+        lda: usize,
+        m: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        for i in 0..m {
+            std::ptr::write_bytes(c.add(i * ldc), 0, self.n);
+        }
+        self.run_panels(a, lda, m, Out(c), ldc, 0..self.n.div_ceil(NR));
+    }
+
+    /// Output columns.
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    /// The matrix back in its `[k, n]` row-major form.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut b = Vec::with_capacity(k * n);
+        for kk in 0..k {
+            for p in 0..n.div_ceil(NR) {
+                let cols = (n - p * NR).min(NR);
+                b.extend_from_slice(&self.lines[p * k + kk].0[..cols]);
+            }
+        }
+        b
+    }
+
+    /// `c[m, n] += a[m, k] B`, with `a` and `c` row-major and contiguous, spread over
+    /// `threads` rayon tasks (1: on the calling thread).
+    pub fn matmul_acc(&self, a: &[f32], m: usize, c: &mut [f32], threads: usize) {
+        let (k, n) = (self.k, self.n);
+        assert!(a.len() >= m * k && c.len() >= m * n, "buffers too small");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let panels = n.div_ceil(NR);
+        let groups = threads.clamp(1, panels);
+        let per_group = panels.div_ceil(groups);
+        let out = Out(c.as_mut_ptr());
+        let run = |g: usize| {
+            let first = g * per_group;
+            let last = ((g + 1) * per_group).min(panels);
+            // SAFETY: `available()` held when these weights were packed (checked again in
+            // debug builds); panels first..last are this task's own output columns, and
+            // every pointer stays inside `a`, `c` and `self.lines` (asserted sizes above).
+            unsafe { self.run_panels(a.as_ptr(), k, m, out, n, first..last) };
+        };
+        if groups == 1 {
+            run(0);
+        } else {
+            (0..groups).into_par_iter().for_each(run);
+        }
+    }
+
+    /// Runs output panels `panels` over every row: `c += a B` for those columns, `a` with
+    /// row stride `lda`, `c` with row stride `ldc`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `a` must address `m` rows of `k` floats and `c` `m`
+    /// rows of `n`; no other thread may touch the columns of `panels`.
+    unsafe fn run_panels(
+        &self,
+        a: *const f32,
+        lda: usize,
+        m: usize,
+        c: Out,
+        ldc: usize,
+        panels: std::ops::Range<usize>,
+    ) {
+        debug_assert!(available() || cfg!(test));
+        let (k, n) = (self.k, self.n);
+        for m0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - m0);
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                for p in panels.clone() {
+                    let cols = (n - p * NR).min(NR);
+                    let b = self.lines.as_ptr().add(p * k + k0) as *const f32;
+                    let mut r = 0;
+                    while r < mc {
+                        let rows = MR.min(mc - r);
+                        let a_tile = a.add((m0 + r) * lda + k0);
+                        let c_tile = c.0.add((m0 + r) * ldc + p * NR);
+                        avx2::tile(rows, kc, a_tile, lda, b, c_tile, ldc, cols);
+                        r += rows;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The output pointer shared by the column groups (each writes only its own columns).
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the output.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Whether the microkernel runs here (and is wanted).
+pub fn available() -> bool {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let wanted = std::env::var("TIDINGS_SGEMM").map_or(true, |v| v != "gemm");
+            wanted
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && !std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `c[rows, cols] += a[rows, kc] b[kc, 16]` for one tile of at most [`MR`] rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `a` addresses `rows` rows of `kc` floats with stride `lda`, `b` `kc`
+    /// 64-byte lines, `c` `rows` rows of `cols` floats with stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(
+        rows: usize,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        match rows {
+            6 => tile_m::<6>(kc, a, lda, b, c, ldc, cols),
+            5 => tile_m::<5>(kc, a, lda, b, c, ldc, cols),
+            4 => tile_m::<4>(kc, a, lda, b, c, ldc, cols),
+            3 => tile_m::<3>(kc, a, lda, b, c, ldc, cols),
+            2 => tile_m::<2>(kc, a, lda, b, c, ldc, cols),
+            1 => tile_m::<1>(kc, a, lda, b, c, ldc, cols),
+            _ => debug_assert!(rows == 0 || rows > MR, "tile of {rows} rows"),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_m<const M: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        for kk in 0..kc {
+            let b0 = _mm256_load_ps(b.add(kk * NR));
+            let b1 = _mm256_load_ps(b.add(kk * NR + 8));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ai = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                acc[0] = _mm256_fmadd_ps(ai, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
+            }
+        }
+        if cols == NR {
+            for (i, acc) in acc.iter().enumerate() {
+                let ci = c.add(i * ldc);
+                _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), acc[0]));
+                _mm256_storeu_ps(ci.add(8), _mm256_add_ps(_mm256_loadu_ps(ci.add(8)), acc[1]));
+            }
+        } else {
+            let mut tmp = [0f32; NR];
+            for (i, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
+                for (j, t) in tmp.iter().take(cols).enumerate() {
+                    *c.add(i * ldc + j) += t;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    /// Never called: [`super::available`] is false off x86-64.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(
+        _: usize,
+        _: usize,
+        _: *const f32,
+        _: usize,
+        _: *const f32,
+        _: *mut f32,
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("the AVX2 microkernel runs only on x86-64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn has_avx2_fma() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn strided_packing_and_product_into_strided_rows() {
+        if !has_avx2_fma() {
+            return;
+        }
+        // a: 5 x 3 inside rows of 7; B = the transpose of a 4 x 3 block inside rows of 6;
+        // c: 5 x 4 inside rows of 9, whose other columns must stay untouched.
+        let (m, k, n) = (5, 3, 4);
+        let a = values(5 * 7, 11);
+        let bt = values(4 * 6, 12);
+        let mut c = vec![7.0f32; 5 * 9];
+        let mut packed = PackedWeights::empty();
+        unsafe {
+            packed.repack(bt.as_ptr(), k, n, 1, 6);
+            packed.matmul_into(a.as_ptr(), 7, m, c.as_mut_ptr(), 9);
+        }
+        for i in 0..m {
+            for j in 0..9 {
+                let got = c[i * 9 + j];
+                if j >= n {
+                    assert_eq!(got, 7.0);
+                    continue;
+                }
+                let want: f32 = (0..k).map(|t| a[i * 7 + t] * bt[j * 6 + t]).sum();
+                assert!((got - want).abs() < 1e-5, "({i},{j}): {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn packed_product_matches_the_textbook_on_ragged_shapes() {
+        if !has_avx2_fma() {
+            return;
+        }
+        // Rows, depth and columns that are not multiples of the tile, the k block or the
+        // row block, and ones that are.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 17),
+            (64, 384, 96),
+            (73, 400, 33),
+            (150, 800, 48),
+        ] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let start = values(m * n, 3);
+            let packed = PackedWeights::pack_always(&b, k, n);
+            assert_eq!(packed.unpack(), b);
+            for threads in [1, 2, 3] {
+                let mut c = start.clone();
+                packed.matmul_acc(&a, m, &mut c, threads);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = start[i * n + j] as f64
+                            + (0..k)
+                                .map(|t| a[i * k + t] as f64 * b[t * n + j] as f64)
+                                .sum::<f64>();
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (k as f64).sqrt(),
+                            "{m}x{k}x{n} threads {threads} at ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
