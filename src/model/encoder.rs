@@ -442,6 +442,13 @@ impl Encoder {
     /// Frozen f32 weights on the CPU get the fused inference kernels; trainable weights
     /// (a `VarMap`-backed builder), other dtypes and devices run as candle ops.
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Self::load_with(vb, cfg, Precision::F32)
+    }
+
+    /// [`Encoder::load`] with the fused layers' products in `precision` (see
+    /// [`Encoder::set_precision`] for when int8 applies). Quantizing layer by layer while
+    /// loading keeps the f32 copy of only one layer in memory at a time.
+    pub fn load_with(vb: VarBuilder, cfg: &ModelConfig, precision: Precision) -> Result<Self> {
         let enc = Self::load_graph(vb, cfg)?;
         let frozen = match &enc.stack {
             Stack::Graph(layers) => layers.iter().all(|l| !l.query.weight.is_variable()),
@@ -449,20 +456,32 @@ impl Encoder {
         };
         let cpu = enc.embeddings.word.embeddings().device().is_cpu();
         if frozen && cpu && enc.dtype == DType::F32 {
-            enc.fused()
+            enc.fused(precision)
         } else {
             Ok(enc)
         }
     }
 
-    /// This encoder with its layers on the fused CPU kernels (the weights are copied out of
-    /// the tensors, which are then dropped). Inference only: a fused encoder refuses
-    /// [`Mode::train`].
-    pub fn fused(self) -> Result<Self> {
+    /// This encoder with its layers on the fused CPU kernels, products in `precision` (the
+    /// weights are copied out of the tensors, which are then dropped). Inference only: a
+    /// fused encoder refuses [`Mode::train`].
+    pub fn fused(self, precision: Precision) -> Result<Self> {
         let stack = match self.stack {
-            Stack::Graph(layers) => {
-                Stack::Fused(layers.iter().map(Layer::fuse).collect::<Result<_>>()?)
-            }
+            // Layer by layer, each layer's tensors dropped once copied (and quantized): the
+            // peak memory of loading is then one layer above the fused weights, not a second
+            // model.
+            Stack::Graph(layers) => Stack::Fused(
+                layers
+                    .into_iter()
+                    .map(|l| {
+                        let mut fused = l.fuse()?;
+                        if precision == Precision::Int8 {
+                            fused.quantize();
+                        }
+                        Ok(fused)
+                    })
+                    .collect::<Result<_>>()?,
+            ),
             fused => fused,
         };
         Ok(Self { stack, ..self })

@@ -20,6 +20,16 @@ impl TokenClassifier {
     /// Builds the model from a var builder rooted at the checkpoint's top level, with the
     /// encoder under `prefix`. Training uses this with a `VarMap`-backed builder.
     pub fn from_var_builder(vb: VarBuilder, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        Self::from_var_builder_with(vb, prefix, cfg, Precision::F32)
+    }
+
+    /// [`TokenClassifier::from_var_builder`] with the products in `precision`.
+    fn from_var_builder_with(
+        vb: VarBuilder,
+        prefix: &str,
+        cfg: &ModelConfig,
+        precision: Precision,
+    ) -> Result<Self> {
         let labels = cfg.labels();
         if labels.is_empty() {
             candle_core::bail!("config.json has no id2label: not a token-classification model");
@@ -30,7 +40,7 @@ impl TokenClassifier {
             vb.pp(prefix)
         };
         Ok(Self {
-            encoder: Encoder::load(enc_vb, cfg)?,
+            encoder: Encoder::load_with(enc_vb, cfg, precision)?,
             classifier: linear(cfg.hidden_size, labels.len(), vb.pp("classifier"))?,
             labels,
         })
@@ -39,6 +49,16 @@ impl TokenClassifier {
     /// Loads a token-classification model directory (e.g. Tidings' NER model, or
     /// dslim/bert-base-NER).
     pub fn load(dir: &ModelDir, device: &Device) -> std::result::Result<Self, ModelError> {
+        Self::load_with(dir, device, Precision::F32)
+    }
+
+    /// [`TokenClassifier::load`] with the products in `precision`
+    /// ([`Encoder::set_precision`] says when int8 applies).
+    pub fn load_with(
+        dir: &ModelDir,
+        device: &Device,
+        precision: Precision,
+    ) -> std::result::Result<Self, ModelError> {
         if dir.config.labels().is_empty() {
             return Err(ModelError::Unfit {
                 dir: dir.dir.clone(),
@@ -47,7 +67,8 @@ impl TokenClassifier {
         }
         let vb = dir.var_builder(DType::F32, device)?;
         let prefix = dir.encoder_prefix(&vb)?;
-        Self::from_var_builder(vb, &prefix, &dir.config).map_err(|e| dir.weights_error(e))
+        Self::from_var_builder_with(vb, &prefix, &dir.config, precision)
+            .map_err(|e| dir.weights_error(e))
     }
 
     /// Sets the encoder's precision; returns the one in effect ([`Encoder::set_precision`]).
@@ -82,10 +103,21 @@ pub struct SentenceEmbedder {
 impl SentenceEmbedder {
     /// Loads the encoder of any supported model directory (a head, if present, is ignored).
     pub fn load(dir: &ModelDir, device: &Device) -> std::result::Result<Self, ModelError> {
+        Self::load_with(dir, device, Precision::F32)
+    }
+
+    /// [`SentenceEmbedder::load`] with the products in `precision`
+    /// ([`Encoder::set_precision`] says when int8 applies).
+    pub fn load_with(
+        dir: &ModelDir,
+        device: &Device,
+        precision: Precision,
+    ) -> std::result::Result<Self, ModelError> {
         let vb = dir.var_builder(DType::F32, device)?;
         let prefix = dir.encoder_prefix(&vb)?;
         let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
-        let encoder = Encoder::load(vb, &dir.config).map_err(|e| dir.weights_error(e))?;
+        let encoder =
+            Encoder::load_with(vb, &dir.config, precision).map_err(|e| dir.weights_error(e))?;
         Ok(Self { encoder })
     }
 

@@ -7,7 +7,7 @@ use super::tokens::{self, Tokens};
 use super::topics::{self, Label};
 use super::windows::{self, Window};
 use super::{batch::Row, Specials, WindowSpec};
-use crate::model::{ModelDir, ModelError, SentenceEmbedder, TokenClassifier};
+use crate::model::{ModelDir, ModelError, Precision, SentenceEmbedder, TokenClassifier};
 use candle_core::Device;
 use std::collections::HashSet;
 use std::path::Path;
@@ -328,18 +328,21 @@ fn specials_of(dir: &ModelDir) -> Result<Specials, ModelError> {
 
 impl Models {
     /// Loads the NER model from `ner_dir` and the topic encoder from `topic_dir` with the
-    /// taxonomy in `taxonomy` (JSON, see [`topics::Taxonomy`]). Either model may be absent.
+    /// taxonomy in `taxonomy` (JSON, see [`topics::Taxonomy`]), their products in
+    /// `precision` (where it applies: see [`crate::model::Encoder::set_precision`]). Either
+    /// model may be absent.
     pub fn load(
         ner_dir: Option<&Path>,
         topic_dir: Option<&Path>,
         taxonomy: Option<&Path>,
         window: WindowSpec,
+        precision: Precision,
     ) -> anyhow::Result<Self> {
         let device = Device::Cpu;
         let ner = match ner_dir {
             Some(p) => {
                 let dir = ModelDir::open(p)?;
-                let model = TokenClassifier::load(&dir, &device)?;
+                let model = TokenClassifier::load_with(&dir, &device, precision)?;
                 let tags = TagSet::new(model.labels());
                 let specials = specials_of(&dir)?;
                 let window = window.fit(dir.config.max_tokens());
@@ -356,7 +359,7 @@ impl Models {
         let topics = match topic_dir {
             Some(p) => {
                 let dir = ModelDir::open(p)?;
-                let model = SentenceEmbedder::load(&dir, &device)?;
+                let model = SentenceEmbedder::load_with(&dir, &device, precision)?;
                 let specials = specials_of(&dir)?;
                 let default_labels = match taxonomy {
                     Some(t) => topics::Taxonomy::read(t)?.labels,

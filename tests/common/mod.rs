@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tidings::api::{self, ServerConfig};
 use tidings::engine::{Engine, EngineConfig};
+use tidings::model::Precision;
 use tidings::pipeline::analysis::{Article, Models, Options};
 use tidings::pipeline::WindowSpec;
 use tidings::proto::tidings_client::TidingsClient;
@@ -53,6 +54,8 @@ pub fn models() -> Arc<Models> {
                     Some(&minilm),
                     Some(&r.join("models/topics/news.json")),
                     WindowSpec::default(),
+                    // the serving default
+                    Precision::Int8,
                 )
                 .expect("loading the shipped models"),
             )
