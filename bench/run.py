@@ -8,7 +8,9 @@ the same order (cycled). Each level runs --requests calls, or for --seconds if g
 
 Prints one row per (server, concurrency): completed calls, errors, articles/s, tokens/s (sum
 of response.reading.tokens / wall time), p50/p95/p99 latency in ms, and the server's peak RSS
-(VmHWM of --*-pid, since the process started); then Tidings/reference throughput ratios.
+(VmHWM of --*-pid, since the process started); then Tidings/reference throughput ratios. The
+reference is labelled with its backend, from its GetInfo version (`reference-0.1.0+ort-int8`:
+ort-int8; no `+`: torch), e.g. `reference+ort-int8`; JSON rows carry it as "backend".
 
     python3 bench/run.py --reference-addr 127.0.0.1:50072 --reference-pid PID \
         --tidings-addr 127.0.0.1:50071 --tidings-pid PID --seconds 20
@@ -80,25 +82,39 @@ async def bench_server(name, addr, pid, articles, args):
     return rows
 
 
+def label(row):
+    """The server column: `tidings`, or `reference+BACKEND`."""
+    return f"{row['server']}+{row['backend']}" if row.get("backend") else row["server"]
+
+
+async def reference_backend(addr):
+    """The reference server's backend, from its GetInfo version (VERSION or VERSION+BACKEND)."""
+    async with grpc.aio.insecure_channel(addr) as ch:
+        info = await pb_grpc.TidingsStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10)
+    return info.version.partition("+")[2] or "torch"
+
+
 def print_table(rows):
-    head = f"{'server':<10} {'conc':>4} {'done':>6} {'errors':>6} {'articles/s':>10} {'tokens/s':>9} " \
+    width = max([10] + [len(label(r)) for r in rows])
+    head = f"{'server':<{width}} {'conc':>4} {'done':>6} {'errors':>6} {'articles/s':>10} {'tokens/s':>9} " \
            f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'peak RSS MiB':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
         rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else "-"
-        print(f"{r['server']:<10} {r['concurrency']:>4} {r['done']:>6} {r['errors']:>6} "
+        print(f"{label(r):<{width}} {r['concurrency']:>4} {r['done']:>6} {r['errors']:>6} "
               f"{r['articles_per_s']:>10.2f} {r['tokens_per_s']:>9.0f} {r['p50_ms']:>8.1f} "
               f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {rss:>12}")
     for r in rows:
         if r["first_error"]:
-            print(f"first error of {r['server']} c={r['concurrency']}: {r['first_error']}")
+            print(f"first error of {label(r)} c={r['concurrency']}: {r['first_error']}")
     by = {(r["server"], r["concurrency"]): r for r in rows}
     ratios = [f"c={c}: {by['tidings', c]['articles_per_s'] / by['reference', c]['articles_per_s']:.2f}x"
               for (s, c) in by if s == "tidings" and ("reference", c) in by
               and by["reference", c]["articles_per_s"] > 0]
     if ratios:
-        print("throughput Tidings/reference: " + ", ".join(ratios))
+        ref = next(label(r) for r in rows if r["server"] == "reference")
+        print(f"throughput Tidings/{ref}: " + ", ".join(ratios))
 
 
 async def amain(args):
@@ -113,7 +129,12 @@ async def amain(args):
           f"{f'{args.seconds:g} s' if args.seconds else f'{args.requests} requests'}", file=sys.stderr)
     rows = []
     for name, addr, pid in servers:
-        rows += await bench_server(name, addr, pid, articles, args)
+        level_rows = await bench_server(name, addr, pid, articles, args)
+        if name == "reference":
+            backend = await reference_backend(addr)
+            for r in level_rows:
+                r["backend"] = backend
+        rows += level_rows
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -4,17 +4,23 @@
 #
 #   bench/run.sh                       # 200 calls per level at concurrency 1, 8, 32
 #   bench/run.sh --seconds 20          # extra arguments go to bench/run.py
+#   PYTHON=/tmp/ortvenv/bin/python3 REF_BACKEND=ort-int8 bench/run.sh   # ONNX Runtime reference
 #
-# Environment: REF_THREADS (torch threads of the reference, default 2), TIDINGS_PORT (50071),
-# REF_PORT (50072); NER_MODEL (models/ner), TOPIC_MODEL (models/minilm) and TAXONOMY
-# (models/topics/news.json; empty for each server's built-in default) given to both servers;
-# TIDINGS_ARGS (extra arguments of `tidings serve`); NO_TIDINGS=1 to bench the reference only.
+# Environment: REF_BACKEND (the reference's --backend: torch (default), ort-fp32 or ort-int8),
+# REF_THREADS (its torch / ONNX Runtime intra-op threads, default 2), REF_ARGS (extra arguments
+# of bench/reference_server.py, e.g. --max-wait-ms 5), TIDINGS_PORT (50071), REF_PORT (50072);
+# NER_MODEL (models/ner), TOPIC_MODEL (models/minilm) and TAXONOMY (models/topics/news.json;
+# empty for each server's built-in default) given to both servers; TIDINGS_ARGS (extra
+# arguments of `tidings serve`); NO_TIDINGS=1 to bench the reference only; PYTHON (python3:
+# one with bench/requirements.txt for torch, bench/ort-requirements.txt for ort-*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TIDINGS_PORT=${TIDINGS_PORT:-50071}
 REF_PORT=${REF_PORT:-50072}
 REF_THREADS=${REF_THREADS:-2}
+REF_BACKEND=${REF_BACKEND:-torch}
+PYTHON=${PYTHON:-python3}
 NER_MODEL=${NER_MODEL:-models/ner}
 TOPIC_MODEL=${TOPIC_MODEL:-models/minilm}
 TAXONOMY=${TAXONOMY-models/topics/news.json}   # default topics of both servers
@@ -28,11 +34,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-python3 bench/protos.py >/dev/null   # generate the stubs once, before anyone imports them
+"$PYTHON" bench/protos.py >/dev/null   # generate the stubs once, before anyone imports them
 
-python3 bench/reference_server.py --addr "127.0.0.1:$REF_PORT" --threads "$REF_THREADS" \
-  --ner-model "$NER_MODEL" --topic-model "$TOPIC_MODEL" ${TAXONOMY:+--taxonomy "$TAXONOMY"} \
-  >"$LOGS/reference.log" 2>&1 &
+# shellcheck disable=SC2086
+"$PYTHON" bench/reference_server.py --addr "127.0.0.1:$REF_PORT" --backend "$REF_BACKEND" \
+  --threads "$REF_THREADS" --ner-model "$NER_MODEL" --topic-model "$TOPIC_MODEL" \
+  ${TAXONOMY:+--taxonomy "$TAXONOMY"} ${REF_ARGS:-} >"$LOGS/reference.log" 2>&1 &
 ref_pid=$!
 pids+=("$ref_pid")
 args=(--reference-addr "127.0.0.1:$REF_PORT" --reference-pid "$ref_pid")
@@ -51,4 +58,4 @@ else
 fi
 
 echo "run.sh: server logs in $LOGS" >&2
-python3 bench/run.py "${args[@]}" --wait 180 "$@"
+"$PYTHON" bench/run.py "${args[@]}" --wait 180 "$@"

@@ -12,6 +12,10 @@ Rust service does, so that its outputs can be checked against an independent imp
   config.json has "tidings_casing": true);
 - NER: BertForTokenClassification in float32 (weights may be stored in f16);
 - embeddings: BertModel, mean pooling over the attention mask, L2 normalisation.
+
+torch, safetensors.torch and transformers are imported where the models and tensors need them:
+the tokenization, window and casing helpers (load_tokenizer, tokenize, plan_windows, owners,
+shape, special_ids) work without torch (bench/reference_server.py --backend ort-*).
 """
 from __future__ import annotations
 
@@ -20,14 +24,15 @@ import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is not reachable; never try it
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
-from transformers import BertConfig, BertForTokenClassification, BertModel  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 WINDOW_PIECES = 254  # pieces per window, without [CLS]/[SEP]
 WINDOW_OVERLAP = 64  # pieces shared by consecutive windows
@@ -120,6 +125,7 @@ def tokenize(tok: Tokenizer, texts: list[str]) -> list[Pieces]:
 
 def pad_rows(rows: list[list[int]], cls_id: int, sep_id: int, pad_id: int = 0):
     """Wraps each row of piece ids as [CLS] row [SEP], pads to the longest; (ids, mask)."""
+    import torch
     width = max(len(r) for r in rows) + 2
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -131,6 +137,7 @@ def pad_rows(rows: list[list[int]], cls_id: int, sep_id: int, pad_id: int = 0):
 
 def pad_casing(rows: list[list[int]], width: int):
     """Casing ids laid out like `pad_rows` (0 for [CLS], [SEP] and padding)."""
+    import torch
     cas = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
@@ -139,6 +146,7 @@ def pad_casing(rows: list[list[int]], width: int):
 
 
 def _read_weights(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
     sd = load_file(str(Path(model_dir) / "model.safetensors"))
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
@@ -153,7 +161,7 @@ def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], ignore=()):
         raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
 
 
-def _special_ids(tok: Tokenizer) -> tuple[int, int, int]:
+def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     pad_id = tok.token_to_id("[PAD]") or 0
     if cls_id is None or sep_id is None:
@@ -165,6 +173,7 @@ class NerModel:
     """BertForTokenClassification (+ Tidings' casing embedding) in float32."""
 
     def __init__(self, model_dir):
+        from transformers import BertConfig, BertForTokenClassification
         self.dir = str(model_dir)
         raw = json.loads((Path(model_dir) / "config.json").read_text())
         self.config = BertConfig.from_pretrained(self.dir)
@@ -177,24 +186,26 @@ class NerModel:
         self.casing = casing if raw.get("tidings_casing") else None
         _load_into(self.model, sd)
         self.tok = load_tokenizer(model_dir)
-        self.cls_id, self.sep_id, self.pad_id = _special_ids(self.tok)
+        self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok)
 
-    @torch.inference_mode()
     def logits(self, rows: list[list[int]], casing: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [batch, width, labels] of windows given as piece ids (no specials); and mask."""
-        ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
-        emb = self.model.bert.embeddings.word_embeddings(ids)
-        if self.casing is not None:
-            emb = emb + self.casing[pad_casing(casing, ids.shape[1])]
-        out = self.model(inputs_embeds=emb, attention_mask=mask,
-                         token_type_ids=torch.zeros_like(ids))
-        return out.logits, mask
+        import torch
+        with torch.inference_mode():
+            ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
+            emb = self.model.bert.embeddings.word_embeddings(ids)
+            if self.casing is not None:
+                emb = emb + self.casing[pad_casing(casing, ids.shape[1])]
+            out = self.model(inputs_embeds=emb, attention_mask=mask,
+                             token_type_ids=torch.zeros_like(ids))
+            return out.logits, mask
 
 
 class EmbedModel:
     """BertModel with mean pooling over the attention mask and L2 normalisation."""
 
     def __init__(self, model_dir):
+        from transformers import BertConfig, BertModel
         self.dir = str(model_dir)
         self.config = BertConfig.from_pretrained(self.dir)
         self.model = BertModel(self.config, add_pooling_layer=False).eval()
@@ -203,18 +214,20 @@ class EmbedModel:
             sd = {k[5:]: v for k, v in sd.items() if k.startswith("bert.")}
         _load_into(self.model, sd, ignore=("pooler.",))
         self.tok = load_tokenizer(model_dir)
-        self.cls_id, self.sep_id, self.pad_id = _special_ids(self.tok)
+        self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok)
 
-    @torch.inference_mode()
     def sums(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: the sum of hidden states over the mask [batch, hidden] and the mask count."""
-        ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
-        h = self.model(input_ids=ids, attention_mask=mask,
-                       token_type_ids=torch.zeros_like(ids)).last_hidden_state
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1), m.sum(1)
+        import torch
+        with torch.inference_mode():
+            ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
+            h = self.model(input_ids=ids, attention_mask=mask,
+                           token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            m = mask.unsqueeze(-1).to(h.dtype)
+            return (h * m).sum(1), m.sum(1)
 
     def embed(self, rows: list[list[int]]) -> torch.Tensor:
         """Unit mean-pooled embeddings [batch, hidden]."""
+        import torch
         s, n = self.sums(rows)
         return torch.nn.functional.normalize(s / n.clamp(min=1), dim=-1)
