@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -335,10 +336,10 @@ def time_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], iters
 
 
 def run_tidings(binary: str, batch: int, seq: int, iters: int, threads: int, ner: Path,
-                topics: Path) -> dict[str, float]:
+                topics: Path, precision: str) -> dict[str, float]:
     """tokens/s per model from `BIN bench`: lines `ner|topics batch seq p50 p99 tokens/s ...`."""
     cmd = [binary, "bench", "--batch", str(batch), "--seq", str(seq), "--iters", str(iters),
-           "--ner-model", str(ner), "--topic-model", str(topics)]
+           "--ner-model", str(ner), "--topic-model", str(topics), "--precision", precision]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -400,6 +401,10 @@ def main() -> int:
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="parity check first")
     ap.add_argument("--check-only", action="store_true", help="export and check, no timing")
     ap.add_argument("--tidings", metavar="BIN", help="also run `BIN bench` per shape and compare")
+    ap.add_argument("--tidings-precisions", default="f32,int8",
+                    help="`BIN bench --precision` values to run (comma-separated)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of every contender at every shape; medians are reported")
     a = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # optimizer/quantizer chatter (producer name, pre-processing)
     ort.set_default_logger_severity(3)
@@ -411,7 +416,7 @@ def main() -> int:
     print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}; "
           f"{a.threads} intra-op threads")
     models = [load_bert(n, d) for n, d in (("ner", a.ner), ("topics", a.minilm)) if str(d) != "none"]
-    rows: dict[tuple[str, str, int, int], float] = {}  # (model, backend, B, S) -> tokens/s
+    sessions: dict[str, dict[str, ort.InferenceSession]] = {}
     for m in models:
         print(f"[{m.name}] {m.dir}: {m.cfg['num_hidden_layers']} layers, hidden {m.cfg['hidden_size']}, "
               f"{m.heads} heads, casing {m.casing}, labels {m.labels or '-'}")
@@ -420,29 +425,44 @@ def main() -> int:
             check(m, paths, a.threads)
         if a.check_only:
             continue
-        print(f"{'model':<8} {'backend':<10} {'batch':>6} {'seq':>6} {'p50 ms':>10} {'p99 ms':>10} {'tokens/s':>10}")
-        for backend in backends:
-            sess = session(paths[backend], a.threads)
-            for b, s in shapes:
-                p50, p99 = time_session(sess, bench_feeds(m, b, s), a.iters, a.warmup)
-                rows[(m.name, backend, b, s)] = b * s / p50
-                print(f"{m.name:<8} {backend:<10} {b:>6} {s:>6} {p50 * 1e3:>10.2f} {p99 * 1e3:>10.2f} "
-                      f"{b * s / p50:>10.0f}")
-            del sess
-    if a.tidings and not a.check_only:
-        tid: dict[tuple[str, int, int], float] = {}
-        for b, s in shapes:
-            for name, tps in run_tidings(a.tidings, b, s, a.iters, a.threads, a.ner, a.minilm).items():
-                tid[(name, b, s)] = tps
-        print(f"\nTidings vs ORT ({a.threads} threads), tokens/s")
-        print(f"{'model':<8} {'batch':>6} {'seq':>6} {'tidings':>10} {'ort fp32':>10} {'ort int8':>10} "
-              f"{'T/fp32':>8} {'T/int8':>8}")
+        sessions[m.name] = {b: session(paths[b], a.threads) for b in backends}
+    # Rounds: every contender at every shape once per round, back to back, so that a slow
+    # minute (shared or throttled CPUs) hits all of them; the tables give per-round medians.
+    samples: dict[tuple[str, str, int, int], list[float]] = {}  # (model, contender, B, S) -> tokens/s
+    precisions = [p.strip() for p in a.tidings_precisions.split(",") if p.strip()] if a.tidings else []
+    if not a.check_only:
+        for rnd in range(a.rounds):
+            for b, s_ in shapes:
+                for m in models:
+                    for backend, sess in sessions[m.name].items():
+                        p50, _ = time_session(sess, bench_feeds(m, b, s_), a.iters, a.warmup)
+                        samples.setdefault((m.name, f"ort {backend}", b, s_), []).append(b * s_ / p50)
+                for prec in precisions:
+                    for name, tps in run_tidings(a.tidings, b, s_, a.iters, a.threads, a.ner, a.minilm,
+                                                 prec).items():
+                        samples.setdefault((name, f"tidings {prec}", b, s_), []).append(tps)
+            print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
+        contenders = [f"ort {b}" for b in backends] + [f"tidings {p}" for p in precisions]
+        print(f"\ntokens/s, median of {a.rounds} rounds ({a.threads} threads; {a.iters} timed runs each, p50)")
+        print(f"{'model':<8} {'batch':>6} {'seq':>6} " + " ".join(f"{c:>14}" for c in contenders))
         for m in models:
-            for b, s in shapes:
-                t = tid.get((m.name, b, s))
-                f32, i8 = rows.get((m.name, "fp32", b, s)), rows.get((m.name, "int8", b, s))
-                print(f"{m.name:<8} {b:>6} {s:>6} {cell(t):>10} {cell(f32):>10} {cell(i8):>10} "
-                      f"{ratio(t, f32):>8} {ratio(t, i8):>8}")
+            for b, s_ in shapes:
+                med = [statistics.median(samples[(m.name, c, b, s_)]) for c in contenders]
+                print(f"{m.name:<8} {b:>6} {s_:>6} " + " ".join(f"{v:>14.0f}" for v in med))
+        if precisions:
+            refs = [c for c in contenders if c.startswith("ort ")]
+            print("\nTidings / ORT (median of the per-round ratios)")
+            print(f"{'model':<8} {'batch':>6} {'seq':>6} " +
+                  " ".join(f"{p + '/' + r[4:]:>14}" for p in precisions for r in refs))
+            for m in models:
+                for b, s_ in shapes:
+                    cells = []
+                    for p in precisions:
+                        t = samples[(m.name, f"tidings {p}", b, s_)]
+                        for r in refs:
+                            o = samples[(m.name, r, b, s_)]
+                            cells.append(f"{statistics.median(x / y for x, y in zip(t, o)):>13.2f}x")
+                    print(f"{m.name:<8} {b:>6} {s_:>6} " + " ".join(cells))
     print(f"peak RSS (python process) {peak_rss_mb():.0f} MB")
     return 0
 
