@@ -400,8 +400,9 @@ pub enum Precision {
     /// f32 weights and activations.
     #[default]
     F32,
-    /// int8 weights (per output column, quantized at load) and activations (per row, at
-    /// each product), exact integer sums, f32 results: [`super::qgemm`].
+    /// int8 products: weights per output column (7 bits, quantized at load), activations
+    /// per row (8 bits, at each product), exact integer sums, f32 results:
+    /// [`super::qgemm`].
     Int8,
 }
 
