@@ -394,7 +394,8 @@ enum Stack {
 }
 
 /// Arithmetic of the fused CPU path's matrix products (the four per layer; attention,
-/// layer norms and activations stay f32).
+/// layer norms and activations stay f32). The library's default is f32; `tidings`'
+/// `--precision` flag defaults to int8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// f32 weights and activations.
@@ -447,8 +448,8 @@ impl Encoder {
     }
 
     /// [`Encoder::load`] with the fused layers' products in `precision` (see
-    /// [`Encoder::set_precision`] for when int8 applies). Quantizing layer by layer while
-    /// loading keeps the f32 copy of only one layer in memory at a time.
+    /// [`Encoder::set_precision`] for when int8 applies). Each layer is quantized as it is
+    /// fused, so the packed f32 copies of all layers never exist at once.
     pub fn load_with(vb: VarBuilder, cfg: &ModelConfig, precision: Precision) -> Result<Self> {
         let enc = Self::load_graph(vb, cfg)?;
         let frozen = match &enc.stack {
@@ -468,9 +469,8 @@ impl Encoder {
     /// fused encoder refuses [`Mode::train`].
     pub fn fused(self, precision: Precision) -> Result<Self> {
         let stack = match self.stack {
-            // Layer by layer, each layer's tensors dropped once copied (and quantized): the
-            // peak memory of loading is then one layer above the fused weights, not a second
-            // model.
+            // Layer by layer, each layer's tensors dropped as soon as it is fused (and
+            // quantized), so the fused copy grows as the tensors go.
             Stack::Graph(layers) => Stack::Fused(
                 layers
                     .into_iter()
@@ -499,11 +499,10 @@ impl Encoder {
     pub fn set_precision(&mut self, precision: Precision) -> Precision {
         match (&mut self.stack, precision) {
             (Stack::Fused(layers), Precision::Int8) => {
-                if layers.iter_mut().all(FusedLayer::quantize) {
-                    Precision::Int8
-                } else {
-                    Precision::F32
+                for layer in layers.iter_mut() {
+                    layer.quantize();
                 }
+                self.precision()
             }
             _ => self.precision(),
         }
@@ -512,7 +511,9 @@ impl Encoder {
     /// The precision of the matrix products.
     pub fn precision(&self) -> Precision {
         match &self.stack {
-            Stack::Fused(layers) if layers.first().is_some_and(FusedLayer::is_quantized) => {
+            Stack::Fused(layers)
+                if !layers.is_empty() && layers.iter().all(FusedLayer::is_quantized) =>
+            {
                 Precision::Int8
             }
             _ => Precision::F32,

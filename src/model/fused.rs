@@ -151,8 +151,8 @@ impl FusedLinear {
         self
     }
 
-    /// The same layer with int8 weights when this CPU runs [`super::qgemm`]'s kernel (the
-    /// f32 copies are then dropped); unchanged otherwise. Returns whether it was quantized.
+    /// Switches the weights to int8 when this CPU runs [`super::qgemm`]'s kernel (the f32
+    /// copies are then dropped); leaves them otherwise. Returns whether they are int8.
     pub(super) fn quantize(&mut self) -> bool {
         if self.quantized.is_some() {
             return true;
@@ -414,19 +414,22 @@ impl FusedLayer {
     /// Switches the layer's four matrix products to int8 (see [`FusedLinear::quantize`]);
     /// whether they were.
     pub(super) fn quantize(&mut self) -> bool {
-        [
+        for linear in [
             &mut self.qkv,
             &mut self.attn_out,
             &mut self.ffn_in,
             &mut self.ffn_out,
-        ]
-        .into_iter()
-        .all(FusedLinear::quantize)
+        ] {
+            linear.quantize();
+        }
+        self.is_quantized()
     }
 
-    /// Whether the layer's products run in int8.
+    /// Whether all four of the layer's products run in int8.
     pub(super) fn is_quantized(&self) -> bool {
-        self.qkv.quantized.is_some()
+        [&self.qkv, &self.attn_out, &self.ffn_in, &self.ffn_out]
+            .iter()
+            .all(|l| l.quantized.is_some())
     }
 }
 

@@ -30,8 +30,12 @@ fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    // SAFETY: `n` is a whole number in [-126, 127] (x was clamped), so the conversion is
-    // exact; unlike `as`, it needs no saturation and NaN checks, and vectorises.
+    // `max`/`min` (unlike `clamp`) also turn a NaN `x` into a bound; `y` is then NaN, and
+    // so is the result.
+    #[allow(clippy::manual_clamp)]
+    let n = n.max(-126.0).min(127.0);
+    // SAFETY: `n` is a whole number in [-126, 127], so the conversion is exact; unlike `as`,
+    // it needs no saturation and NaN checks, and vectorises.
     let n = unsafe { n.to_int_unchecked::<i32>() };
     y * f32::from_bits(((n + 127) << 23) as u32)
 }

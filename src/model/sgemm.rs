@@ -10,7 +10,8 @@
 //!   loads one line of the panel and broadcasts six activations (12 FMAs per 8 loads);
 //! - `k` is cut in blocks of [`KC`] so that a panel's block stays in L1 while every row block
 //!   of the activations passes over it, and rows in blocks of [`MC`] so that those stay in L2;
-//! - threads take disjoint groups of panels (output columns), so they never share a line.
+//! - threads take disjoint groups of panels (output columns), so they never write the same
+//!   output element.
 //!
 //! The kernel is used where the CPU has AVX2 and FMA but not AVX-512: there `gemm`'s own
 //! AVX-512 kernels are kept, since this machine could not measure a replacement. Anything
@@ -142,8 +143,9 @@ impl PackedWeights {
     /// `threads` rayon tasks (1: on the calling thread).
     pub fn matmul_acc(&self, a: &[f32], m: usize, c: &mut [f32], threads: usize) {
         let (k, n) = (self.k, self.n);
-        assert!(a.len() >= m * k && c.len() >= m * n, "buffers too small");
-        if m == 0 || n == 0 {
+        let holds = |len: usize, cols: usize| m.checked_mul(cols).is_some_and(|x| len >= x);
+        assert!(holds(a.len(), k) && holds(c.len(), n), "buffers too small");
+        if m == 0 || n == 0 || k == 0 {
             return;
         }
         let panels = n.div_ceil(NR);
@@ -259,7 +261,7 @@ mod avx2 {
             3 => tile_m::<3>(kc, a, lda, b, c, ldc, cols),
             2 => tile_m::<2>(kc, a, lda, b, c, ldc, cols),
             1 => tile_m::<1>(kc, a, lda, b, c, ldc, cols),
-            _ => debug_assert!(rows == 0 || rows > MR, "tile of {rows} rows"),
+            _ => debug_assert_eq!(rows, 0, "tiles have at most {MR} rows"),
         }
     }
 
