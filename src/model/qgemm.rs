@@ -20,6 +20,7 @@
 //! better with `vpdpbusd`; that kernel is not written, since no such machine was at hand to
 //! measure it.
 
+use super::sgemm::{over_column_groups, Out};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -160,24 +161,14 @@ impl QuantizedWeights {
         }
         let kp = k.div_ceil(4) * 4;
         rows.quantize(&a[..m * k], m, k, kp, threads);
-        let panels = n.div_ceil(NR);
-        let groups = threads.clamp(1, panels);
-        let per_group = panels.div_ceil(groups);
         let out = Out(c.as_mut_ptr());
         let rows = &*rows;
-        let run = |g: usize| {
-            let first = g * per_group;
-            let last = ((g + 1) * per_group).min(panels);
-            // SAFETY: AVX2 held when these weights were quantized; panels first..last are
-            // this task's own output columns; `rows` holds m x kp bytes and m scales, `c`
-            // m x n floats (asserted above).
-            unsafe { self.run_panels(rows, m, out, first..last) };
-        };
-        if groups == 1 {
-            run(0);
-        } else {
-            (0..groups).into_par_iter().for_each(run);
-        }
+        over_column_groups(n.div_ceil(NR), threads, |panels| {
+            // SAFETY: AVX2 held when these weights were quantized; `panels` are this task's
+            // own output columns; `rows` holds m x kp bytes and m scales, `c` m x n floats
+            // (asserted above).
+            unsafe { self.run_panels(rows, m, out, panels) };
+        });
     }
 
     /// # Safety
@@ -291,13 +282,6 @@ fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
     max / 127.0
 }
 
-/// The output pointer shared by the column groups (each writes only its own columns).
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the output.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
 /// Whether the int8 kernel runs here.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -312,7 +296,8 @@ pub fn available() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{LINE, MR, NR};
+    use super::{LINE, MR};
+    use crate::model::sgemm::avx2::add_to_row;
     use std::arch::x86_64::*;
 
     /// `c[rows, cols] += sa[i] sb[j] (qa qb)[i, j]` for one tile of at most [`MR`] rows.
@@ -385,18 +370,7 @@ mod avx2 {
             let d1 = _mm256_sub_epi32(acc[1], o1);
             let v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, si));
             let v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, si));
-            let ci = c.add(i * ldc);
-            if cols == NR {
-                _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), v0));
-                _mm256_storeu_ps(ci.add(8), _mm256_add_ps(_mm256_loadu_ps(ci.add(8)), v1));
-            } else {
-                let mut tmp = [0f32; NR];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
-                for (j, t) in tmp.iter().take(cols).enumerate() {
-                    *ci.add(j) += t;
-                }
-            }
+            add_to_row(c.add(i * ldc), v0, v1, cols);
         }
     }
 }
@@ -425,21 +399,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::sgemm::tests::values;
 
     #[test]
     fn integer_product_is_exact_for_the_quantized_values() {

@@ -148,23 +148,13 @@ impl PackedWeights {
         if m == 0 || n == 0 || k == 0 {
             return;
         }
-        let panels = n.div_ceil(NR);
-        let groups = threads.clamp(1, panels);
-        let per_group = panels.div_ceil(groups);
         let out = Out(c.as_mut_ptr());
-        let run = |g: usize| {
-            let first = g * per_group;
-            let last = ((g + 1) * per_group).min(panels);
+        over_column_groups(n.div_ceil(NR), threads, |panels| {
             // SAFETY: `available()` held when these weights were packed (checked again in
-            // debug builds); panels first..last are this task's own output columns, and
-            // every pointer stays inside `a`, `c` and `self.lines` (asserted sizes above).
-            unsafe { self.run_panels(a.as_ptr(), k, m, out, n, first..last) };
-        };
-        if groups == 1 {
-            run(0);
-        } else {
-            (0..groups).into_par_iter().for_each(run);
-        }
+            // debug builds); `panels` are this task's own output columns, and every pointer
+            // stays inside `a`, `c` and `self.lines` (asserted sizes above).
+            unsafe { self.run_panels(a.as_ptr(), k, m, out, n, panels) };
+        });
     }
 
     /// Runs output panels `panels` over every row: `c += a B` for those columns, `a` with
@@ -205,9 +195,26 @@ impl PackedWeights {
     }
 }
 
+/// Runs `run` over `panels` output panels cut into at most `threads` contiguous groups, one
+/// rayon task each (on the calling thread when there is one group).
+pub(super) fn over_column_groups(
+    panels: usize,
+    threads: usize,
+    run: impl Fn(std::ops::Range<usize>) + Sync + Send,
+) {
+    let per_group = panels.div_ceil(threads.clamp(1, panels.max(1)));
+    let groups = panels.div_ceil(per_group.max(1));
+    let group = |g: usize| run(g * per_group..((g + 1) * per_group).min(panels));
+    if groups <= 1 {
+        group(0);
+    } else {
+        (0..groups).into_par_iter().for_each(group);
+    }
+}
+
 /// The output pointer shared by the column groups (each writes only its own columns).
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: tasks write disjoint column ranges of the output.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
@@ -233,7 +240,7 @@ pub fn available() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
@@ -286,20 +293,28 @@ mod avx2 {
                 acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
             }
         }
+        for (i, acc) in acc.iter().enumerate() {
+            add_to_row(c.add(i * ldc), acc[0], acc[1], cols);
+        }
+    }
+
+    /// `c[..cols] += [v0, v1][..cols]` for one row of a 16-column tile (also the int8
+    /// kernel's).
+    ///
+    /// # Safety
+    /// AVX; `c` addresses `cols <= 16` writable floats.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(in crate::model) unsafe fn add_to_row(c: *mut f32, v0: __m256, v1: __m256, cols: usize) {
         if cols == NR {
-            for (i, acc) in acc.iter().enumerate() {
-                let ci = c.add(i * ldc);
-                _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), acc[0]));
-                _mm256_storeu_ps(ci.add(8), _mm256_add_ps(_mm256_loadu_ps(ci.add(8)), acc[1]));
-            }
+            _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), v0));
+            _mm256_storeu_ps(c.add(8), _mm256_add_ps(_mm256_loadu_ps(c.add(8)), v1));
         } else {
             let mut tmp = [0f32; NR];
-            for (i, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
-                for (j, t) in tmp.iter().take(cols).enumerate() {
-                    *c.add(i * ldc + j) += t;
-                }
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
+            for (j, t) in tmp.iter().take(cols).enumerate() {
+                *c.add(j) += t;
             }
         }
     }
@@ -324,7 +339,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn has_avx2_fma() -> bool {
@@ -339,8 +354,8 @@ mod tests {
         }
     }
 
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (also the int8 kernel's tests').
+    pub(in crate::model) fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
