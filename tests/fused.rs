@@ -17,14 +17,15 @@ const SENTENCES: &[&str] = &[
      Brussels, which oversees trade policy for the 27 member states of the union.",
 ];
 
-/// Both encoders of `dir` and the padded batch of [`SENTENCES`].
-fn load(dir: &str) -> (Encoder, Encoder, EncoderInput, Vec<usize>) {
+/// The graph encoder of `dir`, the fused one with products in `precision`, and the padded
+/// batch of [`SENTENCES`].
+fn load(dir: &str, precision: Precision) -> (Encoder, Encoder, EncoderInput, Vec<usize>) {
     let md = ModelDir::open(common::root().join(dir)).unwrap();
     let vb = md.var_builder(DType::F32, &Device::Cpu).unwrap();
     let prefix = md.encoder_prefix(&vb).unwrap();
     let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
     let graph = Encoder::load_graph(vb.clone(), &md.config).unwrap();
-    let fused = Encoder::load(vb, &md.config).unwrap();
+    let fused = Encoder::load_with(vb, &md.config, precision).unwrap();
     assert!(fused.is_fused() && !graph.is_fused());
     let toks: Vec<_> = SENTENCES
         .iter()
@@ -65,7 +66,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn check(dir: &str) {
-    let (graph, fused, input, lens) = load(dir);
+    let (graph, fused, input, lens) = load(dir, Precision::F32);
+    assert_eq!(fused.precision(), Precision::F32);
     let g = graph.forward(&input, Mode::INFERENCE).unwrap();
     let f = fused.forward(&input, Mode::INFERENCE).unwrap();
     assert_eq!(g.dims(), f.dims());
@@ -146,12 +148,11 @@ fn min_cosine(a: &[f32], b: &[f32], h: usize) -> f32 {
 /// way (the accuracy of whole tasks is in the models' REPORT.md), and a row's result does
 /// not depend on the batch around it (activation scales are per token).
 fn check_int8(dir: &str) {
-    let (graph, mut int8, input, lens) = load(dir);
     if !tidings::model::qgemm::available() {
         eprintln!("no AVX2: the int8 path is not available on this CPU, nothing to check");
         return;
     }
-    assert_eq!(int8.set_precision(Precision::Int8), Precision::Int8);
+    let (graph, int8, input, lens) = load(dir, Precision::Int8);
     assert_eq!(int8.precision(), Precision::Int8);
     let h = int8.hidden_size();
     let g = graph.forward(&input, Mode::INFERENCE).unwrap();

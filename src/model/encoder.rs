@@ -349,10 +349,11 @@ impl Layer {
 }
 
 impl Layer {
-    /// The same layer for the fused CPU inference path.
-    fn fuse(&self) -> Result<FusedLayer> {
+    /// The same layer for the fused CPU inference path, its products in `precision` where
+    /// it applies (see [`FusedLinear::finish`]).
+    fn fuse(&self, precision: Precision) -> Result<FusedLayer> {
         let lin = |d: &Dense| FusedLinear::new(&d.weight, &d.bias);
-        let packed = |d: &Dense| Ok::<_, candle_core::Error>(lin(d)?.packed());
+        let finished = |d: &Dense| Ok::<_, candle_core::Error>(lin(d)?.finish(precision));
         let norm = |n: &Norm| -> Result<FusedNorm> {
             Ok(FusedNorm {
                 gamma: n.weight.to_vec1::<f32>()?,
@@ -367,11 +368,11 @@ impl Layer {
                 (&lin(&self.key)?, 1.0),
                 (&lin(&self.value)?, 1.0),
             ])?
-            .packed(),
-            attn_out: packed(&self.attn_out)?,
+            .finish(precision),
+            attn_out: finished(&self.attn_out)?,
             attn_norm: norm(&self.attn_norm)?,
-            ffn_in: packed(&self.ffn_in)?,
-            ffn_out: packed(&self.ffn_out)?,
+            ffn_in: finished(&self.ffn_in)?,
+            ffn_out: finished(&self.ffn_out)?,
             out_norm: norm(&self.out_norm)?,
             heads: self.heads,
             head_dim: self.head_dim,
@@ -447,9 +448,9 @@ impl Encoder {
         Self::load_with(vb, cfg, Precision::F32)
     }
 
-    /// [`Encoder::load`] with the fused layers' products in `precision` (see
-    /// [`Encoder::set_precision`] for when int8 applies). Each layer is quantized as it is
-    /// fused, so the packed f32 copies of all layers never exist at once.
+    /// [`Encoder::load`] with the fused layers' products in `precision`. int8 needs the fused
+    /// CPU path and an x86-64 CPU with AVX2, and stays f32 otherwise: [`Encoder::precision`]
+    /// says which is in effect. Each layer is quantized as it is fused, from its tensors.
     pub fn load_with(vb: VarBuilder, cfg: &ModelConfig, precision: Precision) -> Result<Self> {
         let enc = Self::load_graph(vb, cfg)?;
         let frozen = match &enc.stack {
@@ -474,13 +475,7 @@ impl Encoder {
             Stack::Graph(layers) => Stack::Fused(
                 layers
                     .into_iter()
-                    .map(|l| {
-                        let mut fused = l.fuse()?;
-                        if precision == Precision::Int8 {
-                            fused.quantize();
-                        }
-                        Ok(fused)
-                    })
+                    .map(|l| l.fuse(precision))
                     .collect::<Result<_>>()?,
             ),
             fused => fused,
@@ -493,26 +488,11 @@ impl Encoder {
         matches!(self.stack, Stack::Fused(_))
     }
 
-    /// Sets the precision of the matrix products and returns the one in effect: int8 needs
-    /// the fused CPU path and an x86-64 CPU with AVX2, and stays f32 otherwise. Going back
-    /// from int8 to f32 needs a reload (the f32 weights are dropped).
-    pub fn set_precision(&mut self, precision: Precision) -> Precision {
-        match (&mut self.stack, precision) {
-            (Stack::Fused(layers), Precision::Int8) => {
-                for layer in layers.iter_mut() {
-                    layer.quantize();
-                }
-                self.precision()
-            }
-            _ => self.precision(),
-        }
-    }
-
     /// The precision of the matrix products.
     pub fn precision(&self) -> Precision {
         match &self.stack {
             Stack::Fused(layers)
-                if !layers.is_empty() && layers.iter().all(FusedLayer::is_quantized) =>
+                if !layers.is_empty() && layers.iter().all(FusedLayer::is_int8) =>
             {
                 Precision::Int8
             }

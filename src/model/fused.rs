@@ -18,9 +18,10 @@
 //! work at all, and the result for every real token is the same as the padded, masked
 //! computation (a masked key gets probability `exp(-10000)`, which is 0 in f32).
 
+use super::encoder::Precision;
 use super::kernels;
 use super::qgemm::{QuantizedRows, QuantizedWeights};
-use super::sgemm::PackedWeights;
+use super::sgemm::{PackedWeights, SharedMut};
 use candle_core::{Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -82,15 +83,22 @@ unsafe fn matmul(
     );
 }
 
-/// `y = x W^T + b` with `W^T` stored contiguous, `[in, out]` row-major, or packed once for
-/// the microkernel of [`super::sgemm`] where the CPU runs it (see [`FusedLinear::packed`]).
+/// How a [`FusedLinear`] holds `W^T` (`[in, out]`).
+#[derive(Debug, Clone)]
+enum Weights {
+    /// Row-major and contiguous, for `gemm`: while a layer is built, and on CPUs Tidings'
+    /// own kernels do not serve.
+    Plain(Vec<f32>),
+    /// Packed once for the microkernel of [`super::sgemm`].
+    Packed(PackedWeights),
+    /// Quantized for [`super::qgemm`].
+    Int8(QuantizedWeights),
+}
+
+/// `y = x W^T + b`.
 #[derive(Debug, Clone)]
 pub(super) struct FusedLinear {
-    /// `W^T`, emptied once the weights are packed or quantized.
-    wt: Vec<f32>,
-    packed: Option<PackedWeights>,
-    /// The int8 form ([`super::qgemm`]), which then replaces both f32 forms.
-    quantized: Option<QuantizedWeights>,
+    weights: Weights,
     bias: Vec<f32>,
     inp: usize,
     out: usize,
@@ -101,13 +109,19 @@ impl FusedLinear {
     pub(super) fn new(weight: &Tensor, bias: &Tensor) -> Result<Self> {
         let (out, inp) = weight.dims2()?;
         Ok(Self {
-            wt: weight.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-            packed: None,
-            quantized: None,
+            weights: Weights::Plain(weight.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?),
             bias: bias.to_vec1::<f32>()?,
             inp,
             out,
         })
+    }
+
+    /// `W^T` row-major, as [`FusedLinear::new`] and [`FusedLinear::concat`] build it.
+    fn plain(&self) -> Result<&[f32]> {
+        match &self.weights {
+            Weights::Plain(wt) => Ok(wt),
+            _ => candle_core::bail!("a finished linear layer has no plain weights"),
+        }
     }
 
     /// Several layers reading the same input, side by side: `[in, out_1 + out_2 + ...]`,
@@ -121,7 +135,7 @@ impl FusedLinear {
         let mut wt = Vec::with_capacity(inp * out);
         for r in 0..inp {
             for (p, s) in parts {
-                wt.extend(p.wt[r * p.out..(r + 1) * p.out].iter().map(|w| w * s));
+                wt.extend(p.plain()?[r * p.out..(r + 1) * p.out].iter().map(|w| w * s));
             }
         }
         let bias = parts
@@ -129,48 +143,37 @@ impl FusedLinear {
             .flat_map(|(p, s)| p.bias.iter().map(move |b| b * s))
             .collect();
         Ok(Self {
-            wt,
-            packed: None,
-            quantized: None,
+            weights: Weights::Plain(wt),
             bias,
             inp,
             out,
         })
     }
 
-    /// The same layer with its weights packed for [`super::sgemm`] when this CPU runs its
-    /// microkernel (the plain copy is then dropped); unchanged otherwise. Last step of
-    /// building a layer: [`FusedLinear::concat`] reads the plain weights.
-    pub(super) fn packed(mut self) -> Self {
-        if self.packed.is_none() {
-            self.packed = PackedWeights::pack(&self.wt, self.inp, self.out);
-            if self.packed.is_some() {
-                self.wt = Vec::new();
-            }
-        }
-        self
+    /// The last step of building a layer: the weights as the products will read them, in
+    /// `precision` where this CPU runs that kernel (int8: [`super::qgemm`]; f32:
+    /// [`super::sgemm`]'s packed layout), plain for `gemm` otherwise.
+    pub(super) fn finish(self, precision: Precision) -> Self {
+        let Weights::Plain(wt) = &self.weights else {
+            return self;
+        };
+        let quantized = match precision {
+            Precision::Int8 => QuantizedWeights::quantize(wt, self.inp, self.out),
+            Precision::F32 => None,
+        };
+        let weights = match quantized {
+            Some(q) => Weights::Int8(q),
+            None => match PackedWeights::pack(wt, self.inp, self.out) {
+                Some(p) => Weights::Packed(p),
+                None => return self,
+            },
+        };
+        Self { weights, ..self }
     }
 
-    /// Switches the weights to int8 when this CPU runs [`super::qgemm`]'s kernel (the f32
-    /// copies are then dropped); leaves them otherwise. Returns whether they are int8.
-    pub(super) fn quantize(&mut self) -> bool {
-        if self.quantized.is_some() {
-            return true;
-        }
-        let plain;
-        let wt = match &self.packed {
-            Some(p) => {
-                plain = p.unpack();
-                &plain
-            }
-            None => &self.wt,
-        };
-        self.quantized = QuantizedWeights::quantize(wt, self.inp, self.out);
-        if self.quantized.is_some() {
-            self.wt = Vec::new();
-            self.packed = None;
-        }
-        self.quantized.is_some()
+    /// Whether the products run in int8.
+    fn is_int8(&self) -> bool {
+        matches!(self.weights, Weights::Int8(_))
     }
 
     /// `y[rows, out] = x[rows, in] W^T + b (+ residual)`; `qrows` holds the quantized
@@ -202,14 +205,11 @@ impl FusedLinear {
             return;
         }
         let threads = rayon::current_num_threads();
-        if let Some(q) = &self.quantized {
-            q.matmul_acc(x, rows, y, threads, qrows);
-            return;
-        }
-        if let Some(packed) = &self.packed {
-            packed.matmul_acc(x, rows, y, threads);
-            return;
-        }
+        let wt = match &self.weights {
+            Weights::Int8(q) => return q.matmul_acc(x, rows, y, threads, qrows),
+            Weights::Packed(p) => return p.matmul_acc(x, rows, y, threads),
+            Weights::Plain(wt) => wt,
+        };
         let par = if threads > 1 {
             Parallelism::Rayon(threads)
         } else {
@@ -224,7 +224,7 @@ impl FusedLinear {
                 self.out,
                 true,
                 View::rows(x.as_ptr(), self.inp),
-                View::rows(self.wt.as_ptr(), self.out),
+                View::rows(wt.as_ptr(), self.out),
                 par,
             );
         }
@@ -279,20 +279,6 @@ pub(super) struct Scratch {
     ffn: Vec<f32>,
     out: Vec<f32>,
     qrows: QuantizedRows,
-}
-
-/// A raw pointer that rayon tasks may share; each task writes a disjoint region.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: used only to write disjoint (sequence rows x head columns) blocks of one buffer.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Rows per parallel task of the element-wise kernels.
@@ -411,25 +397,11 @@ impl FusedLayer {
 }
 
 impl FusedLayer {
-    /// Switches the layer's four matrix products to int8 (see [`FusedLinear::quantize`]);
-    /// whether they were.
-    pub(super) fn quantize(&mut self) -> bool {
-        for linear in [
-            &mut self.qkv,
-            &mut self.attn_out,
-            &mut self.ffn_in,
-            &mut self.ffn_out,
-        ] {
-            linear.quantize();
-        }
-        self.is_quantized()
-    }
-
     /// Whether all four of the layer's products run in int8.
-    pub(super) fn is_quantized(&self) -> bool {
+    pub(super) fn is_int8(&self) -> bool {
         [&self.qkv, &self.attn_out, &self.ffn_in, &self.ffn_out]
             .iter()
-            .all(|l| l.quantized.is_some())
+            .all(|l| l.is_int8())
     }
 }
 

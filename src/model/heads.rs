@@ -53,7 +53,7 @@ impl TokenClassifier {
     }
 
     /// [`TokenClassifier::load`] with the products in `precision`
-    /// ([`Encoder::set_precision`] says when int8 applies).
+    /// ([`Encoder::load_with`] says when int8 applies).
     pub fn load_with(
         dir: &ModelDir,
         device: &Device,
@@ -69,11 +69,6 @@ impl TokenClassifier {
         let prefix = dir.encoder_prefix(&vb)?;
         Self::from_var_builder_with(vb, &prefix, &dir.config, precision)
             .map_err(|e| dir.weights_error(e))
-    }
-
-    /// Sets the encoder's precision; returns the one in effect ([`Encoder::set_precision`]).
-    pub fn set_precision(&mut self, precision: Precision) -> Precision {
-        self.encoder.set_precision(precision)
     }
 
     /// The precision of the encoder's matrix products.
@@ -107,7 +102,7 @@ impl SentenceEmbedder {
     }
 
     /// [`SentenceEmbedder::load`] with the products in `precision`
-    /// ([`Encoder::set_precision`] says when int8 applies).
+    /// ([`Encoder::load_with`] says when int8 applies).
     pub fn load_with(
         dir: &ModelDir,
         device: &Device,
@@ -119,11 +114,6 @@ impl SentenceEmbedder {
         let encoder =
             Encoder::load_with(vb, &dir.config, precision).map_err(|e| dir.weights_error(e))?;
         Ok(Self { encoder })
-    }
-
-    /// Sets the encoder's precision; returns the one in effect ([`Encoder::set_precision`]).
-    pub fn set_precision(&mut self, precision: Precision) -> Precision {
-        self.encoder.set_precision(precision)
     }
 
     /// The precision of the encoder's matrix products.

@@ -20,7 +20,7 @@
 //! better with `vpdpbusd`; that kernel is not written, since no such machine was at hand to
 //! measure it.
 
-use super::sgemm::{over_column_groups, Out};
+use super::sgemm::{over_column_groups, SharedMut};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -138,11 +138,6 @@ impl QuantizedWeights {
         }
     }
 
-    /// Output columns.
-    pub fn cols(&self) -> usize {
-        self.n
-    }
-
     /// `c[m, n] += a[m, k] B`, with `a` and `c` row-major and contiguous; `a` is quantized
     /// into `rows` first. Spread over `threads` rayon tasks (1: the calling thread).
     pub fn matmul_acc(
@@ -161,7 +156,7 @@ impl QuantizedWeights {
         }
         let kp = k.div_ceil(4) * 4;
         rows.quantize(&a[..m * k], m, k, kp, threads);
-        let out = Out(c.as_mut_ptr());
+        let out = SharedMut(c.as_mut_ptr());
         let rows = &*rows;
         over_column_groups(n.div_ceil(NR), threads, |panels| {
             // SAFETY: AVX2 held when these weights were quantized; `panels` are this task's
@@ -178,7 +173,7 @@ impl QuantizedWeights {
         &self,
         rows: &QuantizedRows,
         m: usize,
-        c: Out,
+        c: SharedMut,
         panels: std::ops::Range<usize>,
     ) {
         let (k, n) = (self.k, self.n);
@@ -196,7 +191,7 @@ impl QuantizedWeights {
                     let tile_rows = MR.min(end - r);
                     let a = rows.values.as_ptr().add(r * kp);
                     let sa = rows.scales.as_ptr().add(r);
-                    let c_tile = c.0.add(r * n + p * NR);
+                    let c_tile = c.ptr().add(r * n + p * NR);
                     avx2::tile(tile_rows, groups, a, kp, sa, b, sb, cs, c_tile, n, cols);
                     r += tile_rows;
                 }

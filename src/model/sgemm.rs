@@ -118,25 +118,7 @@ impl PackedWeights {
         for i in 0..m {
             std::ptr::write_bytes(c.add(i * ldc), 0, self.n);
         }
-        self.run_panels(a, lda, m, Out(c), ldc, 0..self.n.div_ceil(NR));
-    }
-
-    /// Output columns.
-    pub fn cols(&self) -> usize {
-        self.n
-    }
-
-    /// The matrix back in its `[k, n]` row-major form.
-    pub fn unpack(&self) -> Vec<f32> {
-        let (k, n) = (self.k, self.n);
-        let mut b = Vec::with_capacity(k * n);
-        for kk in 0..k {
-            for p in 0..n.div_ceil(NR) {
-                let cols = (n - p * NR).min(NR);
-                b.extend_from_slice(&self.lines[p * k + kk].0[..cols]);
-            }
-        }
-        b
+        self.run_panels(a, lda, m, SharedMut(c), ldc, 0..self.n.div_ceil(NR));
     }
 
     /// `c[m, n] += a[m, k] B`, with `a` and `c` row-major and contiguous, spread over
@@ -148,7 +130,7 @@ impl PackedWeights {
         if m == 0 || n == 0 || k == 0 {
             return;
         }
-        let out = Out(c.as_mut_ptr());
+        let out = SharedMut(c.as_mut_ptr());
         over_column_groups(n.div_ceil(NR), threads, |panels| {
             // SAFETY: `available()` held when these weights were packed (checked again in
             // debug builds); `panels` are this task's own output columns, and every pointer
@@ -168,7 +150,7 @@ impl PackedWeights {
         a: *const f32,
         lda: usize,
         m: usize,
-        c: Out,
+        c: SharedMut,
         ldc: usize,
         panels: std::ops::Range<usize>,
     ) {
@@ -185,7 +167,7 @@ impl PackedWeights {
                     while r < mc {
                         let rows = MR.min(mc - r);
                         let a_tile = a.add((m0 + r) * lda + k0);
-                        let c_tile = c.0.add((m0 + r) * ldc + p * NR);
+                        let c_tile = c.ptr().add((m0 + r) * ldc + p * NR);
                         avx2::tile(rows, kc, a_tile, lda, b, c_tile, ldc, cols);
                         r += rows;
                     }
@@ -212,12 +194,20 @@ pub(super) fn over_column_groups(
     }
 }
 
-/// The output pointer shared by the column groups (each writes only its own columns).
+/// A raw output pointer that rayon tasks may share; each task writes a disjoint region (the
+/// column groups of a product, the (sequence rows x head columns) blocks of attention).
 #[derive(Clone, Copy)]
-pub(super) struct Out(pub(super) *mut f32);
-// SAFETY: tasks write disjoint column ranges of the output.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+pub(super) struct SharedMut(pub(super) *mut f32);
+// SAFETY: used only to write disjoint regions of one buffer, as above.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
+    pub(super) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Whether the microkernel runs here (and is wanted).
 pub fn available() -> bool {
@@ -416,7 +406,6 @@ pub(super) mod tests {
             let b = values(k * n, 2);
             let start = values(m * n, 3);
             let packed = PackedWeights::pack_always(&b, k, n);
-            assert_eq!(packed.unpack(), b);
             for threads in [1, 2, 3] {
                 let mut c = start.clone();
                 packed.matmul_acc(&a, m, &mut c, threads);

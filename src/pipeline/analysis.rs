@@ -329,7 +329,7 @@ fn specials_of(dir: &ModelDir) -> Result<Specials, ModelError> {
 impl Models {
     /// Loads the NER model from `ner_dir` and the topic encoder from `topic_dir` with the
     /// taxonomy in `taxonomy` (JSON, see [`topics::Taxonomy`]), their products in
-    /// `precision` (where it applies: see [`crate::model::Encoder::set_precision`]). Either
+    /// `precision` (where it applies: see [`crate::model::Encoder::load_with`]). Either
     /// model may be absent.
     pub fn load(
         ner_dir: Option<&Path>,
