@@ -4,7 +4,8 @@
 //! `BertModel`, for three reasons:
 //! - training: candle-nn's fast `layer_norm` and `softmax_last_dim` kernels record no backward
 //!   pass, so a model built on them silently stops gradients; in training mode this encoder
-//!   uses differentiable compositions instead, and the fast kernels only for inference;
+//!   uses [`super::train_ops`] (one pass forward, one backward) on f32 CPU tensors and
+//!   differentiable compositions elsewhere, and the fast kernels only for inference;
 //! - the optional word-shape (casing) embedding that lets the uncased MiniLM see capitals;
 //! - one code path for the three checkpoint layouts, with the tensor names of each.
 
@@ -97,7 +98,9 @@ impl Norm {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
+        if train && super::train_ops::applies(x) {
+            super::train_ops::layer_norm(x, &self.weight, &self.bias, self.eps as f64)
+        } else if train {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
@@ -266,6 +269,7 @@ impl Activation {
 
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::GeluErf if super::train_ops::applies(x) => super::train_ops::gelu_erf(x),
             Self::GeluErf => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
             Self::Relu => x.relu(),
@@ -330,7 +334,9 @@ impl Layer {
         let v = split(self.value.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = ((q * scale)?.matmul(&k.t()?)?).broadcast_add(bias)?;
-        let probs = if mode.train {
+        let probs = if mode.train && super::train_ops::applies(&scores) {
+            super::train_ops::softmax_last_dim(&scores)?
+        } else if mode.train {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
@@ -390,8 +396,9 @@ impl Layer {
 enum Stack {
     /// As candle tensor ops: differentiable, any device and dtype.
     Graph(Vec<Layer>),
-    /// The fused f32 CPU kernels of [`super::fused`]: inference only.
-    Fused(Vec<FusedLayer>),
+    /// The fused f32 CPU kernels of [`super::fused`]: inference only. Shared, so that a
+    /// clone of the encoder (one model serving two heads) holds the weights once.
+    Fused(std::sync::Arc<[FusedLayer]>),
 }
 
 /// Arithmetic of the fused CPU path's matrix products (the four per layer; attention,
@@ -476,7 +483,8 @@ impl Encoder {
                 layers
                     .into_iter()
                     .map(|l| l.fuse(precision))
-                    .collect::<Result<_>>()?,
+                    .collect::<Result<Vec<_>>>()?
+                    .into(),
             ),
             fused => fused,
         };

@@ -6,6 +6,7 @@
 //! - [`sgemm`] — weights packed once at load for an AVX2+FMA microkernel (the fused path's
 //!   linear layers).
 //! - [`qgemm`] — the int8 path: weights quantized at load, activations per call.
+//! - [`train_ops`] — layer norm, softmax and GELU with fused backward passes, for training.
 //! - [`files`] — a model directory on disk (config, tokenizer, weights) and its loading errors.
 //! - [`heads`] — what sits on the encoder: token classification (NER) and mean-pooled
 //!   sentence embeddings (topics).
@@ -18,6 +19,7 @@ pub mod heads;
 mod kernels;
 pub mod qgemm;
 pub mod sgemm;
+pub mod train_ops;
 
 pub use config::ModelConfig;
 pub use encoder::{Encoder, EncoderInput, Mode, Precision};
