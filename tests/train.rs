@@ -53,6 +53,8 @@ fn config(dir: &std::path::Path, epochs: usize, resume: bool) -> NerTrainConfig 
         casing: true,
         resume,
         f16: false,
+        distill: 1.0,
+        case_augment: 0.5,
     }
 }
 
@@ -68,6 +70,12 @@ fn loss_goes_down_output_loads_and_checkpoint_resumes() {
     // The output is an HF-format directory the serving loader reads unchanged.
     let dir = ModelDir::open(tmp.path().join("model")).expect("output dir");
     assert!(dir.config.tidings_casing);
+    assert!(dir.config.tidings_shared_encoder);
+    let cosine = first.epochs[1].distill_cosine.expect("distillation ran");
+    assert!(
+        cosine > 0.8,
+        "pooled states drifted from the base encoder's: {cosine}"
+    );
     let model = TokenClassifier::load(&dir, &candle_core::Device::Cpu).expect("serving loader");
     assert_eq!(model.labels().len(), 9);
 

@@ -126,6 +126,14 @@ pub struct TrainNerArgs {
     /// Save weights in f32 instead of f16.
     #[arg(long)]
     f32: bool,
+    /// Weight of the distillation loss that keeps the mean-pooled states close to --base's
+    /// sentence embeddings, so the model serves topics too (one encoder for both tasks);
+    /// 0 trains a NER-only model.
+    #[arg(long, default_value_t = 10.0)]
+    distill: f64,
+    /// Fraction of chunks shown as if upper- or lower-cased (word shapes only).
+    #[arg(long, default_value_t = 0.1)]
+    case_augment: f64,
 }
 
 /// Runs a training command.
@@ -152,6 +160,8 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 casing: !a.no_casing,
                 resume: a.resume,
                 f16: !a.f32,
+                distill: a.distill,
+                case_augment: a.case_augment,
             };
             let report = ner::train(&cfg)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -200,13 +210,16 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
         .collect();
     let cache_key = format!(
         "{}|{}|{}|{}|{}",
-        a.models.topic_model.display(),
+        a.models
+            .topic_dir()
+            .map_or("none".into(), |d| d.display().to_string()),
         a.models.precision,
         a.models.window,
         a.models.window_overlap,
         a.limits.max_text_chars
     );
     let models = super::ModelArgs {
+        topic_model: a.models.topic_dir().unwrap_or_else(|| "none".into()),
         ner_model: "none".into(),
         topic_head: Vec::new(),
         ..a.models

@@ -48,6 +48,12 @@ pub struct ModelConfig {
     /// embeddings, so an uncased encoder can still see capitals. Absent in other models.
     #[serde(default)]
     pub tidings_casing: bool,
+    /// Tidings' extension, on a token-classification model: its encoder was also trained to
+    /// give sentence embeddings when its states are mean-pooled (distilled from the sentence
+    /// encoder it started from), so one forward pass per window serves both entities and
+    /// topics. Absent (false) in other models.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tidings_shared_encoder: bool,
     /// Everything else in the file, kept so that a config written back stays complete.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,

@@ -83,9 +83,38 @@ impl TokenClassifier {
 
     /// Logits `[batch, seq, labels]`.
     pub fn forward(&self, input: &EncoderInput, mode: Mode) -> Result<Tensor> {
-        let hidden = self.encoder.forward(input, mode)?;
-        self.classifier.forward(&mode.drop(hidden)?)
+        Ok(self.forward_with_hidden(input, mode)?.0)
     }
+
+    /// Logits `[batch, seq, labels]` and the encoder's hidden states `[batch, seq, hidden]`
+    /// they were computed from (before the head's dropout): one forward pass for a model whose
+    /// pooled states also serve as sentence embeddings (see [`mean_pool`]).
+    pub fn forward_with_hidden(
+        &self,
+        input: &EncoderInput,
+        mode: Mode,
+    ) -> Result<(Tensor, Tensor)> {
+        let hidden = self.encoder.forward(input, mode)?;
+        let logits = self.classifier.forward(&mode.drop(hidden.clone())?)?;
+        Ok((logits, hidden))
+    }
+
+    /// The encoder, for a [`SentenceEmbedder`] that shares it.
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+}
+
+/// Unit-length mean of `hidden` (`[batch, seq, dim]`) over the tokens `attention_mask`
+/// (`[batch, seq]`, 1 for tokens, 0 for padding) keeps, special tokens included, as
+/// sentence-transformers pools all-MiniLM-L6-v2: `[batch, dim]`.
+pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let mask = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
+    let mean = summed.broadcast_div(&counts)?;
+    let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    mean.broadcast_div(&norm)
 }
 
 /// An encoder whose token states are mean-pooled over the attention mask and L2-normalised,
@@ -126,17 +155,15 @@ impl SentenceEmbedder {
         self.encoder.hidden_size()
     }
 
+    /// The embedder of an encoder already loaded (e.g. a [`TokenClassifier`]'s, for a model
+    /// trained to serve both, so the weights are held once).
+    pub fn from_encoder(encoder: Encoder) -> Self {
+        Self { encoder }
+    }
+
     /// Unit-length embeddings `[batch, hidden]`.
     pub fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
         let hidden = self.encoder.forward(input, Mode::INFERENCE)?;
-        let mask = input
-            .attention_mask
-            .to_dtype(hidden.dtype())?
-            .unsqueeze(2)?;
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-        let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
-        let mean = summed.broadcast_div(&counts)?;
-        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        mean.broadcast_div(&norm)
+        mean_pool(&hidden, &input.attention_mask)
     }
 }

@@ -13,7 +13,8 @@
 use super::conll::{self, Document};
 use super::score::Scorer;
 use crate::model::encoder::seed_dropout;
-use crate::model::{Mode, ModelConfig, ModelDir, TokenClassifier};
+use crate::model::heads::mean_pool;
+use crate::model::{Mode, ModelConfig, ModelDir, Precision, SentenceEmbedder, TokenClassifier};
 use crate::pipeline::batch::{encode_rows, Row};
 use crate::pipeline::{self, entities::TagSet, tokens, Specials};
 use anyhow::{bail, Context, Result};
@@ -66,6 +67,16 @@ pub struct NerTrainConfig {
     pub resume: bool,
     /// Save the shipped weights in f16 (half the size) instead of f32.
     pub f16: bool,
+    /// Weight of the distillation loss that keeps the encoder's mean-pooled states close to
+    /// the base encoder's sentence embeddings (`1 - cosine`, averaged over chunks), so the
+    /// model also serves topics; 0 = a NER-only model.
+    #[serde(default)]
+    pub distill: f64,
+    /// Fraction of chunks shown with their word shapes changed as if the text were all upper
+    /// case (half of them) or all lower case (the other half), so the model does not lean on
+    /// capitals alone. Labels are unchanged.
+    #[serde(default)]
+    pub case_augment: f64,
 }
 
 /// What a finished run reports.
@@ -96,6 +107,10 @@ pub struct EpochReport {
     pub tokens_per_s: f64,
     /// Seconds the epoch took (training and evaluation).
     pub seconds: f64,
+    /// Mean cosine between the model's pooled chunk embeddings and the base encoder's, when
+    /// distilling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill_cosine: Option<f64>,
 }
 
 /// Checkpoint bookkeeping, saved beside the checkpoint weights.
@@ -208,6 +223,26 @@ fn chunks(p: &Prepared, max: usize, mut target: impl FnMut() -> usize) -> Vec<(u
     out
 }
 
+/// The word shapes of `casing` as they would be if the text were all upper case (`upper`) or
+/// all lower case. A one-letter piece upper-cased is `TITLE`, which this cannot tell from
+/// the shape alone; it becomes `UPPER` like the rest.
+fn recase(casing: &[u32], upper: bool) -> Vec<u32> {
+    use crate::pipeline::casing::{LOWER, MIXED, TITLE, UPPER};
+    casing
+        .iter()
+        .map(|&c| match c {
+            LOWER | TITLE | UPPER | MIXED => {
+                if upper {
+                    UPPER
+                } else {
+                    LOWER
+                }
+            }
+            other => other,
+        })
+        .collect()
+}
+
 /// Scores a token-classification model on CoNLL documents through the serving pipeline:
 /// document text -> pieces -> windows -> tag probabilities -> BIO decoding -> char spans,
 /// compared with the gold spans strictly.
@@ -316,6 +351,7 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         .map(|(i, n)| (i.to_string(), n.clone()))
         .collect();
     model_cfg.tidings_casing = cfg.casing;
+    model_cfg.tidings_shared_encoder = cfg.distill > 0.0;
     model_cfg.extra.remove("label2id");
 
     let max_pieces = cfg.max_pieces.min(model_cfg.max_tokens() - 2);
@@ -331,6 +367,12 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     seed_dropout(cfg.seed);
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let model = TokenClassifier::from_var_builder(vb, "bert", &model_cfg)?;
+    // The frozen base encoder, on the fused inference path: the distillation targets.
+    let teacher = if cfg.distill > 0.0 {
+        Some(SentenceEmbedder::load_with(&base, &device, Precision::F32)?)
+    } else {
+        None
+    };
     let ckpt_dir = cfg.out.join("checkpoints");
     let mut state = CheckpointState::default();
     if cfg.resume && ckpt_dir.join("state.json").is_file() {
@@ -475,16 +517,25 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         let (mut loss_sum, mut loss_n, mut pieces_seen) = (0f64, 0usize, 0usize);
+        let mut cos_sum = 0f64;
         let train_started = Instant::now();
         for batch in all.chunks(cfg.batch.max(1)) {
             if cfg.max_steps > 0 && step >= cfg.max_steps {
                 break;
             }
+            let recased: Vec<Option<Vec<u32>>> = batch
+                .iter()
+                .map(|&(d, s, e)| {
+                    (cfg.case_augment > 0.0 && rng.random::<f64>() < cfg.case_augment)
+                        .then(|| recase(&prepared[d].casing[s..e], rng.random::<bool>()))
+                })
+                .collect();
             let rows: Vec<Row> = batch
                 .iter()
-                .map(|&(d, s, e)| Row {
+                .zip(&recased)
+                .map(|(&(d, s, e), r)| Row {
                     ids: &prepared[d].ids[s..e],
-                    casing: &prepared[d].casing[s..e],
+                    casing: r.as_deref().unwrap_or(&prepared[d].casing[s..e]),
                 })
                 .collect();
             let input = encode_rows(&rows, cls, sep, pad, &device)?;
@@ -499,7 +550,7 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             }
             let n_pos = positions.len();
             let t0 = Instant::now();
-            let logits = model.forward(
+            let (logits, hidden) = model.forward_with_hidden(
                 &input,
                 Mode {
                     train: true,
@@ -510,7 +561,17 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             let flat = logits.reshape((rows.len() * seq, n_labels))?;
             let picked = flat.index_select(&Tensor::from_vec(positions, n_pos, &device)?, 0)?;
             let targets = Tensor::from_vec(targets, n_pos, &device)?;
-            let loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
+            let ner_loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
+            let loss = match &teacher {
+                Some(teacher) => {
+                    let target = teacher.forward(&input)?.detach();
+                    let pooled = mean_pool(&hidden, &input.attention_mask)?;
+                    let cosine = (pooled * target)?.sum(1)?.mean_all()?;
+                    cos_sum += cosine.to_scalar::<f32>()? as f64;
+                    (&ner_loss + ((1.0 - cosine)? * cfg.distill)?)?
+                }
+                None => ner_loss.clone(),
+            };
             let _ = loss.to_scalar::<f32>()?;
             let t1 = Instant::now();
             let mut grads = loss.backward()?;
@@ -539,13 +600,18 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
                     n_pos
                 );
             }
-            let l = loss.to_scalar::<f32>()? as f64;
+            let l = ner_loss.to_scalar::<f32>()? as f64;
             loss_sum += l;
             loss_n += 1;
             pieces_seen += n_pos;
             let tps = pieces_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9);
+            let cos = if teacher.is_some() {
+                format!(" cos {:.4}", cos_sum / loss_n as f64)
+            } else {
+                String::new()
+            };
             bar.set_message(format!(
-                "loss {:.4} {:.0} tok/s",
+                "loss {:.4}{cos} {:.0} tok/s",
                 loss_sum / loss_n as f64,
                 tps
             ));
@@ -566,12 +632,16 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             dev_f1,
             tokens_per_s,
             seconds: epoch_started.elapsed().as_secs_f64(),
+            distill_cosine: teacher.as_ref().map(|_| cos_sum / loss_n.max(1) as f64),
         };
         eprintln!(
-            "epoch {}: loss {:.4}, dev F1 {}, {:.0} tok/s, {:.0}s",
+            "epoch {}: loss {:.4}, dev F1 {}, distillation cosine {}, {:.0} tok/s, {:.0}s",
             report.epoch,
             report.loss,
             dev_f1.map_or("-".into(), |f| format!("{f:.4}")),
+            report
+                .distill_cosine
+                .map_or("-".into(), |c| format!("{c:.4}")),
             report.tokens_per_s,
             report.seconds
         );
