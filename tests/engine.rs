@@ -171,3 +171,74 @@ async fn a_request_the_queue_cannot_take_costs_no_work() {
     }
     assert_eq!(engine.queued_tokens(), 0);
 }
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_forward_pass_per_window_serves_entities_and_topics() {
+    let models = common::shared_models();
+    assert!(
+        models.shared_encoder,
+        "models/ner should be the model trained for both tasks (tidings_shared_encoder)"
+    );
+    let engine = Engine::start(models.clone(), EngineConfig::default());
+    engine.default_label_set().await.unwrap();
+    // Three windows or more, and a title (a row of its own).
+    let text = [
+        common::summit_article(),
+        common::summit_article(),
+        common::summit_article(),
+    ]
+    .join("\n\n");
+    let mut both = article("both", &text);
+    both.title = "Kim Jong Un arrives in Russia for talks with Vladimir Putin".into();
+    let windows = models.prepare(both.clone()).unwrap().ner_windows.len();
+    assert!(windows >= 3, "{windows} windows");
+    let rows = || engine.stats().rows_run.load(Ordering::Relaxed);
+    let caller = engine.caller(Class::Interactive);
+
+    let before = rows();
+    let (shared, _) = engine
+        .analyze(both.clone(), None, caller.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        rows() - before,
+        windows as u64 + 1,
+        "entities and topics should take one pass per window, plus the title"
+    );
+
+    // Each task alone: the topic rows run through the same encoder on their own.
+    let mut topics_only = both.clone();
+    topics_only.options.entities = false;
+    let before = rows();
+    let (topics, _) = engine
+        .analyze(topics_only, None, caller.clone())
+        .await
+        .unwrap();
+    assert_eq!(rows() - before, windows as u64 + 1);
+    let mut entities_only = both.clone();
+    entities_only.options.topics = false;
+    let (entities, _) = engine.analyze(entities_only, None, caller).await.unwrap();
+
+    // The article embedding from the NER pass is the topic path's, window for window.
+    assert!(!shared.topics.is_empty() && !shared.embedding.is_empty());
+    let c = cosine(&shared.embedding, &topics.embedding);
+    assert!(c > 0.9999, "embeddings differ: cosine {c}");
+    let labels = |a: &tidings::pipeline::analysis::Analysis| {
+        a.topics.iter().map(|t| t.label.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(labels(&shared), labels(&topics));
+    let spans = |a: &tidings::pipeline::analysis::Analysis| {
+        a.entities
+            .iter()
+            .map(|e| (e.byte_start, e.byte_end, e.label.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(spans(&shared), spans(&entities));
+    assert!(shared.entities.iter().any(|e| e.text == "Vladimir Putin"));
+}

@@ -509,6 +509,7 @@ impl Tidings for TidingsService {
                 labels: n.model.labels().to_vec(),
                 max_tokens: (n.window.size + 2) as u32,
                 dtype: "f32".into(),
+                shared_encoder: models.shared_encoder,
             });
         }
         if let Some(t) = &models.topics {
@@ -519,6 +520,7 @@ impl Tidings for TidingsService {
                 labels: Vec::new(),
                 max_tokens: (t.window.size + 2) as u32,
                 dtype: "f32".into(),
+                shared_encoder: models.shared_encoder,
             });
         }
         let cfg = self.engine.config();

@@ -117,7 +117,9 @@ pub fn run(c: EvalCommand) -> Result<()> {
                     break;
                 }
             }
+            // The topic encoder serving would use (`auto` resolved against the NER model).
             let m = ModelArgs {
+                topic_model: models.topic_dir().unwrap_or_else(|| "none".into()),
                 ner_model: "none".into(),
                 ..models
             }

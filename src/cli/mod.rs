@@ -80,7 +80,11 @@ pub struct ModelArgs {
     #[arg(long, env = "TIDINGS_NER_MODEL", default_value = "models/ner")]
     pub ner_model: PathBuf,
     /// Topic encoder directory (HF format; mean-pooled embeddings). "none" to disable topics.
-    #[arg(long, env = "TIDINGS_TOPIC_MODEL", default_value = "models/minilm")]
+    /// "auto": the NER model itself when its config says its encoder was trained to serve
+    /// topics too (`tidings_shared_encoder`: one forward pass per window for both tasks),
+    /// otherwise `models/minilm`. Naming a directory (e.g. `models/minilm`) runs that encoder
+    /// as a second model.
+    #[arg(long, env = "TIDINGS_TOPIC_MODEL", default_value = "auto")]
     pub topic_model: PathBuf,
     /// Default topic taxonomy (JSON).
     #[arg(
@@ -157,13 +161,35 @@ fn some_path(p: &std::path::Path) -> Option<&std::path::Path> {
     (p.as_os_str() != "none").then_some(p)
 }
 
+/// The topic encoder `--topic-model auto` falls back to.
+const DEFAULT_TOPIC_MODEL: &str = "models/minilm";
+
 impl ModelArgs {
+    /// The topic encoder's directory, `auto` resolved (see `--topic-model`); `None` for none.
+    pub fn topic_dir(&self) -> Option<PathBuf> {
+        if self.topic_model.as_os_str() != "auto" {
+            return some_path(&self.topic_model).map(PathBuf::from);
+        }
+        let serves_topics = some_path(&self.ner_model).is_some_and(|ner| {
+            std::fs::read(ner.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<tidings::model::ModelConfig>(&b).ok())
+                .is_some_and(|c| c.tidings_shared_encoder)
+        });
+        Some(if serves_topics {
+            self.ner_model.clone()
+        } else {
+            PathBuf::from(DEFAULT_TOPIC_MODEL)
+        })
+    }
+
     /// Loads the models named by the flags.
     pub fn load(&self) -> Result<Models> {
         let started = std::time::Instant::now();
+        let topic_dir = self.topic_dir();
         let mut models = Models::load(
             some_path(&self.ner_model),
-            some_path(&self.topic_model),
+            topic_dir.as_deref(),
             some_path(&self.taxonomy),
             WindowSpec {
                 size: self.window,
@@ -219,6 +245,8 @@ impl ModelArgs {
             ner = models.ner.is_some(),
             topics = models.topics.is_some(),
             shared_tokenizer = models.shared_tokenizer,
+            shared_encoder = models.shared_encoder,
+            topic_model = topic_dir.as_ref().map(|d| d.display().to_string()),
             ner_precision = ner_precision.map(|p| p.to_string()),
             topic_precision = topic_precision.map(|p| p.to_string()),
             ms = started.elapsed().as_millis() as u64,

@@ -8,7 +8,7 @@
 use super::{Class, EngineConfig, EngineError, EngineStats, Job, Timing, Work};
 use crate::pipeline::analysis::{Models, Outputs};
 use crate::pipeline::batch::Row;
-use crate::pipeline::{embeddings, token_probs};
+use crate::pipeline::{embeddings, token_probs, token_probs_and_embeddings};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -72,6 +72,9 @@ struct Active {
     /// Padded length of each row, NER rows first, then topic rows.
     lens: Vec<usize>,
     ner_rows: usize,
+    /// Where the outputs of topic rows start in `out.topics`: after the body windows' when
+    /// the NER pass gives those ([`crate::pipeline::analysis::Prepared::topics_from_ner`]).
+    topic_offset: usize,
     /// Rows handed to a slice so far (a prefix of `lens`).
     scheduled: usize,
     out: Outputs,
@@ -87,9 +90,13 @@ impl Active {
             job.enqueued + Duration::from_micros(job.cost as u64 * 1000 / DEADLINE_TOKENS_PER_MS);
         let ner = rows_of(&job.work, Target::Ner);
         let topics = rows_of(&job.work, Target::Topics);
+        let topic_offset = match &job.work {
+            Work::Article(p) if p.topics_from_ner => ner.len(),
+            _ => 0,
+        };
         let out = Outputs {
             ner: vec![Vec::new(); ner.len()],
-            topics: vec![Vec::new(); topics.len()],
+            topics: vec![Vec::new(); topic_offset + topics.len()],
         };
         let lens = ner.iter().chain(&topics).map(|r| r.ids.len() + 2).collect();
         let ner_rows = ner.len();
@@ -99,6 +106,7 @@ impl Active {
             deadline,
             lens,
             ner_rows,
+            topic_offset,
             scheduled: 0,
             out,
             started: None,
@@ -411,16 +419,32 @@ fn run_rows(
         }
         slots.sort_by_key(|s| s.2.ids.len());
         let lens: Vec<usize> = slots.iter().map(|s| s.2.ids.len()).collect();
-        let mut results: Vec<(usize, usize, Vec<f32>)> = Vec::with_capacity(slots.len());
+        // (job, output index, output, embedding from the NER pass)
+        let mut results: Vec<(usize, usize, Vec<f32>, Option<Vec<f32>>)> =
+            Vec::with_capacity(slots.len());
         for range in pack(&lens, budget) {
             let rows: Vec<Row> = slots[range.clone()].iter().map(|s| s.2).collect();
-            let outs = match target {
+            let outs: Vec<(Vec<f32>, Option<Vec<f32>>)> = match target {
                 Target::Ner => {
                     let ner = models
                         .ner
                         .as_ref()
                         .ok_or_else(|| candle_core::Error::Msg("no NER model".into()))?;
-                    token_probs(&ner.model, &rows, ner.specials, &models.device)?
+                    // One pass gives the topic embeddings of the jobs that want them.
+                    let pooled = slots[range.clone()]
+                        .iter()
+                        .any(|s| active[s.0].topic_offset > 0);
+                    if pooled {
+                        token_probs_and_embeddings(&ner.model, &rows, ner.specials, &models.device)?
+                            .into_iter()
+                            .map(|(p, e)| (p, Some(e)))
+                            .collect()
+                    } else {
+                        token_probs(&ner.model, &rows, ner.specials, &models.device)?
+                            .into_iter()
+                            .map(|p| (p, None))
+                            .collect()
+                    }
                 }
                 Target::Topics => {
                     let tm = models
@@ -428,16 +452,29 @@ fn run_rows(
                         .as_ref()
                         .ok_or_else(|| candle_core::Error::Msg("no topic model".into()))?;
                     embeddings(&tm.model, &rows, tm.specials, &models.device)?
+                        .into_iter()
+                        .map(|e| (e, None))
+                        .collect()
                 }
             };
-            results.extend(slots[range].iter().zip(outs).map(|(s, o)| (s.0, s.1, o)));
+            results.extend(
+                slots[range]
+                    .iter()
+                    .zip(outs)
+                    .map(|(s, (o, e))| (s.0, s.1, o, e)),
+            );
         }
         drop(slots);
-        for (j, index, o) in results {
-            let out = &mut active[j].out;
+        for (j, index, o, embedding) in results {
+            let a = &mut active[j];
             match target {
-                Target::Ner => out.ner[index] = o,
-                Target::Topics => out.topics[index] = o,
+                Target::Ner => {
+                    a.out.ner[index] = o;
+                    if let (Some(e), true) = (embedding, a.topic_offset > 0) {
+                        a.out.topics[index] = e;
+                    }
+                }
+                Target::Topics => a.out.topics[a.topic_offset + index] = o,
             }
         }
     }

@@ -212,6 +212,9 @@ pub struct Prepared {
     pub topic_windows: Vec<Window>,
     /// Title pieces for the topic model (cut to one window).
     pub title_tokens: Option<Tokens>,
+    /// The body's topic embeddings come from the NER rows' forward pass (one encoder serves
+    /// both, [`Models::shared_encoder`]): the topic rows are then the title only.
+    pub topics_from_ner: bool,
 }
 
 impl Prepared {
@@ -223,11 +226,12 @@ impl Prepared {
         }
     }
 
-    /// Topic rows: the body's windows, then the title if any.
+    /// Topic rows that need a pass of their own: the body's windows (unless the NER rows
+    /// give their embeddings, see [`Prepared::topics_from_ner`]), then the title if any.
     pub fn topic_rows(&self) -> Vec<Row<'_>> {
         let mut rows = match &self.topic_tokens {
-            Some(t) => super::window_rows(t, &self.topic_windows),
-            None => Vec::new(),
+            Some(t) if !self.topics_from_ner => super::window_rows(t, &self.topic_windows),
+            _ => Vec::new(),
         };
         if let Some(t) = &self.title_tokens {
             rows.push(Row {
@@ -253,7 +257,8 @@ impl Prepared {
 pub struct Outputs {
     /// Tag probabilities per NER window.
     pub ner: Vec<Vec<f32>>,
-    /// Embedding per topic row (body windows, then title).
+    /// Embedding per body window, then the title's: from the topic rows, or (body windows,
+    /// when [`Prepared::topics_from_ner`]) from the NER rows' pass.
     pub topics: Vec<Vec<f32>>,
 }
 
@@ -305,6 +310,10 @@ pub struct Models {
     pub device: Device,
     /// Whether the two models share one tokenizer (the text is then tokenized once).
     pub shared_tokenizer: bool,
+    /// Whether topics run on the NER model's own encoder (a model trained for both, flagged
+    /// `tidings_shared_encoder` in its config, loaded as both models): one forward pass per
+    /// window then gives an article's tags and its topic embedding.
+    pub shared_encoder: bool,
 }
 
 impl TopicModel {
@@ -314,6 +323,14 @@ impl TopicModel {
             Some(h) => h.names.clone(),
             None => self.default_labels.iter().map(|l| l.name.clone()).collect(),
         }
+    }
+}
+
+/// Whether two paths name the same directory (compared canonically where they exist).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 
@@ -331,6 +348,10 @@ impl Models {
     /// taxonomy in `taxonomy` (JSON, see [`topics::Taxonomy`]), their products in
     /// `precision` (where it applies: see [`crate::model::Encoder::load_with`]). Either
     /// model may be absent.
+    ///
+    /// When both name the same directory and its config says the model was trained to serve
+    /// both tasks (`tidings_shared_encoder`), the encoder is loaded once and topics run on it
+    /// ([`Models::shared_encoder`]).
     pub fn load(
         ner_dir: Option<&Path>,
         topic_dir: Option<&Path>,
@@ -356,10 +377,23 @@ impl Models {
             }
             None => None,
         };
+        let shared_encoder = match (&ner, topic_dir) {
+            (Some(n), Some(t)) => n.dir.config.tidings_shared_encoder && same_dir(&n.dir.dir, t),
+            _ => false,
+        };
         let topics = match topic_dir {
             Some(p) => {
-                let dir = ModelDir::open(p)?;
-                let model = SentenceEmbedder::load_with(&dir, &device, precision)?;
+                let (dir, model) = match (&ner, shared_encoder) {
+                    (Some(n), true) => (
+                        n.dir.clone(),
+                        SentenceEmbedder::from_encoder(n.model.encoder().clone()),
+                    ),
+                    _ => {
+                        let dir = ModelDir::open(p)?;
+                        let model = SentenceEmbedder::load_with(&dir, &device, precision)?;
+                        (dir, model)
+                    }
+                };
                 let specials = specials_of(&dir)?;
                 let default_labels = match taxonomy {
                     Some(t) => topics::Taxonomy::read(t)?.labels,
@@ -390,6 +424,7 @@ impl Models {
             topics,
             device,
             shared_tokenizer,
+            shared_encoder,
         })
     }
 
@@ -409,6 +444,7 @@ impl Models {
             topic_tokens: None,
             topic_windows: Vec::new(),
             title_tokens: None,
+            topics_from_ner: false,
             article,
         };
         let opts = &p.article.options;
@@ -423,6 +459,7 @@ impl Models {
                 _ => Arc::new(tokens::tokenize(&tm.dir.tokenizer, &p.article.text)?),
             };
             p.topic_windows = windows::plan(t.len(), tm.window.size, tm.window.overlap);
+            p.topics_from_ner = self.shared_encoder && p.ner_tokens.is_some();
             p.topic_tokens = Some(t);
             if !p.article.title.trim().is_empty() {
                 let mut title = tokens::tokenize(&tm.dir.tokenizer, &p.article.title)?;

@@ -56,7 +56,30 @@ pub fn token_probs(
         return Ok(Vec::new());
     };
     let logits = model.forward(&input, Mode::INFERENCE)?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+    probs_of_rows(&logits, rows)
+}
+
+/// [`token_probs`] and the unit-length mean-pooled embedding of each row, from one forward
+/// pass: for a model whose encoder also serves topics
+/// ([`crate::model::ModelConfig::tidings_shared_encoder`]).
+pub fn token_probs_and_embeddings(
+    model: &TokenClassifier,
+    rows: &[Row<'_>],
+    sp: Specials,
+    device: &Device,
+) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+    let Some(input) = encode(rows, sp, device)? else {
+        return Ok(Vec::new());
+    };
+    let (logits, hidden) = model.forward_with_hidden(&input, Mode::INFERENCE)?;
+    let pooled = crate::model::heads::mean_pool(&hidden, &input.attention_mask)?;
+    let probs = probs_of_rows(&logits, rows)?;
+    Ok(probs.into_iter().zip(pooled.to_vec2::<f32>()?).collect())
+}
+
+/// Per-row tag probabilities from logits `[rows, seq, labels]`, specials and padding cut.
+fn probs_of_rows(logits: &candle_core::Tensor, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>> {
+    let probs = candle_nn::ops::softmax_last_dim(logits)?;
     let (_, seq, n) = probs.dims3()?;
     let flat = probs.flatten_all()?.to_vec1::<f32>()?;
     Ok(rows

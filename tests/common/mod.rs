@@ -63,6 +63,28 @@ pub fn models() -> Arc<Models> {
         .clone()
 }
 
+/// The shipped NER model loaded for both tasks, as `serve` loads it by default when its
+/// config says its encoder serves topics too: one encoder, one forward pass per window.
+pub fn shared_models() -> Arc<Models> {
+    static MODELS: OnceLock<Arc<Models>> = OnceLock::new();
+    MODELS
+        .get_or_init(|| {
+            let r = root();
+            let ner = r.join("models/ner");
+            Arc::new(
+                Models::load(
+                    Some(&ner),
+                    Some(&ner),
+                    Some(&r.join("models/topics/news.json")),
+                    WindowSpec::default(),
+                    Precision::Int8,
+                )
+                .expect("loading models/ner for both tasks"),
+            )
+        })
+        .clone()
+}
+
 /// Tokens of model work that `text` costs the engine's queue (all tasks, no title).
 pub fn cost(text: &str) -> usize {
     models()
