@@ -9,6 +9,9 @@ outputs as JSON:
                   "logits": [[...], ...]}]}                     # ner: one row per token
                   "embedding": [...]}]}                         # embed: the pooled unit vector
 
+`casing` is also written for embed when the model has a casing embedding ("tidings_casing":
+true, e.g. a multi-task model whose NER encoder also serves the embeddings).
+
 `ids`, `casing` and `logits` include the [CLS] and [SEP] rows. Each sentence is one window.
 With `--compare FILE` (the same JSON written by Tidings), prints the max absolute difference
 per sentence and overall instead, and exits 1 if ids differ or the difference exceeds --tol.
@@ -48,7 +51,9 @@ def run(model_dir: str, task: str, texts: list[str]) -> dict:
             row["casing"] = [ref.NONE, *p.casing, ref.NONE]
             row["logits"] = logits[0].tolist()
         else:
-            row["embedding"] = m.embed([p.ids])[0].tolist()
+            row["embedding"] = m.embed([p.ids], [p.casing])[0].tolist()
+            if m.casing is not None:
+                row["casing"] = [ref.NONE, *p.casing, ref.NONE]
         out["sentences"].append(row)
     return out
 

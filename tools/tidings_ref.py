@@ -11,7 +11,10 @@ Rust service does, so that its outputs can be checked against an independent imp
   piece's offsets; its embedding row is added to the word embedding (NER models whose
   config.json has "tidings_casing": true);
 - NER: BertForTokenClassification in float32 (weights may be stored in f16);
-- embeddings: BertModel, mean pooling over the attention mask, L2 normalisation.
+- embeddings: BertModel, mean pooling over the attention mask, L2 normalisation; the encoder
+  of a BertForTokenClassification checkpoint (`bert.` prefix, e.g. a multi-task model with
+  "tidings_shared_encoder": true) is read the same way, with its casing embedding when
+  config.json has "tidings_casing": true (as Rust's SentenceEmbedder does).
 
 torch, safetensors.torch and transformers are imported where the models and tensors need them:
 the tokenization, window and casing helpers (load_tokenizer, tokenize, plan_windows, owners,
@@ -202,32 +205,46 @@ class NerModel:
 
 
 class EmbedModel:
-    """BertModel with mean pooling over the attention mask and L2 normalisation."""
+    """BertModel (+ Tidings' casing embedding) with mean pooling over the attention mask and
+    L2 normalisation. A head's weights (`classifier.*`, `pooler.*`) are ignored."""
 
     def __init__(self, model_dir):
         from transformers import BertConfig, BertModel
         self.dir = str(model_dir)
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
         self.config = BertConfig.from_pretrained(self.dir)
         self.model = BertModel(self.config, add_pooling_layer=False).eval()
         sd = _read_weights(model_dir)
         if any(k.startswith("bert.") for k in sd):
             sd = {k[5:]: v for k, v in sd.items() if k.startswith("bert.")}
+        casing = sd.pop(CASING_NAME[5:], None)  # "embeddings.casing_embeddings.weight"
+        if raw.get("tidings_casing") and casing is None:
+            raise ValueError(f"{self.dir}: tidings_casing is set but {CASING_NAME} is missing")
+        self.casing = casing if raw.get("tidings_casing") else None
         _load_into(self.model, sd, ignore=("pooler.",))
         self.tok = load_tokenizer(model_dir)
         self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok)
 
-    def sums(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: the sum of hidden states over the mask [batch, hidden] and the mask count."""
+    def sums(self, rows: list[list[int]], casing: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the sum of hidden states over the mask [batch, hidden] and the mask count.
+        `casing` (per piece, like `rows`) is required when the model has a casing embedding."""
         import torch
         with torch.inference_mode():
             ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
-            h = self.model(input_ids=ids, attention_mask=mask,
-                           token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            if self.casing is None:
+                h = self.model(input_ids=ids, attention_mask=mask,
+                               token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            else:
+                if casing is None:
+                    raise ValueError(f"{self.dir}: model has a casing embedding; pass the casing rows")
+                emb = self.model.embeddings.word_embeddings(ids) + self.casing[pad_casing(casing, ids.shape[1])]
+                h = self.model(inputs_embeds=emb, attention_mask=mask,
+                               token_type_ids=torch.zeros_like(ids)).last_hidden_state
             m = mask.unsqueeze(-1).to(h.dtype)
             return (h * m).sum(1), m.sum(1)
 
-    def embed(self, rows: list[list[int]]) -> torch.Tensor:
+    def embed(self, rows: list[list[int]], casing: list[list[int]] | None = None) -> torch.Tensor:
         """Unit mean-pooled embeddings [batch, hidden]."""
         import torch
-        s, n = self.sums(rows)
+        s, n = self.sums(rows, casing)
         return torch.nn.functional.normalize(s / n.clamp(min=1), dim=-1)
