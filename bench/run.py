@@ -83,7 +83,9 @@ async def bench_server(name, addr, pid, articles, args):
 
 
 def label(row):
-    """The server column: `tidings`, or `reference+BACKEND`."""
+    """The server column: `tidings`, `reference+BACKEND`, or the label given for it."""
+    if row.get("label"):
+        return row["label"]
     return f"{row['server']}+{row['backend']}" if row.get("backend") else row["server"]
 
 
@@ -134,6 +136,8 @@ async def amain(args):
             backend = await reference_backend(addr)
             for r in level_rows:
                 r["backend"] = backend
+        for r in level_rows:
+            r["label"] = getattr(args, f"{name}_label")
         rows += level_rows
     print_table(rows)
     if args.json:
@@ -156,6 +160,10 @@ def main():
     ap.add_argument("--timeout", type=float, default=120, help="per-call deadline in seconds")
     ap.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for servers")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--tidings-label", help="name of the --tidings-addr server in the table")
+    ap.add_argument("--reference-label",
+                    help="name of the --reference-addr server in the table (e.g. when it is a "
+                         "second Tidings configuration)")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     asyncio.run(amain(args))

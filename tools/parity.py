@@ -10,7 +10,10 @@ outputs as JSON:
                   "embedding": [...]}]}                         # embed: the pooled unit vector
 
 `casing` is also written for embed when the model has a casing embedding ("tidings_casing":
-true, e.g. a multi-task model whose NER encoder also serves the embeddings).
+true, e.g. a multi-task model whose NER encoder also serves the embeddings). For a model with
+"tidings_topic_projection": true, `embedding` is after the projection and the second
+normalisation (as Tidings serves it); `--no-projection` leaves the projection out (to see that
+the check would catch a missing one). `--task ner` ignores the projection.
 
 `ids`, `casing` and `logits` include the [CLS] and [SEP] rows. Each sentence is one window.
 With `--compare FILE` (the same JSON written by Tidings), prints the max absolute difference
@@ -39,7 +42,7 @@ SENTENCES = [
 ]
 
 
-def run(model_dir: str, task: str, texts: list[str]) -> dict:
+def run(model_dir: str, task: str, texts: list[str], project: bool = True) -> dict:
     out = {"model": model_dir, "task": task, "sentences": []}
     m = ref.NerModel(model_dir) if task == "ner" else ref.EmbedModel(model_dir)
     for text, p in zip(texts, ref.tokenize(m.tok, texts)):
@@ -51,7 +54,7 @@ def run(model_dir: str, task: str, texts: list[str]) -> dict:
             row["casing"] = [ref.NONE, *p.casing, ref.NONE]
             row["logits"] = logits[0].tolist()
         else:
-            row["embedding"] = m.embed([p.ids], [p.casing])[0].tolist()
+            row["embedding"] = m.embed([p.ids], [p.casing], project=project)[0].tolist()
             if m.casing is not None:
                 row["casing"] = [ref.NONE, *p.casing, ref.NONE]
         out["sentences"].append(row)
@@ -107,13 +110,15 @@ def main():
     ap.add_argument("--text", action="append", help="use these sentences instead of the fixed ones")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", help="also write the reference JSON here")
+    ap.add_argument("--no-projection", action="store_true",
+                    help="embed: leave out the model's topic projection (a negative control)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     texts = args.text or SENTENCES
     if args.compare:
         theirs = json.loads(Path(args.compare).read_text())
         texts = args.text or [s["text"] for s in theirs["sentences"]]
-    result = run(args.model, args.task, texts)
+    result = run(args.model, args.task, texts, project=not args.no_projection)
     if args.out:
         Path(args.out).write_text(json.dumps(result))
     if args.compare:

@@ -14,7 +14,10 @@ Rust service does, so that its outputs can be checked against an independent imp
 - embeddings: BertModel, mean pooling over the attention mask, L2 normalisation; the encoder
   of a BertForTokenClassification checkpoint (`bert.` prefix, e.g. a multi-task model with
   "tidings_shared_encoder": true) is read the same way, with its casing embedding when
-  config.json has "tidings_casing": true (as Rust's SentenceEmbedder does).
+  config.json has "tidings_casing": true (as Rust's SentenceEmbedder does); with
+  "tidings_topic_projection": true, the unit mean is then mapped by the top-level linear layer
+  `tidings_topic_projection.{weight,bias}` (weight [hidden, hidden], PyTorch's [out, in]) and
+  L2-normalised again (src/model/heads.rs `Pooler`). The NER model ignores that layer.
 
 torch, safetensors.torch and transformers are imported where the models and tensors need them:
 the tokenization, window and casing helpers (load_tokenizer, tokenize, plan_windows, owners,
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 WINDOW_PIECES = 254  # pieces per window, without [CLS]/[SEP]
 WINDOW_OVERLAP = 64  # pieces shared by consecutive windows
 CASING_NAME = "bert.embeddings.casing_embeddings.weight"
+PROJECTION = "tidings_topic_projection"  # top-level Linear of the pooled states (heads.rs)
 
 # Word shapes (src/pipeline/casing.rs).
 NONE, LOWER, TITLE, UPPER, MIXED, NO_LETTERS = range(6)
@@ -154,6 +158,23 @@ def _read_weights(model_dir) -> dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
+def _pop_projection(sd: dict[str, torch.Tensor], raw: dict, model_dir, hidden: int):
+    """Removes `tidings_topic_projection.{weight,bias}` from `sd`; returns (weight, bias) when
+    config.json has "tidings_topic_projection": true (an error if they are missing or of the
+    wrong shape), else None (stray tensors are ignored, as Rust does)."""
+    w, b = sd.pop(f"{PROJECTION}.weight", None), sd.pop(f"{PROJECTION}.bias", None)
+    if not raw.get("tidings_topic_projection"):
+        return None
+    if w is None or b is None:
+        missing = [n for n, t in (("weight", w), ("bias", b)) if t is None]
+        raise ValueError(f"{model_dir}: tidings_topic_projection is set but "
+                         f"{', '.join(f'{PROJECTION}.{n}' for n in missing)} missing from model.safetensors")
+    if tuple(w.shape) != (hidden, hidden) or tuple(b.shape) != (hidden,):
+        raise ValueError(f"{model_dir}: {PROJECTION} has shapes {tuple(w.shape)}, {tuple(b.shape)}; "
+                         f"expected ({hidden}, {hidden}), ({hidden},)")
+    return w, b
+
+
 def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], ignore=()):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # Buffers (position_ids, token_type_ids) may or may not be stored; weights must all be.
@@ -187,6 +208,9 @@ class NerModel:
         if raw.get("tidings_casing") and casing is None:
             raise ValueError(f"{self.dir}: tidings_casing is set but {CASING_NAME} is missing")
         self.casing = casing if raw.get("tidings_casing") else None
+        # The topic projection (if any) acts on pooled states only: it does not touch logits.
+        sd.pop(f"{PROJECTION}.weight", None)
+        sd.pop(f"{PROJECTION}.bias", None)
         _load_into(self.model, sd)
         self.tok = load_tokenizer(model_dir)
         self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok)
@@ -206,7 +230,9 @@ class NerModel:
 
 class EmbedModel:
     """BertModel (+ Tidings' casing embedding) with mean pooling over the attention mask and
-    L2 normalisation. A head's weights (`classifier.*`, `pooler.*`) are ignored."""
+    L2 normalisation, then Tidings' topic projection and L2 normalisation again when config.json
+    has "tidings_topic_projection": true. A head's weights (`classifier.*`, `pooler.*`) are
+    ignored. `projection` is None or (weight [hidden, hidden], bias [hidden])."""
 
     def __init__(self, model_dir):
         from transformers import BertConfig, BertModel
@@ -215,6 +241,8 @@ class EmbedModel:
         self.config = BertConfig.from_pretrained(self.dir)
         self.model = BertModel(self.config, add_pooling_layer=False).eval()
         sd = _read_weights(model_dir)
+        # Top level of the checkpoint, beside the `bert.` encoder if there is one.
+        self.projection = _pop_projection(sd, raw, self.dir, self.config.hidden_size)
         if any(k.startswith("bert.") for k in sd):
             sd = {k[5:]: v for k, v in sd.items() if k.startswith("bert.")}
         casing = sd.pop(CASING_NAME[5:], None)  # "embeddings.casing_embeddings.weight"
@@ -226,7 +254,8 @@ class EmbedModel:
         self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok)
 
     def sums(self, rows: list[list[int]], casing: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: the sum of hidden states over the mask [batch, hidden] and the mask count.
+        """Per row: the sum of hidden states over the mask [batch, hidden] and the mask count
+        (before any projection; `pool` turns them into embeddings).
         `casing` (per piece, like `rows`) is required when the model has a casing embedding."""
         import torch
         with torch.inference_mode():
@@ -243,8 +272,19 @@ class EmbedModel:
             m = mask.unsqueeze(-1).to(h.dtype)
             return (h * m).sum(1), m.sum(1)
 
-    def embed(self, rows: list[list[int]], casing: list[list[int]] | None = None) -> torch.Tensor:
-        """Unit mean-pooled embeddings [batch, hidden]."""
+    def pool(self, s: torch.Tensor, n: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """Unit embeddings [batch, hidden] from `sums`: the unit mean, then (if the model has
+        one and `project`) the topic projection and unit length again."""
         import torch
+        with torch.inference_mode():
+            x = torch.nn.functional.normalize(s / n.clamp(min=1), dim=-1)
+            if project and self.projection is not None:
+                w, b = self.projection
+                x = torch.nn.functional.normalize(torch.nn.functional.linear(x, w, b), dim=-1)
+            return x
+
+    def embed(self, rows: list[list[int]], casing: list[list[int]] | None = None,
+              project: bool = True) -> torch.Tensor:
+        """Unit sentence embeddings [batch, hidden] (see `pool`)."""
         s, n = self.sums(rows, casing)
-        return torch.nn.functional.normalize(s / n.clamp(min=1), dim=-1)
+        return self.pool(s, n, project)

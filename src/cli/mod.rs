@@ -217,6 +217,13 @@ impl ModelArgs {
                 self.precision
             );
         }
+        // What this topic encoder makes of the probe sentence, to check trained heads
+        // against the encoder they were fitted on (see `LabelSet::encoder_probe`).
+        let own_probe = if self.topic_head.iter().any(|s| !s.trim().is_empty()) {
+            models.encoder_probe()?.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         if let Some(t) = models.topics.as_mut() {
             t.scale = self.topic_scale;
             for spec in self
@@ -227,6 +234,21 @@ impl ModelArgs {
             {
                 let (name, path) = head_spec(spec)?;
                 let head = read_head(std::path::Path::new(path), t.model.dim())?;
+                if !head.encoder_probe.is_empty() && !own_probe.is_empty() {
+                    let cosine: f32 = own_probe
+                        .iter()
+                        .zip(&head.encoder_probe)
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    if cosine < 0.99 {
+                        tracing::warn!(
+                            head = path,
+                            cosine,
+                            "topic head was fitted on another topic encoder than this one: \
+                             its scores will be off; refit it with `tidings train topics`"
+                        );
+                    }
+                }
                 match name {
                     Some(n) if t.heads.iter().any(|(k, _)| k == n) => {
                         anyhow::bail!("--topic-head: the name {n:?} is given twice")

@@ -10,9 +10,30 @@ use tidings::train::ner::{self, NerTrainConfig};
 pub enum TrainCommand {
     /// Fine-tune an encoder + token-classification head on CoNLL data.
     Ner(TrainNerArgs),
+    /// Fit the linear map that takes a multi-task model's pooled states (`train ner
+    /// --distill`) onto its base sentence encoder's embeddings, on unlabelled text, and store
+    /// it in the model directory.
+    Projection(TrainProjectionArgs),
     /// Fit a topic classification head on labelled articles (CSV label,title,description or
     /// JSONL {label,text,title}); reports k-fold cross-validated accuracy.
     Topics(TrainTopicsArgs),
+}
+
+/// Flags of `tidings train projection`.
+#[derive(clap::Args, Debug)]
+pub struct TrainProjectionArgs {
+    /// The model trained for both tasks; updated in place.
+    #[arg(long, default_value = "models/ner")]
+    model: PathBuf,
+    /// The sentence encoder whose embeddings the map aims at (the model's base).
+    #[arg(long, default_value = "models/minilm")]
+    base: PathBuf,
+    /// Unlabelled text: a CoNLL file, read as its sentences and runs of three.
+    #[arg(long, default_value = "../shared/data/conll2003/train.txt")]
+    data: PathBuf,
+    /// Ridge penalty on the map's weights.
+    #[arg(long, default_value_t = 1.0)]
+    ridge: f64,
 }
 
 /// Flags of `tidings train topics`.
@@ -129,7 +150,7 @@ pub struct TrainNerArgs {
     /// Weight of the distillation loss that keeps the mean-pooled states close to --base's
     /// sentence embeddings, so the model serves topics too (one encoder for both tasks);
     /// 0 trains a NER-only model.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 1.0)]
     distill: f64,
     /// Fraction of chunks shown as if upper- or lower-cased (word shapes only).
     #[arg(long, default_value_t = 0.1)]
@@ -168,6 +189,17 @@ pub fn run(c: TrainCommand) -> Result<()> {
             Ok(())
         }
         TrainCommand::Topics(a) => train_topics(a),
+        TrainCommand::Projection(a) => {
+            let started = std::time::Instant::now();
+            let report = tidings::train::projection::train(&a.model, &a.base, &a.data, a.ridge)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            eprintln!(
+                "projection written to {} ({:.0}s)",
+                a.model.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -294,7 +326,8 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     };
     let cv = topics::cross_validate_with(&x, &y, a.folds, cfg.seed, make)?;
     let mean = cv.iter().sum::<f64>() / cv.len() as f64;
-    let head = make(&x, &y)?;
+    let mut head = make(&x, &y)?;
+    head.encoder_probe = engine.models().encoder_probe()?.unwrap_or_default();
     if let Some(parent) = a.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

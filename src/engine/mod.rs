@@ -506,6 +506,7 @@ impl Engine {
             // Request labels are checked at the door and taxonomies when loaded.
             parents: topics::parents(labels).unwrap_or_else(|_| vec![None; labels.len()]),
             multi_label: Some((topics::MULTI_LABEL_SLOPE, topics::MULTI_LABEL_OFFSET)),
+            encoder_probe: Vec::new(),
         })
     }
 

@@ -54,6 +54,11 @@ pub struct ModelConfig {
     /// topics. Absent (false) in other models.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tidings_shared_encoder: bool,
+    /// Tidings' extension, with `tidings_shared_encoder`: the pooled states go through a
+    /// linear map (`tidings_topic_projection.{weight,bias}`) fitted by `tidings train
+    /// projection` to match the base sentence encoder's embeddings, then to unit length.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tidings_topic_projection: bool,
     /// Everything else in the file, kept so that a config written back stays complete.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,

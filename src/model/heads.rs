@@ -14,6 +14,7 @@ pub struct TokenClassifier {
     encoder: Encoder,
     classifier: Linear,
     labels: Vec<String>,
+    pooler: Pooler,
 }
 
 impl TokenClassifier {
@@ -43,6 +44,7 @@ impl TokenClassifier {
             encoder: Encoder::load_with(enc_vb, cfg, precision)?,
             classifier: linear(cfg.hidden_size, labels.len(), vb.pp("classifier"))?,
             labels,
+            pooler: Pooler::load(&vb, cfg)?,
         })
     }
 
@@ -99,10 +101,65 @@ impl TokenClassifier {
         Ok((logits, hidden))
     }
 
-    /// The encoder, for a [`SentenceEmbedder`] that shares it.
-    pub fn encoder(&self) -> &Encoder {
-        &self.encoder
+    /// The sentence embeddings of this model's states (its encoder, shared, and its pooler):
+    /// for a model trained to serve topics too
+    /// ([`ModelConfig::tidings_shared_encoder`]).
+    pub fn topic_embedder(&self) -> SentenceEmbedder {
+        SentenceEmbedder {
+            encoder: self.encoder.clone(),
+            pooler: self.pooler.clone(),
+        }
     }
+
+    /// Unit-length sentence embeddings `[batch, hidden]` of hidden states this model
+    /// computed ([`TokenClassifier::forward_with_hidden`]).
+    pub fn pool(&self, hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.pooler.forward(hidden, attention_mask)
+    }
+}
+
+/// Name of the optional linear map of a model's pooled states
+/// ([`ModelConfig::tidings_topic_projection`]): tensors `<name>.weight` `[hidden, hidden]`
+/// and `<name>.bias` at the checkpoint's top level.
+pub const TOPIC_PROJECTION: &str = "tidings_topic_projection";
+
+/// How hidden states become a sentence embedding: [`mean_pool`], then, for a model that has
+/// one, a linear map fitted to match its base sentence encoder's embeddings, and unit length
+/// again.
+#[derive(Debug, Clone, Default)]
+pub struct Pooler {
+    projection: Option<Linear>,
+}
+
+impl Pooler {
+    /// The pooler of the checkpoint under `vb` (its top level).
+    fn load(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let projection = if cfg.tidings_topic_projection {
+            Some(linear(
+                cfg.hidden_size,
+                cfg.hidden_size,
+                vb.pp(TOPIC_PROJECTION),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self { projection })
+    }
+
+    /// Unit-length embeddings `[batch, hidden]` of `hidden` under `attention_mask`.
+    pub fn forward(&self, hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let pooled = mean_pool(hidden, attention_mask)?;
+        match &self.projection {
+            None => Ok(pooled),
+            Some(p) => unit(&p.forward(&pooled)?),
+        }
+    }
+}
+
+/// Rows of `x` (`[batch, dim]`) scaled to unit length.
+fn unit(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
 }
 
 /// Unit-length mean of `hidden` (`[batch, seq, dim]`) over the tokens `attention_mask`
@@ -112,9 +169,7 @@ pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
     let mask = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
     let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
     let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
-    let mean = summed.broadcast_div(&counts)?;
-    let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-    mean.broadcast_div(&norm)
+    unit(&summed.broadcast_div(&counts)?)
 }
 
 /// An encoder whose token states are mean-pooled over the attention mask and L2-normalised,
@@ -122,6 +177,7 @@ pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct SentenceEmbedder {
     encoder: Encoder,
+    pooler: Pooler,
 }
 
 impl SentenceEmbedder {
@@ -137,12 +193,17 @@ impl SentenceEmbedder {
         device: &Device,
         precision: Precision,
     ) -> std::result::Result<Self, ModelError> {
-        let vb = dir.var_builder(DType::F32, device)?;
-        let prefix = dir.encoder_prefix(&vb)?;
-        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
+        let root = dir.var_builder(DType::F32, device)?;
+        let prefix = dir.encoder_prefix(&root)?;
+        let vb = if prefix.is_empty() {
+            root.clone()
+        } else {
+            root.pp(prefix)
+        };
         let encoder =
             Encoder::load_with(vb, &dir.config, precision).map_err(|e| dir.weights_error(e))?;
-        Ok(Self { encoder })
+        let pooler = Pooler::load(&root, &dir.config).map_err(|e| dir.weights_error(e))?;
+        Ok(Self { encoder, pooler })
     }
 
     /// The precision of the encoder's matrix products.
@@ -155,15 +216,18 @@ impl SentenceEmbedder {
         self.encoder.hidden_size()
     }
 
-    /// The embedder of an encoder already loaded (e.g. a [`TokenClassifier`]'s, for a model
-    /// trained to serve both, so the weights are held once).
-    pub fn from_encoder(encoder: Encoder) -> Self {
-        Self { encoder }
+    /// The plain mean-pooled states, without the model's projection (if any): what a
+    /// projection is fitted on.
+    pub fn without_projection(self) -> Self {
+        Self {
+            pooler: Pooler::default(),
+            ..self
+        }
     }
 
     /// Unit-length embeddings `[batch, hidden]`.
     pub fn forward(&self, input: &EncoderInput) -> Result<Tensor> {
         let hidden = self.encoder.forward(input, Mode::INFERENCE)?;
-        mean_pool(&hidden, &input.attention_mask)
+        self.pooler.forward(&hidden, &input.attention_mask)
     }
 }

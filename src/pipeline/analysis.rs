@@ -85,7 +85,18 @@ pub struct LabelSet {
     /// topics --unlabelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Arc<topics::Memory>>,
+    /// For a trained head: the embedding of [`ENCODER_PROBE`] by the topic encoder it was
+    /// fitted on (`tidings train topics` writes it). A head only fits the encoder whose
+    /// embeddings it learnt, so `serve` compares this with its own encoder's and warns when
+    /// they differ. Empty: not known (heads written before it existed, request labels).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encoder_probe: Vec<f32>,
 }
+
+/// A fixed sentence whose embedding tells topic encoders apart
+/// ([`LabelSet::encoder_probe`]).
+pub const ENCODER_PROBE: &str =
+    "The central bank raised interest rates on Tuesday as shares in Asia fell for a third day.";
 
 impl LabelSet {
     /// Labels scored by their prototypes alone: `softmax(scale * cosine)`, no bias, ids,
@@ -100,6 +111,7 @@ impl LabelSet {
             parents: Vec::new(),
             multi_label: None,
             memory: None,
+            encoder_probe: Vec::new(),
         }
     }
 
@@ -384,10 +396,7 @@ impl Models {
         let topics = match topic_dir {
             Some(p) => {
                 let (dir, model) = match (&ner, shared_encoder) {
-                    (Some(n), true) => (
-                        n.dir.clone(),
-                        SentenceEmbedder::from_encoder(n.model.encoder().clone()),
-                    ),
+                    (Some(n), true) => (n.dir.clone(), n.model.topic_embedder()),
                     _ => {
                         let dir = ModelDir::open(p)?;
                         let model = SentenceEmbedder::load_with(&dir, &device, precision)?;
@@ -470,6 +479,26 @@ impl Models {
             }
         }
         Ok(p)
+    }
+
+    /// The topic encoder's embedding of [`ENCODER_PROBE`] (`None` without a topic model).
+    pub fn encoder_probe(&self) -> anyhow::Result<Option<Vec<f32>>> {
+        let Some(tm) = &self.topics else {
+            return Ok(None);
+        };
+        let toks = self.tokenize_texts(&[ENCODER_PROBE.to_string()])?;
+        let rows: Vec<Row> = toks
+            .iter()
+            .map(|t| Row {
+                ids: &t.ids,
+                casing: &t.casing,
+            })
+            .collect();
+        Ok(
+            super::embeddings(&tm.model, &rows, tm.specials, &self.device)?
+                .into_iter()
+                .next(),
+        )
     }
 
     /// Tokenizes label texts for embedding: one row each, cut to one window.

@@ -72,7 +72,7 @@ pub fn token_probs_and_embeddings(
         return Ok(Vec::new());
     };
     let (logits, hidden) = model.forward_with_hidden(&input, Mode::INFERENCE)?;
-    let pooled = crate::model::heads::mean_pool(&hidden, &input.attention_mask)?;
+    let pooled = model.pool(&hidden, &input.attention_mask)?;
     let probs = probs_of_rows(&logits, rows)?;
     Ok(probs.into_iter().zip(pooled.to_vec2::<f32>()?).collect())
 }

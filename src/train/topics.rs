@@ -168,6 +168,7 @@ pub fn fit_from(
         parents: Vec::new(),
         multi_label: None,
         memory: None,
+        encoder_probe: Vec::new(),
     })
 }
 
