@@ -183,7 +183,7 @@ async fn one_forward_pass_per_window_serves_entities_and_topics() {
     let models = common::shared_models();
     assert!(
         models.shared_encoder,
-        "models/ner should be the model trained for both tasks (tidings_shared_encoder)"
+        "models/multitask should be a model trained for both tasks (tidings_shared_encoder)"
     );
     let engine = Engine::start(models.clone(), EngineConfig::default());
     engine.default_label_set().await.unwrap();

@@ -14,7 +14,32 @@ use tonic::Code;
 
 #[tokio::test]
 async fn summit_article_is_world_news_about_kim_and_putin() {
-    let mut c = client(server()).await;
+    summit_read_right(server()).await;
+}
+
+/// The same golden reading from the multi-task model (`models/multitask`): one encoder, one
+/// forward pass per window for both tasks, topics from its pooled states.
+#[tokio::test]
+async fn the_multitask_model_reads_the_summit_article_from_one_encoder() {
+    let srv = common::start_with(
+        common::shared_models(),
+        EngineConfig::default(),
+        ServerConfig::default(),
+    );
+    let info = client(&srv)
+        .await
+        .get_info(proto::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.models.len(), 2);
+    assert!(info.models.iter().all(|m| m.shared_encoder), "{info:?}");
+    summit_read_right(&srv).await;
+}
+
+/// The fixture's topics, entities, offsets and reading, as the shipped models give them.
+async fn summit_read_right(srv: &common::TestServer) {
+    let mut c = client(srv).await;
     let text = summit_article();
     let resp = c
         .analyze(request("summit", &text))
@@ -415,6 +440,10 @@ async fn health_reflection_and_info() {
     let ner = info.models.iter().find(|m| m.task == "entities").unwrap();
     assert!(ner.labels.contains(&"B-PER".to_string()));
     assert!(info.default_topics.contains(&"world".to_string()));
+    // The default NER model is NER-only: topics run on the second encoder.
+    let topics = info.models.iter().find(|m| m.task == "topics").unwrap();
+    assert!(!ner.shared_encoder && !topics.shared_encoder, "{info:?}");
+    assert_ne!(ner.path, topics.path);
 }
 
 #[tokio::test]

@@ -63,14 +63,14 @@ pub fn models() -> Arc<Models> {
         .clone()
 }
 
-/// The shipped NER model loaded for both tasks, as `serve` loads it by default when its
-/// config says its encoder serves topics too: one encoder, one forward pass per window.
+/// The shipped multi-task model (`models/multitask`) loaded for both tasks, as `serve
+/// --ner-model models/multitask` loads it: one encoder, one forward pass per window.
 pub fn shared_models() -> Arc<Models> {
     static MODELS: OnceLock<Arc<Models>> = OnceLock::new();
     MODELS
         .get_or_init(|| {
             let r = root();
-            let ner = r.join("models/ner");
+            let ner = r.join("models/multitask");
             Arc::new(
                 Models::load(
                     Some(&ner),
@@ -79,7 +79,7 @@ pub fn shared_models() -> Arc<Models> {
                     WindowSpec::default(),
                     Precision::Int8,
                 )
-                .expect("loading models/ner for both tasks"),
+                .expect("loading models/multitask for both tasks"),
             )
         })
         .clone()
@@ -108,7 +108,15 @@ pub struct TestServer {
 
 /// Starts a server over the shared models with the given engine and server settings.
 pub fn start(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> TestServer {
-    let models = models();
+    start_with(models(), engine_cfg, server_cfg)
+}
+
+/// [`start`] over `models`.
+pub fn start_with(
+    models: Arc<Models>,
+    engine_cfg: EngineConfig,
+    server_cfg: ServerConfig,
+) -> TestServer {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
