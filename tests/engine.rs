@@ -202,10 +202,7 @@ async fn one_forward_pass_per_window_serves_entities_and_topics() {
     let caller = engine.caller(Class::Interactive);
 
     let before = rows();
-    let (shared, _) = engine
-        .analyze(both.clone(), None, caller.clone())
-        .await
-        .unwrap();
+    let (shared, _) = engine.analyze(both.clone(), None, caller).await.unwrap();
     assert_eq!(
         rows() - before,
         windows as u64 + 1,
@@ -216,10 +213,7 @@ async fn one_forward_pass_per_window_serves_entities_and_topics() {
     let mut topics_only = both.clone();
     topics_only.options.entities = false;
     let before = rows();
-    let (topics, _) = engine
-        .analyze(topics_only, None, caller.clone())
-        .await
-        .unwrap();
+    let (topics, _) = engine.analyze(topics_only, None, caller).await.unwrap();
     assert_eq!(rows() - before, windows as u64 + 1);
     let mut entities_only = both.clone();
     entities_only.options.topics = false;

@@ -392,6 +392,9 @@ fn run_slice(
     }
 }
 
+/// A row's outputs: (job, output index, output, topic embedding from the NER pass).
+type RowResult = (usize, usize, Vec<f32>, Option<Vec<f32>>);
+
 /// Runs the `plan`ned rows through their models in length-sorted, budget-sized batches and
 /// stores the outputs in their jobs.
 fn run_rows(
@@ -419,9 +422,7 @@ fn run_rows(
         }
         slots.sort_by_key(|s| s.2.ids.len());
         let lens: Vec<usize> = slots.iter().map(|s| s.2.ids.len()).collect();
-        // (job, output index, output, embedding from the NER pass)
-        let mut results: Vec<(usize, usize, Vec<f32>, Option<Vec<f32>>)> =
-            Vec::with_capacity(slots.len());
+        let mut results: Vec<RowResult> = Vec::with_capacity(slots.len());
         for range in pack(&lens, budget) {
             let rows: Vec<Row> = slots[range.clone()].iter().map(|s| s.2).collect();
             let outs: Vec<(Vec<f32>, Option<Vec<f32>>)> = match target {
