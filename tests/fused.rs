@@ -31,13 +31,7 @@ fn load(dir: &str, precision: Precision) -> (Encoder, Encoder, EncoderInput, Vec
         .iter()
         .map(|s| tokenize(&md.tokenizer, s).unwrap())
         .collect();
-    let rows: Vec<Row> = toks
-        .iter()
-        .map(|t| Row {
-            ids: &t.ids,
-            casing: &t.casing,
-        })
-        .collect();
+    let rows: Vec<Row> = toks.iter().map(Row::from).collect();
     let (cls, sep) = md.special_ids().unwrap();
     let input = encode_rows(&rows, cls, sep, 0, &Device::Cpu).unwrap();
     let lens = toks.iter().map(|t| t.ids.len() + 2).collect();

@@ -246,10 +246,7 @@ fn parity(task: &str, model: &std::path::Path, sentences: &std::path::Path) -> R
     {
         let text = s["text"].as_str().context("sentence without text")?;
         let toks = tokens::tokenize(&dir.tokenizer, text)?;
-        let row = batch::Row {
-            ids: &toks.ids,
-            casing: &toks.casing,
-        };
+        let row = batch::Row::from(&toks);
         let input = batch::encode_rows(&[row], cls, sep, pad, &device)?;
         let ids: Vec<u32> = input.input_ids.squeeze(0)?.to_vec1()?;
         let casing: Vec<u32> = input

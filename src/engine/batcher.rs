@@ -27,13 +27,7 @@ fn rows_of(work: &Work, target: Target) -> Vec<Row<'_>> {
     match (work, target) {
         (Work::Article(p), Target::Ner) => p.ner_rows(),
         (Work::Article(p), Target::Topics) => p.topic_rows(),
-        (Work::Texts(t), Target::Topics) => t
-            .iter()
-            .map(|t| Row {
-                ids: &t.ids,
-                casing: &t.casing,
-            })
-            .collect(),
+        (Work::Texts(t), Target::Topics) => t.iter().map(Row::from).collect(),
         (Work::Texts(_), Target::Ner) => Vec::new(),
     }
 }

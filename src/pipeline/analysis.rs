@@ -246,10 +246,7 @@ impl Prepared {
             _ => Vec::new(),
         };
         if let Some(t) = &self.title_tokens {
-            rows.push(Row {
-                ids: &t.ids,
-                casing: &t.casing,
-            });
+            rows.push(Row::from(t));
         }
         rows
     }
@@ -487,13 +484,7 @@ impl Models {
             return Ok(None);
         };
         let toks = self.tokenize_texts(&[ENCODER_PROBE.to_string()])?;
-        let rows: Vec<Row> = toks
-            .iter()
-            .map(|t| Row {
-                ids: &t.ids,
-                casing: &t.casing,
-            })
-            .collect();
+        let rows: Vec<Row> = toks.iter().map(Row::from).collect();
         Ok(
             super::embeddings(&tm.model, &rows, tm.specials, &self.device)?
                 .into_iter()

@@ -12,6 +12,16 @@ pub struct Row<'a> {
     pub casing: &'a [u32],
 }
 
+impl<'a> From<&'a super::tokens::Tokens> for Row<'a> {
+    /// All of a tokenized text's pieces as one row.
+    fn from(t: &'a super::tokens::Tokens) -> Self {
+        Self {
+            ids: &t.ids,
+            casing: &t.casing,
+        }
+    }
+}
+
 /// Builds `[batch, 2 + longest]` tensors: `cls` + pieces + `sep`, right-padded with `pad`.
 pub fn encode_rows(
     rows: &[Row<'_>],

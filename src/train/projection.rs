@@ -68,13 +68,7 @@ fn embed_all(model: &SentenceEmbedder, dir: &ModelDir, texts: &[String]) -> Resu
                 Ok(k)
             })
             .collect::<Result<Vec<_>>>()?;
-        let rows: Vec<Row> = toks
-            .iter()
-            .map(|t| Row {
-                ids: &t.ids,
-                casing: &t.casing,
-            })
-            .collect();
+        let rows: Vec<Row> = toks.iter().map(Row::from).collect();
         out.extend(embeddings(model, &rows, sp, &Device::Cpu)?);
     }
     Ok(out)
