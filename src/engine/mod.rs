@@ -463,8 +463,13 @@ impl Engine {
         if let (true, Some(n)) = (article.options.entities, &self.models.ner) {
             est += admission::estimate_tokens(text, n.window.size, n.window.overlap);
         }
+        // With one encoder for both tasks the NER rows give the body's topic embeddings.
+        let body_from_ner =
+            self.models.shared_encoder && article.options.entities && self.models.ner.is_some();
         if let (true, Some(t)) = (article.options.topics, &self.models.topics) {
-            est += admission::estimate_tokens(text, t.window.size, t.window.overlap);
+            if !body_from_ner {
+                est += admission::estimate_tokens(text, t.window.size, t.window.overlap);
+            }
             let title = article.title.chars().count();
             est += admission::estimate_tokens(title, t.window.size, 0).min(t.window.size + 2);
         }

@@ -173,7 +173,8 @@ pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
 }
 
 /// An encoder whose token states are mean-pooled over the attention mask and L2-normalised,
-/// as sentence-transformers does for all-MiniLM-L6-v2.
+/// as sentence-transformers does for all-MiniLM-L6-v2, then (for a multi-task model that has
+/// one) put through its topic projection and normalised again ([`Pooler`]).
 #[derive(Debug, Clone)]
 pub struct SentenceEmbedder {
     encoder: Encoder,

@@ -1,5 +1,6 @@
 //! Layer norm, softmax and GELU for training, each one pass forward and one pass backward
-//! (candle custom ops with their gradients), on f32 CPU tensors.
+//! (candle custom ops with their gradients), on f32 CPU tensors. (GELU also serves the
+//! unfused inference path on the CPU: same values.)
 //!
 //! candle-nn's fast `layer_norm` and `softmax_last_dim` record no backward pass, so training
 //! composed them from element-wise ops: a layer norm was about ten tensor passes forward and

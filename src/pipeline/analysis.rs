@@ -464,8 +464,13 @@ impl Models {
                 (Some(t), true) => t.clone(),
                 _ => Arc::new(tokens::tokenize(&tm.dir.tokenizer, &p.article.text)?),
             };
-            p.topic_windows = windows::plan(t.len(), tm.window.size, tm.window.overlap);
             p.topics_from_ner = self.shared_encoder && p.ner_tokens.is_some();
+            // From the NER pass, the body's embeddings are those of the NER windows.
+            p.topic_windows = if p.topics_from_ner {
+                p.ner_windows.clone()
+            } else {
+                windows::plan(t.len(), tm.window.size, tm.window.overlap)
+            };
             p.topic_tokens = Some(t);
             if !p.article.title.trim().is_empty() {
                 let mut title = tokens::tokenize(&tm.dir.tokenizer, &p.article.title)?;

@@ -352,6 +352,9 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         .collect();
     model_cfg.tidings_casing = cfg.casing;
     model_cfg.tidings_shared_encoder = cfg.distill > 0.0;
+    // A projection belongs to the weights it was fitted on: a model trained from a base that
+    // has one gets none until `tidings train projection` fits its own.
+    model_cfg.tidings_topic_projection = false;
     model_cfg.extra.remove("label2id");
 
     let max_pieces = cfg.max_pieces.min(model_cfg.max_tokens() - 2);

@@ -116,7 +116,8 @@ fn solve_spd(a: &[f64], b: &[f64], n: usize, m: usize, ridge: f64) -> Result<Vec
     Ok(x)
 }
 
-/// The map `y = W x + b` minimising `|W x + b - y|^2 + ridge |W|^2` over the pairs; returns
+/// The map `y = W x + b` minimising `|W x + b - y|^2 + ridge (|W|^2 + |b|^2)` over the pairs;
+/// returns
 /// `W` (`[out, in]`, row-major) and `b`.
 pub fn fit(xs: &[Vec<f32>], ys: &[Vec<f32>], ridge: f64) -> Result<(Vec<f32>, Vec<f32>)> {
     let (Some(x0), Some(y0)) = (xs.first(), ys.first()) else {
@@ -232,7 +233,11 @@ pub fn train(
     let weights_path = dir.weights_path();
     let mut tensors = candle_core::safetensors::load(&weights_path, &device)
         .with_context(|| format!("reading {}", weights_path.display()))?;
-    let dtype = tensors.values().next().map_or(DType::F32, |t| t.dtype());
+    // The head's dtype (f16 as Tidings ships its models); some checkpoints also hold integer
+    // buffers.
+    let dtype = tensors
+        .get("classifier.weight")
+        .map_or(DType::F32, |t| t.dtype());
     let h = b.len();
     tensors.insert(
         format!("{TOPIC_PROJECTION}.weight"),
