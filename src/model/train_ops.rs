@@ -32,6 +32,35 @@ fn min_rows(n: usize) -> usize {
     (16_384 / n.max(1)).max(1)
 }
 
+/// `f(out, row)` for each row of `n` values of `x`, rows split over rayon's threads: the
+/// outputs, one row each.
+fn map_rows(x: &[f32], n: usize, f: impl Fn(&mut [f32], &[f32]) + Sync + Send) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .with_min_len(min_rows(n))
+        .for_each(|(o, x)| f(o, x));
+    out
+}
+
+/// [`map_rows`] over two inputs of the same shape, row by row: `f(out, a_row, b_row)`.
+fn map_rows2(
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(n)
+        .zip(a.par_chunks(n).zip(b.par_chunks(n)))
+        .with_min_len(min_rows(n))
+        .for_each(|(o, (a, b))| f(o, a, b));
+    out
+}
+
+/// Elements per task of the element-wise ops (GELU), which have no rows of their own.
+const ELEMENTWISE_CHUNK: usize = 4096;
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
@@ -47,20 +76,16 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(self.name(), s, l)?;
         let n = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .with_min_len(min_rows(n))
-            .for_each(|(y, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - max).exp();
-                    sum += *y;
-                }
-                let inv = 1.0 / sum;
-                y.iter_mut().for_each(|y| *y *= inv);
-            });
+        let y = map_rows(x, n, |y, x| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            let inv = 1.0 / sum;
+            y.iter_mut().for_each(|y| *y *= inv);
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -89,16 +114,12 @@ impl CustomOp2 for SoftmaxGrad {
         let y = slice(self.name(), s1, l1)?;
         let g = slice(self.name(), s2, l2)?;
         let n = l1.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(n)
-            .zip(y.par_chunks(n).zip(g.par_chunks(n)))
-            .with_min_len(min_rows(n))
-            .for_each(|(dx, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                    *dx = y * (g - dot);
-                }
-            });
+        let dx = map_rows2(y, g, n, |dx, y, g| {
+            let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+            for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                *dx = y * (g - dot);
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -148,16 +169,12 @@ impl CustomOp3 for LayerNorm {
                 self.name()
             );
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .with_min_len(min_rows(n))
-            .for_each(|(y, x)| {
-                let (mean, rstd) = moments(x, self.eps);
-                for i in 0..n {
-                    y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
-                }
-            });
+        let y = map_rows(x, n, |y, x| {
+            let (mean, rstd) = moments(x, self.eps);
+            for i in 0..n {
+                y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -259,14 +276,11 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(self.name(), s, l)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            });
+        let y = map_rows(x, ELEMENTWISE_CHUNK, |y, x| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -294,15 +308,12 @@ impl CustomOp2 for GeluGrad {
         let g = slice(self.name(), s2, l2)?;
         // 1 / sqrt(2 pi)
         const INV_SQRT_2PI: f32 = 0.398_942_3;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-            .for_each(|(dx, (x, g))| {
-                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                    let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-                    *dx = g * (cdf + x * (-0.5 * x * x).exp() * INV_SQRT_2PI);
-                }
-            });
+        let dx = map_rows2(x, g, ELEMENTWISE_CHUNK, |dx, x, g| {
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+                *dx = g * (cdf + x * (-0.5 * x * x).exp() * INV_SQRT_2PI);
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

@@ -7,7 +7,7 @@ use super::tokens::{self, Tokens};
 use super::topics::{self, Label};
 use super::windows::{self, Window};
 use super::{batch::Row, Specials, WindowSpec};
-use crate::model::{ModelDir, ModelError, Precision, SentenceEmbedder, TokenClassifier};
+use crate::model::{ModelDir, Precision, SentenceEmbedder, TokenClassifier};
 use candle_core::Device;
 use std::collections::HashSet;
 use std::path::Path;
@@ -343,15 +343,6 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn specials_of(dir: &ModelDir) -> Result<Specials, ModelError> {
-    let (cls, sep) = dir.special_ids()?;
-    Ok(Specials {
-        cls,
-        sep,
-        pad: dir.config.pad_token_id as u32,
-    })
-}
-
 impl Models {
     /// Loads the NER model from `ner_dir` and the topic encoder from `topic_dir` with the
     /// taxonomy in `taxonomy` (JSON, see [`topics::Taxonomy`]), their products in
@@ -374,7 +365,7 @@ impl Models {
                 let dir = ModelDir::open(p)?;
                 let model = TokenClassifier::load_with(&dir, &device, precision)?;
                 let tags = TagSet::new(model.labels());
-                let specials = specials_of(&dir)?;
+                let specials = Specials::of(&dir)?;
                 let window = window.fit(dir.config.max_tokens());
                 Some(NerModel {
                     dir,
@@ -400,7 +391,7 @@ impl Models {
                         (dir, model)
                     }
                 };
-                let specials = specials_of(&dir)?;
+                let specials = Specials::of(&dir)?;
                 let default_labels = match taxonomy {
                     Some(t) => topics::Taxonomy::read(t)?.labels,
                     None => Vec::new(),

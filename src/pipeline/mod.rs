@@ -32,6 +32,19 @@ pub struct Specials {
     pub pad: u32,
 }
 
+impl Specials {
+    /// The special tokens of the model in `dir`: its tokenizer's `[CLS]`/`[SEP]` (or `<s>`,
+    /// `</s>`) and its config's pad id.
+    pub fn of(dir: &crate::model::ModelDir) -> std::result::Result<Self, crate::model::ModelError> {
+        let (cls, sep) = dir.special_ids()?;
+        Ok(Self {
+            cls,
+            sep,
+            pad: dir.config.pad_token_id as u32,
+        })
+    }
+}
+
 /// The padded input of `rows`, or `None` when there are none.
 fn encode(
     rows: &[Row<'_>],

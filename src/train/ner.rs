@@ -253,12 +253,7 @@ pub fn evaluate(
     window: pipeline::WindowSpec,
     device: &Device,
 ) -> Result<Scorer> {
-    let (cls, sep) = dir.special_ids()?;
-    let sp = Specials {
-        cls,
-        sep,
-        pad: dir.config.pad_token_id as u32,
-    };
+    let sp = Specials::of(dir)?;
     let tags = TagSet::new(model.labels());
     let mut scorer = Scorer::default();
     for doc in docs {

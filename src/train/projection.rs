@@ -45,18 +45,9 @@ pub fn texts_of(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn specials(dir: &ModelDir) -> Result<Specials> {
-    let (cls, sep) = dir.special_ids()?;
-    Ok(Specials {
-        cls,
-        sep,
-        pad: dir.config.pad_token_id as u32,
-    })
-}
-
 /// Unit embeddings of `texts` (each cut to one window) by `model`.
 fn embed_all(model: &SentenceEmbedder, dir: &ModelDir, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-    let sp = specials(dir)?;
+    let sp = Specials::of(dir)?;
     let max = dir.config.max_tokens().saturating_sub(2).min(254);
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(32) {

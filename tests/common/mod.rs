@@ -41,24 +41,13 @@ pub fn models() -> Arc<Models> {
     static MODELS: OnceLock<Arc<Models>> = OnceLock::new();
     MODELS
         .get_or_init(|| {
-            let r = root();
-            let minilm = r.join("models/minilm");
+            let minilm = root().join("models/minilm");
             assert!(
                 minilm.join("model.safetensors").is_file(),
                 "{} is missing: run models/fetch first (the README's test command does)",
                 minilm.display()
             );
-            Arc::new(
-                Models::load(
-                    Some(&r.join("models/ner")),
-                    Some(&minilm),
-                    Some(&r.join("models/topics/news.json")),
-                    WindowSpec::default(),
-                    // the serving default
-                    Precision::Int8,
-                )
-                .expect("loading the shipped models"),
-            )
+            load("models/ner", "models/minilm")
         })
         .clone()
 }
@@ -68,21 +57,25 @@ pub fn models() -> Arc<Models> {
 pub fn shared_models() -> Arc<Models> {
     static MODELS: OnceLock<Arc<Models>> = OnceLock::new();
     MODELS
-        .get_or_init(|| {
-            let r = root();
-            let ner = r.join("models/multitask");
-            Arc::new(
-                Models::load(
-                    Some(&ner),
-                    Some(&ner),
-                    Some(&r.join("models/topics/news.json")),
-                    WindowSpec::default(),
-                    Precision::Int8,
-                )
-                .expect("loading models/multitask for both tasks"),
-            )
-        })
+        .get_or_init(|| load("models/multitask", "models/multitask"))
         .clone()
+}
+
+/// The models in `ner` and `topics` (relative to the root) with the news taxonomy, in the
+/// serving default's precision.
+fn load(ner: &str, topics: &str) -> Arc<Models> {
+    let r = root();
+    Arc::new(
+        Models::load(
+            Some(&r.join(ner)),
+            Some(&r.join(topics)),
+            Some(&r.join("models/topics/news.json")),
+            WindowSpec::default(),
+            // the serving default
+            Precision::Int8,
+        )
+        .unwrap_or_else(|e| panic!("loading {ner} and {topics}: {e:#}")),
+    )
 }
 
 /// Tokens of model work that `text` costs the engine's queue (all tasks, no title).
