@@ -99,6 +99,18 @@ pub fn gelu_erf(x: &mut [f32]) {
     }
 }
 
+/// The gradient of [`gelu_erf`]: `dx = g * (Φ(x) + x φ(x))`, with `Φ(x) = (1 + erf(x/sqrt 2))/2`
+/// and `φ(x) = exp(-x²/2) / sqrt(2 pi)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn gelu_erf_grad(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    // 1 / sqrt(2 pi)
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        *dx = g * (cdf + x * exp(-0.5 * x * x) * INV_SQRT_2PI);
+    }
+}
+
 /// GELU with the tanh approximation, in place, as `gelu_new` / `gelu_pytorch_tanh`.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn gelu_tanh(x: &mut [f32]) {

@@ -8,6 +8,7 @@
 //! rayon's threads) and compute the same values. Other devices and dtypes keep the composed
 //! forms.
 
+use super::kernels;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
@@ -277,9 +278,8 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(self.name(), s, l)?;
         let y = map_rows(x, ELEMENTWISE_CHUNK, |y, x| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-            }
+            y.copy_from_slice(x);
+            kernels::gelu_erf(y);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -306,13 +306,8 @@ impl CustomOp2 for GeluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice(self.name(), s1, l1)?;
         let g = slice(self.name(), s2, l2)?;
-        // 1 / sqrt(2 pi)
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         let dx = map_rows2(x, g, ELEMENTWISE_CHUNK, |dx, x, g| {
-            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-                *dx = g * (cdf + x * (-0.5 * x * x).exp() * INV_SQRT_2PI);
-            }
+            kernels::gelu_erf_grad(x, g, dx)
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
