@@ -55,6 +55,8 @@ fn config(dir: &std::path::Path, epochs: usize, resume: bool) -> NerTrainConfig 
         f16: false,
         distill: 1.0,
         case_augment: 0.5,
+        entity_replace: 0.5,
+        ema: 0.9,
     }
 }
 
@@ -90,4 +92,10 @@ fn loss_goes_down_output_loads_and_checkpoint_resumes() {
         vec![l1, l2]
     );
     assert!(resumed.epochs[2].loss < l1);
+    // The moving average was scored every epoch, and carried across the resume.
+    assert!(resumed.epochs.iter().all(|e| e.ema_dev_f1.is_some()));
+    assert!(tmp
+        .path()
+        .join("model/checkpoints/ema.safetensors")
+        .is_file());
 }

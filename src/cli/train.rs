@@ -155,12 +155,39 @@ pub struct TrainNerArgs {
     /// Fraction of chunks shown as if upper- or lower-cased (word shapes only).
     #[arg(long, default_value_t = 0.1)]
     case_augment: f64,
+    /// Probability that each entity mention of a chunk is swapped for another training-set
+    /// mention of the same type (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    entity_replace: f64,
+    /// Decay of a moving average of the weights, scored on dev each epoch and kept when
+    /// better (0 = off; e.g. 0.998).
+    #[arg(long, default_value_t = 0.0)]
+    ema: f64,
+}
+
+/// mimalloc's `purge_delay` option (its position in `mi_option_e`; libmimalloc-sys names
+/// no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Tells mimalloc never to hand freed memory back to the OS (unless `MIMALLOC_PURGE_DELAY`
+/// is set, which then rules). Every training step allocates and frees the same large
+/// activation and gradient tensors; a purge between two uses brings them back as fresh pages
+/// the kernel has to zero. A training run keeps its peak memory instead, which it needs again
+/// at the next step anyway.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: mi_option_set only stores an integer in mimalloc's option table (the global
+    // allocator, see main.rs); the purge logic reads it on each purge.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
 /// Runs a training command.
 pub fn run(c: TrainCommand) -> Result<()> {
     match c {
         TrainCommand::Ner(a) => {
+            keep_freed_memory();
             let cfg = NerTrainConfig {
                 base: a.base,
                 train: a.train,
@@ -183,6 +210,8 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 f16: !a.f32,
                 distill: a.distill,
                 case_augment: a.case_augment,
+                entity_replace: a.entity_replace,
+                ema: a.ema,
             };
             let report = ner::train(&cfg)?;
             println!("{}", serde_json::to_string_pretty(&report)?);

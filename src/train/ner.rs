@@ -77,6 +77,16 @@ pub struct NerTrainConfig {
     /// capitals alone. Labels are unchanged.
     #[serde(default)]
     pub case_augment: f64,
+    /// Probability that each entity mention of a chunk is swapped for another mention of the
+    /// same type drawn from the training set (its pieces, word shapes and tags), so the model
+    /// learns entities from their context rather than by heart. 0 = off.
+    #[serde(default)]
+    pub entity_replace: f64,
+    /// Decay of an exponential moving average of the weights, updated after every step; at
+    /// each epoch's end the average is scored on dev too and kept when it scores better.
+    /// 0 = off.
+    #[serde(default)]
+    pub ema: f64,
 }
 
 /// What a finished run reports.
@@ -111,6 +121,12 @@ pub struct EpochReport {
     /// distilling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill_cosine: Option<f64>,
+    /// Dev entity F1 of the moving average of the weights, when `ema` is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_dev_f1: Option<f64>,
+    /// Whether the weights saved for this epoch (if it was the best) were the average.
+    #[serde(default)]
+    pub kept_ema: bool,
 }
 
 /// Checkpoint bookkeeping, saved beside the checkpoint weights.
@@ -121,6 +137,9 @@ struct CheckpointState {
     best_f1: f64,
     best_epoch: usize,
     history: Vec<EpochReport>,
+    /// The `--ema` decay the run's saved average (`ema.safetensors`) was kept with; 0 = none.
+    #[serde(default)]
+    ema: f64,
 }
 
 /// A document ready for training: pieces, their labels and sentence boundaries.
@@ -243,6 +262,174 @@ fn recase(casing: &[u32], upper: bool) -> Vec<u32> {
         .collect()
 }
 
+/// Every distinct entity mention of the training set, by tag index of its `B-` tag: pieces,
+/// word shapes, and tags (B- then I-), as they occur in text.
+#[derive(Default)]
+struct Mentions {
+    by_type: std::collections::HashMap<u32, Vec<Mention>>,
+}
+
+/// One mention's pieces, word shapes and piece tags.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Mention {
+    ids: Vec<u32>,
+    casing: Vec<u32>,
+    labels: Vec<u32>,
+}
+
+/// The mentions of a document as `(start, end, b_tag)` piece ranges: a `B-X` piece and the
+/// `I-X` pieces after it. `is_begin(l)` says whether tag `l` is a `B-` tag (its `I-` tag is
+/// `l + 1`).
+fn mention_spans(labels: &[u32], is_begin: impl Fn(u32) -> bool) -> Vec<(usize, usize, u32)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < labels.len() {
+        let l = labels[i];
+        if is_begin(l) {
+            let mut j = i + 1;
+            while j < labels.len() && labels[j] == l + 1 {
+                j += 1;
+            }
+            out.push((i, j, l));
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+impl Mentions {
+    fn collect(docs: &[Prepared], is_begin: impl Fn(u32) -> bool + Copy) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        let mut m = Mentions::default();
+        for p in docs {
+            for (a, b, ty) in mention_spans(&p.labels, is_begin) {
+                let mention = Mention {
+                    ids: p.ids[a..b].to_vec(),
+                    casing: p.casing[a..b].to_vec(),
+                    labels: p.labels[a..b].to_vec(),
+                };
+                if seen.insert(mention.clone()) {
+                    m.by_type.entry(ty).or_default().push(mention);
+                }
+            }
+        }
+        m
+    }
+}
+
+/// A training chunk: pieces, word shapes and piece tags.
+struct Chunk {
+    ids: Vec<u32>,
+    casing: Vec<u32>,
+    labels: Vec<u32>,
+}
+
+/// Chunk `s..e` of `p`, each mention swapped with probability `prob` for a random mention of
+/// the same type, and cut to `max` pieces.
+fn replace_entities(
+    p: &Prepared,
+    (s, e): (usize, usize),
+    mentions: &Mentions,
+    prob: f64,
+    max: usize,
+    is_begin: impl Fn(u32) -> bool,
+    rng: &mut impl Rng,
+) -> Chunk {
+    let mut c = Chunk {
+        ids: Vec::with_capacity(e - s),
+        casing: Vec::with_capacity(e - s),
+        labels: Vec::with_capacity(e - s),
+    };
+    let mut at = s;
+    let spans = if prob > 0.0 {
+        mention_spans(&p.labels[s..e], is_begin)
+    } else {
+        Vec::new()
+    };
+    for (a, b, ty) in spans {
+        let pool = match mentions.by_type.get(&ty) {
+            Some(pool) if rng.random::<f64>() < prob => pool,
+            _ => continue,
+        };
+        // Another mention than the one there (it is in the pool too), when the type has one.
+        let here = &p.ids[s + a..s + b];
+        let mut m = &pool[rng.random_range(0..pool.len())];
+        for _ in 0..3 {
+            if m.ids != here {
+                break;
+            }
+            m = &pool[rng.random_range(0..pool.len())];
+        }
+        c.ids.extend_from_slice(&p.ids[at..s + a]);
+        c.casing.extend_from_slice(&p.casing[at..s + a]);
+        c.labels.extend_from_slice(&p.labels[at..s + a]);
+        c.ids.extend_from_slice(&m.ids);
+        c.casing.extend_from_slice(&m.casing);
+        c.labels.extend_from_slice(&m.labels);
+        at = s + b;
+    }
+    c.ids.extend_from_slice(&p.ids[at..e]);
+    c.casing.extend_from_slice(&p.casing[at..e]);
+    c.labels.extend_from_slice(&p.labels[at..e]);
+    c.ids.truncate(max);
+    c.casing.truncate(max);
+    c.labels.truncate(max);
+    c
+}
+
+/// An exponential moving average of the trainable weights.
+struct Ema {
+    decay: f64,
+    updates: usize,
+    avg: Vec<Tensor>,
+}
+
+impl Ema {
+    fn new(decay: f64, vars: &[Var]) -> Result<Self> {
+        Ok(Ema {
+            decay,
+            updates: 0,
+            avg: vars
+                .iter()
+                .map(|v| v.as_tensor().detach().copy())
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// Folds the current weights in. The decay ramps up over the first steps
+    /// (`min(decay, (1 + n) / (10 + n))`), so the start's random head fades fast.
+    fn update(&mut self, vars: &[Var]) -> Result<()> {
+        self.updates += 1;
+        let n = self.updates as f64;
+        let d = self.decay.min((1.0 + n) / (10.0 + n));
+        for (a, v) in self.avg.iter_mut().zip(vars) {
+            // Detached: an op recorded for backprop would keep every earlier average alive.
+            *a = (a.affine(d, 0.0)? + v.as_tensor().detach().affine(1.0 - d, 0.0)?)?.detach();
+        }
+        Ok(())
+    }
+
+    /// Puts the average into `vars`; returns the weights it replaced.
+    fn swap_in(&self, vars: &[Var]) -> Result<Vec<Tensor>> {
+        let mut old = Vec::with_capacity(vars.len());
+        for (a, v) in self.avg.iter().zip(vars) {
+            old.push(v.as_tensor().copy()?);
+            v.set(a)?;
+        }
+        Ok(old)
+    }
+}
+
+/// Puts `weights` back into `vars`.
+fn restore(vars: &[Var], weights: &[Tensor]) -> Result<()> {
+    for (v, w) in vars.iter().zip(weights) {
+        v.set(w)?;
+    }
+    Ok(())
+}
+
 /// Scores a token-classification model on CoNLL documents through the serving pipeline:
 /// document text -> pieces -> windows -> tag probabilities -> BIO decoding -> char spans,
 /// compared with the gold spans strictly.
@@ -318,6 +505,17 @@ fn global_norm(grads: &candle_core::backprop::GradStore, vars: &[Var]) -> Result
 /// Runs a training job; returns its report. Prints a progress bar to stderr.
 pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     let started = Instant::now();
+    if !(0.0..1.0).contains(&cfg.ema) {
+        bail!("--ema must be in [0, 1), got {}", cfg.ema);
+    }
+    for (flag, p) in [
+        ("--entity-replace", cfg.entity_replace),
+        ("--case-augment", cfg.case_augment),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{flag} is a probability, got {p}");
+        }
+    }
     let device = Device::Cpu;
     let base = ModelDir::open(&cfg.base)?;
     let mut train_docs = conll::read(&cfg.train)?;
@@ -428,20 +626,57 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         }
     }
 
-    let (enc_vars, head_vars): (Vec<Var>, Vec<Var>) = {
+    let (enc_vars, head_vars, var_names): (Vec<Var>, Vec<Var>, Vec<String>) = {
         let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         let mut enc = Vec::new();
         let mut head = Vec::new();
         for (name, var) in data.iter() {
             if name.starts_with("classifier") || name.contains("casing_embeddings") {
-                head.push(var.clone());
+                head.push((name.clone(), var.clone()));
             } else {
-                enc.push(var.clone());
+                enc.push((name.clone(), var.clone()));
             }
         }
-        (enc, head)
+        let names = enc.iter().chain(&head).map(|(n, _)| n.clone()).collect();
+        (
+            enc.into_iter().map(|(_, v)| v).collect(),
+            head.into_iter().map(|(_, v)| v).collect(),
+            names,
+        )
     };
     let all_vars: Vec<Var> = enc_vars.iter().chain(head_vars.iter()).cloned().collect();
+    let mut ema = if cfg.ema > 0.0 {
+        let mut ema = Ema::new(cfg.ema, &all_vars)?;
+        let path = ckpt_dir.join("ema.safetensors");
+        if cfg.resume && state.epochs_done > 0 {
+            if state.ema != cfg.ema || !path.is_file() {
+                bail!(
+                    "{}: the checkpoint kept a weight average with decay {} (0 = none), this run \
+                     asks for {}; resume with the same --ema",
+                    ckpt_dir.display(),
+                    state.ema,
+                    cfg.ema
+                );
+            }
+            let mut saved = candle_core::safetensors::load(&path, &device)?;
+            for (a, name) in ema.avg.iter_mut().zip(&var_names) {
+                *a = saved
+                    .remove(name)
+                    .with_context(|| format!("{}: no {name}", path.display()))?
+                    .detach();
+            }
+            ema.updates = state.step;
+        }
+        Some(ema)
+    } else {
+        None
+    };
+    let is_begin = |l: u32| names[l as usize].starts_with("B-");
+    let mentions = if cfg.entity_replace > 0.0 {
+        Mentions::collect(&prepared, is_begin)
+    } else {
+        Mentions::default()
+    };
     let params = |lr| ParamsAdamW {
         lr,
         weight_decay: cfg.weight_decay,
@@ -521,27 +756,37 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             if cfg.max_steps > 0 && step >= cfg.max_steps {
                 break;
             }
-            let recased: Vec<Option<Vec<u32>>> = batch
+            let chunks: Vec<Chunk> = batch
                 .iter()
                 .map(|&(d, s, e)| {
-                    (cfg.case_augment > 0.0 && rng.random::<f64>() < cfg.case_augment)
-                        .then(|| recase(&prepared[d].casing[s..e], rng.random::<bool>()))
+                    let mut c = replace_entities(
+                        &prepared[d],
+                        (s, e),
+                        &mentions,
+                        cfg.entity_replace,
+                        max_pieces,
+                        is_begin,
+                        &mut rng,
+                    );
+                    if cfg.case_augment > 0.0 && rng.random::<f64>() < cfg.case_augment {
+                        c.casing = recase(&c.casing, rng.random::<bool>());
+                    }
+                    c
                 })
                 .collect();
-            let rows: Vec<Row> = batch
+            let rows: Vec<Row> = chunks
                 .iter()
-                .zip(&recased)
-                .map(|(&(d, s, e), r)| Row {
-                    ids: &prepared[d].ids[s..e],
-                    casing: r.as_deref().unwrap_or(&prepared[d].casing[s..e]),
+                .map(|c| Row {
+                    ids: &c.ids,
+                    casing: &c.casing,
                 })
                 .collect();
             let input = encode_rows(&rows, cls, sep, pad, &device)?;
             let seq = input.input_ids.dim(1)?;
             let mut positions = Vec::new();
             let mut targets = Vec::new();
-            for (r, &(d, s, e)) in batch.iter().enumerate() {
-                for (k, &l) in prepared[d].labels[s..e].iter().enumerate() {
+            for (r, c) in chunks.iter().enumerate() {
+                for (k, &l) in c.labels.iter().enumerate() {
                     positions.push((r * seq + 1 + k) as u32);
                     targets.push(l);
                 }
@@ -588,6 +833,9 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             opt_head.set_learning_rate(cfg.head_lr * f);
             opt_enc.step(&grads)?;
             opt_head.step(&grads)?;
+            if let Some(ema) = &mut ema {
+                ema.update(&all_vars)?;
+            }
             step += 1;
             if profile {
                 eprintln!(
@@ -617,12 +865,25 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         }
         bar.finish();
         let tokens_per_s = pieces_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9);
-        let dev_f1 = if dev_docs.is_empty() {
-            None
-        } else {
+        let score_dev = || -> Result<Option<f64>> {
+            if dev_docs.is_empty() {
+                return Ok(None);
+            }
             let scorer = evaluate(&eval_model, &base, &dev_docs, window, &device)?;
             eprint!("{}", scorer.table());
-            Some(scorer.overall().f1())
+            Ok(Some(scorer.overall().f1()))
+        };
+        let dev_f1 = score_dev()?;
+        // The average's turn: swapped into the vars (which the eval model shares), scored, and
+        // kept there only while saving it as the best epoch.
+        let ema_dev_f1 = match &ema {
+            Some(ema) => {
+                let raw = ema.swap_in(&all_vars)?;
+                let f1 = score_dev();
+                restore(&all_vars, &raw)?;
+                f1?
+            }
+            None => None,
         };
         let report = EpochReport {
             epoch: epoch + 1,
@@ -631,29 +892,57 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             tokens_per_s,
             seconds: epoch_started.elapsed().as_secs_f64(),
             distill_cosine: teacher.as_ref().map(|_| cos_sum / loss_n.max(1) as f64),
+            ema_dev_f1,
+            kept_ema: false,
         };
         eprintln!(
-            "epoch {}: loss {:.4}, dev F1 {}, distillation cosine {}, {:.0} tok/s, {:.0}s",
+            "epoch {}: loss {:.4}, dev F1 {} (average {}), distillation cosine {}, {:.0} tok/s, {:.0}s",
             report.epoch,
             report.loss,
             dev_f1.map_or("-".into(), |f| format!("{f:.4}")),
+            ema_dev_f1.map_or("-".into(), |f| format!("{f:.4}")),
             report
                 .distill_cosine
                 .map_or("-".into(), |c| format!("{c:.4}")),
             report.tokens_per_s,
             report.seconds
         );
-        let score = dev_f1.unwrap_or(-report.loss);
+        let mut report = report;
+        let raw_score = dev_f1.unwrap_or(-report.loss);
+        let (score, use_ema) = match ema_dev_f1 {
+            Some(f) if f > raw_score => (f, true),
+            _ => (raw_score, false),
+        };
         if state.best_epoch == 0 || score > state.best_f1 {
             state.best_f1 = score;
             state.best_epoch = epoch + 1;
-            save_model(&varmap, &base, &model_cfg, &cfg.out, cfg.f16)?;
+            report.kept_ema = use_ema;
+            match (&ema, use_ema) {
+                (Some(ema), true) => {
+                    let raw = ema.swap_in(&all_vars)?;
+                    let saved = save_model(&varmap, &base, &model_cfg, &cfg.out, cfg.f16);
+                    restore(&all_vars, &raw)?;
+                    saved?;
+                }
+                _ => save_model(&varmap, &base, &model_cfg, &cfg.out, cfg.f16)?,
+            }
         }
         state.history.push(report);
         state.epochs_done = epoch + 1;
         state.step = step;
+        state.ema = cfg.ema;
         std::fs::create_dir_all(&ckpt_dir)?;
         varmap.save(ckpt_dir.join("model.safetensors"))?;
+        if let Some(ema) = &ema {
+            let avg: std::collections::HashMap<String, Tensor> = var_names
+                .iter()
+                .cloned()
+                .zip(ema.avg.iter().cloned())
+                .collect();
+            candle_core::safetensors::save(&avg, ckpt_dir.join("ema.safetensors"))?;
+        } else {
+            let _ = std::fs::remove_file(ckpt_dir.join("ema.safetensors"));
+        }
         std::fs::write(
             ckpt_dir.join("state.json"),
             serde_json::to_vec_pretty(&state)?,
@@ -687,6 +976,43 @@ mod tests {
         };
         assert_eq!(chunks(&p, 12, || 10), vec![(0, 10), (10, 22), (22, 30)]);
         assert_eq!(chunks(&p, 100, || 100), vec![(0, 30)]);
+    }
+
+    #[test]
+    fn entity_replacement_swaps_whole_mentions_for_ones_of_the_same_type() {
+        // Tags: O=0, B-LOC=1, I-LOC=2, B-PER=3, I-PER=4.
+        let begin = |l: u32| l == 1 || l == 3;
+        let p = Prepared {
+            ids: vec![10, 11, 12, 13, 14, 15, 16],
+            casing: vec![0, 1, 1, 0, 1, 0, 0],
+            labels: vec![0, 1, 2, 0, 3, 0, 1],
+            sentence_starts: vec![0, 7],
+        };
+        assert_eq!(
+            mention_spans(&p.labels, begin),
+            vec![(1, 3, 1), (4, 5, 3), (6, 7, 1)]
+        );
+        let mentions = Mentions::collect(std::slice::from_ref(&p), begin);
+        assert_eq!(mentions.by_type[&1].len(), 2);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        // Probability 0 keeps the chunk as it is.
+        let same = replace_entities(&p, (0, 7), &mentions, 0.0, 100, begin, &mut rng);
+        assert_eq!((same.ids, same.labels), (p.ids.clone(), p.labels.clone()));
+        // Probability 1 swaps every mention for one of its type: text outside mentions and
+        // the tag sequence's shape are kept.
+        for _ in 0..20 {
+            let c = replace_entities(&p, (0, 7), &mentions, 1.0, 100, begin, &mut rng);
+            assert_eq!(c.ids.len(), c.labels.len());
+            assert_eq!(c.ids.len(), c.casing.len());
+            assert_eq!((c.ids[0], c.labels[0]), (10, 0));
+            let spans = mention_spans(&c.labels, begin);
+            assert_eq!(spans.iter().map(|s| s.2).collect::<Vec<_>>(), vec![1, 3, 1]);
+            for (a, b, _) in spans {
+                assert!([vec![11, 12], vec![16], vec![14]].contains(&c.ids[a..b].to_vec()));
+            }
+        }
+        let cut = replace_entities(&p, (0, 7), &mentions, 1.0, 3, begin, &mut rng);
+        assert_eq!(cut.ids.len(), 3);
     }
 
     #[test]
