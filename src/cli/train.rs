@@ -157,11 +157,11 @@ pub struct TrainNerArgs {
     case_augment: f64,
     /// Probability that each entity mention of a chunk is swapped for another training-set
     /// mention of the same type (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.2)]
     entity_replace: f64,
     /// Decay of a moving average of the weights, scored on dev each epoch and kept when
-    /// better (0 = off; e.g. 0.998).
-    #[arg(long, default_value_t = 0.0)]
+    /// better (0 = off).
+    #[arg(long, default_value_t = 0.998)]
     ema: f64,
 }
 

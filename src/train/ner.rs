@@ -399,12 +399,17 @@ impl Ema {
     }
 
     /// Folds the current weights in. The decay ramps up over the first steps
-    /// (`min(decay, (1 + n) / (10 + n))`), so the start's random head fades fast.
-    fn update(&mut self, vars: &[Var]) -> Result<()> {
+    /// (`min(decay, (1 + n) / (10 + n))`), so the start's random head fades fast. Vars without
+    /// a gradient in `grads` (the frozen word-piece table, half the weights) were not updated
+    /// and equal their average already: they are skipped.
+    fn update(&mut self, vars: &[Var], grads: &candle_core::backprop::GradStore) -> Result<()> {
         self.updates += 1;
         let n = self.updates as f64;
         let d = self.decay.min((1.0 + n) / (10.0 + n));
         for (a, v) in self.avg.iter_mut().zip(vars) {
+            if grads.get(v).is_none() {
+                continue;
+            }
             // Detached: an op recorded for backprop would keep every earlier average alive.
             *a = (a.affine(d, 0.0)? + v.as_tensor().detach().affine(1.0 - d, 0.0)?)?.detach();
         }
@@ -834,7 +839,7 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             opt_enc.step(&grads)?;
             opt_head.step(&grads)?;
             if let Some(ema) = &mut ema {
-                ema.update(&all_vars)?;
+                ema.update(&all_vars, &grads)?;
             }
             step += 1;
             if profile {
