@@ -98,4 +98,10 @@ fn loss_goes_down_output_loads_and_checkpoint_resumes() {
         .path()
         .join("model/checkpoints/ema.safetensors")
         .is_file());
+
+    // An average kept with another decay is not silently carried on.
+    let mut other = config(tmp.path(), 4, true);
+    other.ema = 0.5;
+    let err = ner::train(&other).expect_err("a resume with another --ema");
+    assert!(err.to_string().contains("--ema"), "{err:#}");
 }
