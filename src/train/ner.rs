@@ -266,15 +266,38 @@ fn recase(casing: &[u32], upper: bool) -> Vec<u32> {
 /// word shapes, and tags (B- then I-), as they occur in text.
 #[derive(Default)]
 struct Mentions {
-    by_type: std::collections::HashMap<u32, Vec<Mention>>,
+    by_type: std::collections::HashMap<u32, Vec<Pieces>>,
 }
 
-/// One mention's pieces, word shapes and piece tags.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct Mention {
+/// Pieces, their word shapes and their tags: a mention, or a training chunk.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+struct Pieces {
     ids: Vec<u32>,
     casing: Vec<u32>,
     labels: Vec<u32>,
+}
+
+impl Pieces {
+    /// Appends pieces `range` of document `p`.
+    fn extend_from(&mut self, p: &Prepared, range: std::ops::Range<usize>) {
+        self.ids.extend_from_slice(&p.ids[range.clone()]);
+        self.casing.extend_from_slice(&p.casing[range.clone()]);
+        self.labels.extend_from_slice(&p.labels[range]);
+    }
+
+    /// Appends `other`.
+    fn extend(&mut self, other: &Pieces) {
+        self.ids.extend_from_slice(&other.ids);
+        self.casing.extend_from_slice(&other.casing);
+        self.labels.extend_from_slice(&other.labels);
+    }
+
+    /// Keeps the first `n` pieces.
+    fn truncate(&mut self, n: usize) {
+        self.ids.truncate(n);
+        self.casing.truncate(n);
+        self.labels.truncate(n);
+    }
 }
 
 /// The mentions of a document as `(start, end, b_tag)` piece ranges: a `B-X` piece and the
@@ -305,11 +328,8 @@ impl Mentions {
         let mut m = Mentions::default();
         for p in docs {
             for (a, b, ty) in mention_spans(&p.labels, is_begin) {
-                let mention = Mention {
-                    ids: p.ids[a..b].to_vec(),
-                    casing: p.casing[a..b].to_vec(),
-                    labels: p.labels[a..b].to_vec(),
-                };
+                let mut mention = Pieces::default();
+                mention.extend_from(p, a..b);
                 if seen.insert(mention.clone()) {
                     m.by_type.entry(ty).or_default().push(mention);
                 }
@@ -317,13 +337,6 @@ impl Mentions {
         }
         m
     }
-}
-
-/// A training chunk: pieces, word shapes and piece tags.
-struct Chunk {
-    ids: Vec<u32>,
-    casing: Vec<u32>,
-    labels: Vec<u32>,
 }
 
 /// Chunk `s..e` of `p`, each mention swapped with probability `prob` for a random mention of
@@ -336,12 +349,8 @@ fn replace_entities(
     max: usize,
     is_begin: impl Fn(u32) -> bool,
     rng: &mut impl Rng,
-) -> Chunk {
-    let mut c = Chunk {
-        ids: Vec::with_capacity(e - s),
-        casing: Vec::with_capacity(e - s),
-        labels: Vec::with_capacity(e - s),
-    };
+) -> Pieces {
+    let mut c = Pieces::default();
     let mut at = s;
     let spans = if prob > 0.0 {
         mention_spans(&p.labels[s..e], is_begin)
@@ -362,20 +371,12 @@ fn replace_entities(
             }
             m = &pool[rng.random_range(0..pool.len())];
         }
-        c.ids.extend_from_slice(&p.ids[at..s + a]);
-        c.casing.extend_from_slice(&p.casing[at..s + a]);
-        c.labels.extend_from_slice(&p.labels[at..s + a]);
-        c.ids.extend_from_slice(&m.ids);
-        c.casing.extend_from_slice(&m.casing);
-        c.labels.extend_from_slice(&m.labels);
+        c.extend_from(p, at..s + a);
+        c.extend(m);
         at = s + b;
     }
-    c.ids.extend_from_slice(&p.ids[at..e]);
-    c.casing.extend_from_slice(&p.casing[at..e]);
-    c.labels.extend_from_slice(&p.labels[at..e]);
-    c.ids.truncate(max);
-    c.casing.truncate(max);
-    c.labels.truncate(max);
+    c.extend_from(p, at..e);
+    c.truncate(max);
     c
 }
 
@@ -416,23 +417,20 @@ impl Ema {
         Ok(())
     }
 
-    /// Puts the average into `vars`; returns the weights it replaced.
-    fn swap_in(&self, vars: &[Var]) -> Result<Vec<Tensor>> {
-        let mut old = Vec::with_capacity(vars.len());
+    /// Runs `f` with the average in `vars` (and so in every model built on them), then puts
+    /// the weights back, whether `f` succeeded or not.
+    fn with_average<T>(&self, vars: &[Var], f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut raw = Vec::with_capacity(vars.len());
         for (a, v) in self.avg.iter().zip(vars) {
-            old.push(v.as_tensor().copy()?);
+            raw.push(v.as_tensor().copy()?);
             v.set(a)?;
         }
-        Ok(old)
+        let out = f();
+        for (v, w) in vars.iter().zip(&raw) {
+            v.set(w)?;
+        }
+        out
     }
-}
-
-/// Puts `weights` back into `vars`.
-fn restore(vars: &[Var], weights: &[Tensor]) -> Result<()> {
-    for (v, w) in vars.iter().zip(weights) {
-        v.set(w)?;
-    }
-    Ok(())
 }
 
 /// Scores a token-classification model on CoNLL documents through the serving pipeline:
@@ -761,7 +759,7 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             if cfg.max_steps > 0 && step >= cfg.max_steps {
                 break;
             }
-            let chunks: Vec<Chunk> = batch
+            let chunks: Vec<Pieces> = batch
                 .iter()
                 .map(|&(d, s, e)| {
                     let mut c = replace_entities(
@@ -882,15 +880,10 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         // The average's turn: swapped into the vars (which the eval model shares), scored, and
         // kept there only while saving it as the best epoch.
         let ema_dev_f1 = match &ema {
-            Some(ema) => {
-                let raw = ema.swap_in(&all_vars)?;
-                let f1 = score_dev();
-                restore(&all_vars, &raw)?;
-                f1?
-            }
+            Some(ema) => ema.with_average(&all_vars, score_dev)?,
             None => None,
         };
-        let report = EpochReport {
+        let mut report = EpochReport {
             epoch: epoch + 1,
             loss: loss_sum / loss_n.max(1) as f64,
             dev_f1,
@@ -912,7 +905,6 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             report.tokens_per_s,
             report.seconds
         );
-        let mut report = report;
         let raw_score = dev_f1.unwrap_or(-report.loss);
         let (score, use_ema) = match ema_dev_f1 {
             Some(f) if f > raw_score => (f, true),
@@ -922,14 +914,10 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             state.best_f1 = score;
             state.best_epoch = epoch + 1;
             report.kept_ema = use_ema;
+            let save = || save_model(&varmap, &base, &model_cfg, &cfg.out, cfg.f16);
             match (&ema, use_ema) {
-                (Some(ema), true) => {
-                    let raw = ema.swap_in(&all_vars)?;
-                    let saved = save_model(&varmap, &base, &model_cfg, &cfg.out, cfg.f16);
-                    restore(&all_vars, &raw)?;
-                    saved?;
-                }
-                _ => save_model(&varmap, &base, &model_cfg, &cfg.out, cfg.f16)?,
+                (Some(ema), true) => ema.with_average(&all_vars, save)?,
+                _ => save()?,
             }
         }
         state.history.push(report);
