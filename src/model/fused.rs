@@ -322,12 +322,14 @@ impl FusedLayer {
             .collect();
         let packed_attention = super::sgemm::available();
         tasks.par_iter().for_each_init(
-            || (Vec::new(), PackedWeights::empty()),
-            |(scores, packed): &mut (Vec<f32>, PackedWeights), &(start, len, hd)| {
+            || (Vec::new(), Vec::new(), PackedWeights::empty()),
+            |(scores, inv_sums, packed): &mut (Vec<f32>, Vec<f32>, PackedWeights),
+             &(start, len, hd)| {
                 if len == 0 {
                     return;
                 }
                 scores.resize(len * len, 0.0);
+                inv_sums.resize(len, 0.0);
                 let q = qkv[start * three_h + hd * d..].as_ptr();
                 let k = qkv[start * three_h + h + hd * d..].as_ptr();
                 let v = qkv[start * three_h + 2 * h + hd * d..].as_ptr();
@@ -341,26 +343,28 @@ impl FusedLayer {
                         // len x len x d multiply-adds per product).
                         packed.repack(k, d, len, 1, three_h);
                         packed.matmul_into(q, three_h, len, scores.as_mut_ptr(), len);
-                        kernels::softmax_rows(scores, len);
+                        kernels::exp_rows(scores, len, inv_sums);
                         packed.repack(v, len, d, three_h, 1);
                         packed.matmul_into(scores.as_ptr(), len, len, dst, h);
-                        return;
+                    } else {
+                        // scores = Q K^T (Q is pre-scaled by 1/sqrt(d)); K^T is K read with
+                        // rows and columns swapped.
+                        let k_t = View {
+                            ptr: k,
+                            row_stride: 1,
+                            col_stride: three_h as isize,
+                        };
+                        let seq = (len, len, d);
+                        let one = Parallelism::None;
+                        let q = View::rows(q, three_h);
+                        matmul(seq, scores.as_mut_ptr(), len, false, q, k_t, one);
+                        kernels::exp_rows(scores, len, inv_sums);
+                        let p = View::rows(scores.as_ptr(), len);
+                        let v = View::rows(v, three_h);
+                        matmul((len, d, len), dst, h, false, p, v, one);
                     }
-                    // scores = Q K^T (Q is pre-scaled by 1/sqrt(d)); K^T is K read with
-                    // rows and columns swapped.
-                    let k_t = View {
-                        ptr: k,
-                        row_stride: 1,
-                        col_stride: three_h as isize,
-                    };
-                    let seq = (len, len, d);
-                    let one = Parallelism::None;
-                    let q = View::rows(q, three_h);
-                    matmul(seq, scores.as_mut_ptr(), len, false, q, k_t, one);
-                    kernels::softmax_rows(scores, len);
-                    let p = View::rows(scores.as_ptr(), len);
-                    let v = View::rows(v, three_h);
-                    matmul((len, d, len), dst, h, false, p, v, one);
+                    // The softmax's division, on the d-wide output rows.
+                    kernels::scale_rows(dst, h, len, d, inv_sums);
                 }
             },
         );

@@ -17,19 +17,37 @@ use multiversion::multiversion;
 /// reduction spells out its lanes to be vectorised.
 const LANES: usize = 16;
 
+/// `a * b + c`, fused into one rounding where `FMA` says the CPU does that in one instruction
+/// (a multi-versioned kernel passes `target_cfg_f!(target_feature = "fma")`); otherwise
+/// `mul_add` would be a slow library call, and the two operations stay separate.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `e^x` for `x` in `[-87, 88]` (clamped outside), Cephes' `expf`.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// [`exp`], its polynomial in fused multiply-adds where `FMA` (see [`madd`]).
+#[inline(always)]
+fn exp_with<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let n = madd::<FMA>(x, std::f32::consts::LOG2_E, 0.5).floor();
+    let r = madd::<FMA>(n, 2.121_944_4e-4, madd::<FMA>(n, -0.693_359_4, x));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 0.5);
+    let y = madd::<FMA>(p * r, r, r + 1.0);
     // `max`/`min` (unlike `clamp`) also turn a NaN `x` into a bound; `y` is then NaN, and
     // so is the result.
     #[allow(clippy::manual_clamp)]
@@ -44,21 +62,27 @@ fn exp(x: f32) -> f32 {
 /// `[-4, 4]`, exactly `±1` (in f32) beyond.
 #[inline(always)]
 fn erf(x: f32) -> f32 {
+    erf_with::<false>(x)
+}
+
+/// [`erf`], its polynomials in fused multiply-adds where `FMA` (see [`madd`]).
+#[inline(always)]
+fn erf_with<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10_f32;
-    p = p * x2 + 2.770_681_4e-8;
-    p = p * x2 + -2.101_024e-6;
-    p = p * x2 + -5.692_506_4e-5;
-    p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_600_1e-3;
-    p = p * x2 + -1.609_603_3e-2;
+    p = madd::<FMA>(p, x2, 2.770_681_4e-8);
+    p = madd::<FMA>(p, x2, -2.101_024e-6);
+    p = madd::<FMA>(p, x2, -5.692_506_4e-5);
+    p = madd::<FMA>(p, x2, -7.349_906_3e-4);
+    p = madd::<FMA>(p, x2, -2.954_600_1e-3);
+    p = madd::<FMA>(p, x2, -1.609_603_3e-2);
     let p = p * x;
     let mut q = -1.456_607_2e-5_f32;
-    q = q * x2 + -2.133_740_6e-4;
-    q = q * x2 + -1.682_827e-3;
-    q = q * x2 + -7.373_329e-3;
-    q = q * x2 + -1.426_474e-2;
+    q = madd::<FMA>(q, x2, -2.133_740_6e-4);
+    q = madd::<FMA>(q, x2, -1.682_827e-3);
+    q = madd::<FMA>(q, x2, -7.373_329e-3);
+    q = madd::<FMA>(q, x2, -1.426_474e-2);
     p / q
 }
 
@@ -94,8 +118,17 @@ fn max(x: &[f32]) -> f32 {
 /// GELU with the exact (erf) form, in place: `x/2 * (1 + erf(x/sqrt 2))`, as BERT's `gelu`.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn gelu_erf(x: &mut [f32]) {
+    if multiversion::target::target_cfg_f!(target_feature = "fma") {
+        gelu_erf_with::<true>(x);
+    } else {
+        gelu_erf_with::<false>(x);
+    }
+}
+
+#[inline(always)]
+fn gelu_erf_with<const FMA: bool>(x: &mut [f32]) {
     for v in x.iter_mut() {
-        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+        *v = 0.5 * *v * (1.0 + erf_with::<FMA>(*v * std::f32::consts::FRAC_1_SQRT_2));
     }
 }
 
@@ -131,20 +164,52 @@ pub fn relu(x: &mut [f32]) {
     }
 }
 
-/// Softmax of each row of a row-major `[_, cols]` matrix, in place.
+/// Softmax of each row of a row-major `[_, cols]` matrix, short of its last step: each
+/// value becomes `e^(x - row max)` in place, and `inv_sums[r]` is 1 / row `r`'s sum of those.
+/// Attention applies that factor to its output rows (head-dimension wide) rather than to
+/// the probabilities (sequence wide), which saves a pass over the scores.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-pub fn softmax_rows(x: &mut [f32], cols: usize) {
+pub fn exp_rows(x: &mut [f32], cols: usize, inv_sums: &mut [f32]) {
+    if multiversion::target::target_cfg_f!(target_feature = "fma") {
+        exp_rows_with::<true>(x, cols, inv_sums);
+    } else {
+        exp_rows_with::<false>(x, cols, inv_sums);
+    }
+}
+
+#[inline(always)]
+fn exp_rows_with<const FMA: bool>(x: &mut [f32], cols: usize, inv_sums: &mut [f32]) {
     if cols == 0 {
         return;
     }
-    for row in x.chunks_exact_mut(cols) {
+    for (row, inv) in x.chunks_exact_mut(cols).zip(inv_sums) {
         let m = max(row);
-        for v in row.iter_mut() {
-            *v = exp(*v - m);
+        let mut acc = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                *v = exp_with::<FMA>(*v - m);
+                *a += *v;
+            }
         }
-        let inv = 1.0 / sum(row);
-        for v in row.iter_mut() {
-            *v *= inv;
+        let mut rest = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp_with::<FMA>(*v - m);
+            rest += *v;
+        }
+        *inv = 1.0 / (acc.iter().sum::<f32>() + rest);
+    }
+}
+
+/// Multiplies each of `rows` rows of `cols` values, `stride` apart, by its factor.
+///
+/// # Safety
+/// `x` must address `rows` rows of `cols` writable floats, `stride` floats apart, that
+/// nothing else uses meanwhile; `factors` holds at least `rows` values.
+pub unsafe fn scale_rows(x: *mut f32, stride: usize, rows: usize, cols: usize, factors: &[f32]) {
+    for (r, f) in factors.iter().enumerate().take(rows) {
+        for v in std::slice::from_raw_parts_mut(x.add(r * stride), cols) {
+            *v *= f;
         }
     }
 }
@@ -195,7 +260,13 @@ mod tests {
             let want = (x as f64).exp();
             let rel = ((exp(x) as f64 - want) / want).abs();
             assert!(rel < 3e-7, "exp({x}): relative error {rel}");
+            let rel = ((exp_with::<true>(x) as f64 - want) / want).abs();
+            assert!(
+                rel < 3e-7,
+                "exp({x}) with fused multiply-adds: relative error {rel}"
+            );
         }
+        assert!(exp_with::<true>(f32::NAN).is_nan() && exp_with::<true>(0.0) == 1.0);
         assert_eq!(exp(-1e9), exp(-87.0));
         assert!(exp(0.0) == 1.0);
     }
@@ -206,6 +277,8 @@ mod tests {
             let want = libm_erf(x as f64);
             let err = (erf(x) as f64 - want).abs();
             assert!(err < 1e-6, "erf({x}): error {err}");
+            let err = (erf_with::<true>(x) as f64 - want).abs();
+            assert!(err < 1e-6, "erf({x}) with fused multiply-adds: error {err}");
         }
         let mut xs = grid(-12.0, 12.0, 10_001);
         let want: Vec<f64> = xs
@@ -268,7 +341,10 @@ mod tests {
             .map(|i| ((i * 7919) % 101) as f32 / 9.0 - 5.0)
             .collect();
         let orig = x.clone();
-        softmax_rows(&mut x, cols);
+        let mut inv = vec![0f32; 3];
+        exp_rows(&mut x, cols, &mut inv);
+        // SAFETY: x holds 3 rows of cols floats.
+        unsafe { scale_rows(x.as_mut_ptr(), cols, 3, cols, &inv) };
         for (row, o) in x.chunks(cols).zip(orig.chunks(cols)) {
             let m = o
                 .iter()

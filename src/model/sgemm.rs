@@ -8,8 +8,13 @@
 //! activations, BLIS-style:
 //! - a 6 x 16 tile of the output lives in twelve `ymm` accumulators while `k` runs; each step
 //!   loads one line of the panel and broadcasts six activations (12 FMAs per 8 loads);
-//! - `k` is cut in blocks of [`KC`] so that a panel's block stays in L1 while every row block
-//!   of the activations passes over it, and rows in blocks of [`MC`] so that those stay in L2;
+//! - `k` is cut in blocks of [`KC`], and the panels in blocks of at most [`B_BLOCK_BYTES`] so
+//!   that they stay in L2 while every 6-row tile of the activations walks them, left to
+//!   right: the tile's rows stay in L1, and each output row is read and written in order
+//!   (the rows are prefetched when the tile starts). On the encoder's 2048-row products
+//!   (`cargo bench --bench kernels`) that was 10-15% faster than the BLIS order, where a
+//!   block of rows sits in L2 and each panel passes down it, missing the cache on every
+//!   output line, for the 384-deep ones, and within the noise (±5%) for the others;
 //! - threads take disjoint groups of panels (output columns), so they never write the same
 //!   output element.
 //!
@@ -23,17 +28,17 @@ use rayon::prelude::*;
 pub const NR: usize = 16;
 /// Rows per output tile.
 const MR: usize = 6;
-/// Depth of a block of `k`: a panel's block (`KC` lines of 64 bytes) is 24 KiB, in L1.
+/// Depth of a block of `k`: a panel's block is `KC` lines of 64 bytes, 24 KiB.
 const KC: usize = 384;
-/// Rows per block of the activations (`MC x KC` floats, 144 KiB, stay in L2); the output
-/// rows of a block are finished (every `k` block) before the next block starts, so the
-/// output is written back once per `k` block while it is still in cache.
-const MC: usize = 96;
+/// At most this many bytes of packed panels (of one `k` block) are walked by one pass of the
+/// row tiles, so that they stay in L2 (a Zen 3 core has 512 KiB) while a tile's rows stay in
+/// L1; MiniLM's widest product on two threads, 24 panels of 384 deep, is 576 KiB: two blocks.
+pub(super) const B_BLOCK_BYTES: usize = 320 << 10;
 
 /// One row of a packed panel: sixteen weights on one cache line.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, align(64))]
-struct Line([f32; NR]);
+pub(super) struct Line([f32; NR]);
 
 /// A `[k, n]` row-major matrix (`W^T`) packed in panels of [`NR`] columns (the last one
 /// padded with zeros), each panel `k` lines deep.
@@ -87,11 +92,24 @@ impl PackedWeights {
         let panels = n.div_ceil(NR);
         self.lines.clear();
         self.lines.resize(panels * k, Line::default());
+        #[cfg(target_arch = "x86_64")]
+        if rs == 1 && std::arch::is_x86_feature_detected!("avx") {
+            // A transpose (attention's keys): eight by eight in registers.
+            avx2::pack_transposed(&mut self.lines, base, k, n, cs);
+            self.k = k;
+            self.n = n;
+            return;
+        }
         for p in 0..panels {
             let cols = (n - p * NR).min(NR);
             for kk in 0..k {
                 let line = &mut self.lines[p * k + kk].0;
                 let row = base.add(kk * rs + p * NR * cs);
+                if cs == 1 {
+                    // Rows of contiguous columns (attention's values): a copy per line.
+                    line[..cols].copy_from_slice(std::slice::from_raw_parts(row, cols));
+                    continue;
+                }
                 for (j, v) in line.iter_mut().take(cols).enumerate() {
                     *v = *row.add(j * cs);
                 }
@@ -156,22 +174,29 @@ impl PackedWeights {
     ) {
         debug_assert!(available() || cfg!(test));
         let (k, n) = (self.k, self.n);
-        for m0 in (0..m).step_by(MC) {
-            let mc = MC.min(m - m0);
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
-                for p in panels.clone() {
-                    let cols = (n - p * NR).min(NR);
-                    let b = self.lines.as_ptr().add(p * k + k0) as *const f32;
-                    let mut r = 0;
-                    while r < mc {
-                        let rows = MR.min(mc - r);
-                        let a_tile = a.add((m0 + r) * lda + k0);
-                        let c_tile = c.ptr().add((m0 + r) * ldc + p * NR);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let count = panels.len();
+            let blocks = (count * kc * size_of::<Line>())
+                .div_ceil(B_BLOCK_BYTES)
+                .max(1);
+            let per_block = count.div_ceil(blocks).max(1);
+            let mut p0 = panels.start;
+            while p0 < panels.end {
+                let block = p0..(p0 + per_block).min(panels.end);
+                let mut r = 0;
+                while r < m {
+                    let rows = MR.min(m - r);
+                    let a_tile = a.add(r * lda + k0);
+                    for p in block.clone() {
+                        let cols = (n - p * NR).min(NR);
+                        let b = self.lines.as_ptr().add(p * k + k0) as *const f32;
+                        let c_tile = c.ptr().add(r * ldc + p * NR);
                         avx2::tile(rows, kc, a_tile, lda, b, c_tile, ldc, cols);
-                        r += rows;
                     }
+                    r += rows;
                 }
+                p0 = block.end;
             }
         }
     }
@@ -273,6 +298,10 @@ pub(super) mod avx2 {
         ldc: usize,
         cols: usize,
     ) {
+        // The tile's output rows are read at the end; start fetching them now.
+        for i in 0..M {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+        }
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
         for kk in 0..kc {
             let b0 = _mm256_load_ps(b.add(kk * NR));
@@ -285,6 +314,76 @@ pub(super) mod avx2 {
         }
         for (i, acc) in acc.iter().enumerate() {
             add_to_row(c.add(i * ldc), acc[0], acc[1], cols);
+        }
+    }
+
+    /// Packs the `[k, n]` matrix whose element `(kk, j)` is at `base + j * cs + kk` (the
+    /// transpose of `n` rows of `k` contiguous floats) into `lines` (`n.div_ceil(16) * k`
+    /// lines, zeroed): eight rows by eight columns at a time through registers, the rest one
+    /// by one.
+    ///
+    /// # Safety
+    /// AVX; every such element must be readable.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn pack_transposed(
+        lines: &mut [super::Line],
+        base: *const f32,
+        k: usize,
+        n: usize,
+        cs: usize,
+    ) {
+        let k8 = k - k % 8;
+        for p in 0..n.div_ceil(NR) {
+            let panel = &mut lines[p * k..(p + 1) * k];
+            for half in [0, 8] {
+                let j0 = p * NR + half;
+                let rows = n.saturating_sub(j0).min(8);
+                if rows == 0 {
+                    break;
+                }
+                let src = |r: usize, kk: usize| base.add((j0 + r) * cs + kk);
+                let mut kk = 0;
+                if rows == 8 {
+                    while kk < k8 {
+                        let r: [__m256; 8] = std::array::from_fn(|r| _mm256_loadu_ps(src(r, kk)));
+                        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                        let cols = [
+                            _mm256_permute2f128_ps::<0x20>(u0, u4),
+                            _mm256_permute2f128_ps::<0x20>(u1, u5),
+                            _mm256_permute2f128_ps::<0x20>(u2, u6),
+                            _mm256_permute2f128_ps::<0x20>(u3, u7),
+                            _mm256_permute2f128_ps::<0x31>(u0, u4),
+                            _mm256_permute2f128_ps::<0x31>(u1, u5),
+                            _mm256_permute2f128_ps::<0x31>(u2, u6),
+                            _mm256_permute2f128_ps::<0x31>(u3, u7),
+                        ];
+                        for (t, col) in cols.into_iter().enumerate() {
+                            _mm256_storeu_ps(panel[kk + t].0.as_mut_ptr().add(half), col);
+                        }
+                        kk += 8;
+                    }
+                }
+                for (kk, line) in panel.iter_mut().enumerate().skip(kk) {
+                    for r in 0..rows {
+                        line.0[half + r] = *src(r, kk);
+                    }
+                }
+            }
         }
     }
 
@@ -384,6 +483,31 @@ pub(super) mod tests {
                 }
                 let want: f32 = (0..k).map(|t| a[i * 7 + t] * bt[j * 6 + t]).sum();
                 assert!((got - want).abs() < 1e-5, "({i},{j}): {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_packing_matches_the_strided_reads() {
+        if !has_avx2_fma() {
+            return;
+        }
+        // Rows of a transpose that fill whole 8 x 8 blocks, and ones that leave remainders
+        // in both directions; the buffer is reused from a larger matrix, as attention does.
+        let mut packed = PackedWeights::empty();
+        for &(k, n) in &[(64, 256), (20, 37), (8, 8), (3, 5), (64, 17)] {
+            let cs = k + 3;
+            let src = values(n * cs, 5);
+            unsafe { packed.repack(src.as_ptr(), k, n, 1, cs) };
+            assert_eq!((packed.k, packed.n), (k, n));
+            for p in 0..n.div_ceil(NR) {
+                for kk in 0..k {
+                    for j in 0..NR {
+                        let col = p * NR + j;
+                        let want = if col < n { src[col * cs + kk] } else { 0.0 };
+                        assert_eq!(packed.lines[p * k + kk].0[j], want, "{k}x{n} ({kk},{col})");
+                    }
+                }
             }
         }
     }
