@@ -24,7 +24,7 @@
 //! better with `vpdpbusd`; that kernel is not written, since no such machine was at hand to
 //! measure it.
 
-use super::sgemm::{over_column_groups, SharedMut, B_BLOCK_BYTES};
+use super::sgemm::{over_column_groups, panel_blocks, SharedMut};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -183,12 +183,7 @@ impl QuantizedWeights {
         // Panels in blocks that stay in L2 while every row tile passes over them; a tile's
         // quantized rows stay in L1 while it walks the block's panels, and its output rows
         // are written left to right.
-        let count = panels.len();
-        let blocks = (count * groups * LINE).div_ceil(B_BLOCK_BYTES).max(1);
-        let per_block = count.div_ceil(blocks).max(1);
-        let mut p0 = panels.start;
-        while p0 < panels.end {
-            let block = p0..(p0 + per_block).min(panels.end);
+        for block in panel_blocks(panels, groups * LINE) {
             let mut r = 0;
             while r < m {
                 let tile_rows = MR.min(m - r);
@@ -204,7 +199,6 @@ impl QuantizedWeights {
                 }
                 r += tile_rows;
             }
-            p0 = block.end;
         }
     }
 }

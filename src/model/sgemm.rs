@@ -33,7 +33,7 @@ const KC: usize = 384;
 /// At most this many bytes of packed panels (of one `k` block) are walked by one pass of the
 /// row tiles, so that they stay in L2 (a Zen 3 core has 512 KiB) while a tile's rows stay in
 /// L1; MiniLM's widest product on two threads, 24 panels of 384 deep, is 576 KiB: two blocks.
-pub(super) const B_BLOCK_BYTES: usize = 320 << 10;
+const B_BLOCK_BYTES: usize = 320 << 10;
 
 /// One row of a packed panel: sixteen weights on one cache line.
 #[derive(Debug, Clone, Copy, Default)]
@@ -176,14 +176,7 @@ impl PackedWeights {
         let (k, n) = (self.k, self.n);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            let count = panels.len();
-            let blocks = (count * kc * size_of::<Line>())
-                .div_ceil(B_BLOCK_BYTES)
-                .max(1);
-            let per_block = count.div_ceil(blocks).max(1);
-            let mut p0 = panels.start;
-            while p0 < panels.end {
-                let block = p0..(p0 + per_block).min(panels.end);
+            for block in panel_blocks(panels.clone(), kc * size_of::<Line>()) {
                 let mut r = 0;
                 while r < m {
                     let rows = MR.min(m - r);
@@ -196,10 +189,24 @@ impl PackedWeights {
                     }
                     r += rows;
                 }
-                p0 = block.end;
             }
         }
     }
+}
+
+/// `panels` cut into consecutive blocks of at most [`B_BLOCK_BYTES`] (each panel
+/// `panel_bytes`), as even as whole panels allow (a panel alone larger than that is a block of its own).
+pub(super) fn panel_blocks(
+    panels: std::ops::Range<usize>,
+    panel_bytes: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let count = panels.len();
+    let blocks = (count * panel_bytes).div_ceil(B_BLOCK_BYTES).max(1);
+    let per_block = count.div_ceil(blocks).max(1);
+    panels
+        .clone()
+        .step_by(per_block)
+        .map(move |p0| p0..(p0 + per_block).min(panels.end))
 }
 
 /// Runs `run` over `panels` output panels cut into at most `threads` contiguous groups, one
@@ -485,6 +492,20 @@ pub(super) mod tests {
                 assert!((got - want).abs() < 1e-5, "({i},{j}): {got} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn panel_blocks_are_even_and_cover_the_range() {
+        let blocks = |r: std::ops::Range<usize>, bytes| panel_blocks(r, bytes).collect::<Vec<_>>();
+        // MiniLM's first feed-forward product on two threads: 24 panels of 384 x 64 bytes.
+        assert_eq!(blocks(24..48, 384 * 64), [24..36, 36..48]);
+        assert_eq!(
+            blocks(0..12, 96 * 64),
+            Vec::from_iter(std::iter::once(0..12))
+        );
+        assert_eq!(blocks(3..5, B_BLOCK_BYTES + 1), [3..4, 4..5]);
+        assert_eq!(blocks(0..7, B_BLOCK_BYTES / 3), [0..3, 3..6, 6..7]);
+        assert!(blocks(4..4, 64).is_empty());
     }
 
     #[test]
