@@ -47,7 +47,7 @@ fn exp_with<const FMA: bool>(x: f32) -> f32 {
     p = madd::<FMA>(p, r, 4.166_579_6e-2);
     p = madd::<FMA>(p, r, 1.666_666_5e-1);
     p = madd::<FMA>(p, r, 0.5);
-    let y = madd::<FMA>(p * r, r, r + 1.0);
+    let y = madd::<FMA>(p * r, r, r) + 1.0;
     // `max`/`min` (unlike `clamp`) also turn a NaN `x` into a bound; `y` is then NaN, and
     // so is the result.
     #[allow(clippy::manual_clamp)]
@@ -167,7 +167,8 @@ pub fn relu(x: &mut [f32]) {
 /// Softmax of each row of a row-major `[_, cols]` matrix, short of its last step: each
 /// value becomes `e^(x - row max)` in place, and `inv_sums[r]` is 1 / row `r`'s sum of those.
 /// Attention applies that factor to its output rows (head-dimension wide) rather than to
-/// the probabilities (sequence wide), which saves a pass over the scores.
+/// the probabilities (sequence wide), which saves a pass over the scores. `inv_sums` must
+/// hold a value per row.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn exp_rows(x: &mut [f32], cols: usize, inv_sums: &mut [f32]) {
     if multiversion::target::target_cfg_f!(target_feature = "fma") {
@@ -182,6 +183,7 @@ fn exp_rows_with<const FMA: bool>(x: &mut [f32], cols: usize, inv_sums: &mut [f3
     if cols == 0 {
         return;
     }
+    assert!(inv_sums.len() >= x.len() / cols, "a 1/sum per row");
     for (row, inv) in x.chunks_exact_mut(cols).zip(inv_sums) {
         let m = max(row);
         let mut acc = [0f32; LANES];

@@ -38,7 +38,7 @@ const B_BLOCK_BYTES: usize = 320 << 10;
 /// One row of a packed panel: sixteen weights on one cache line.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, align(64))]
-pub(super) struct Line([f32; NR]);
+struct Line([f32; NR]);
 
 /// A `[k, n]` row-major matrix (`W^T`) packed in panels of [`NR`] columns (the last one
 /// padded with zeros), each panel `k` lines deep.
@@ -176,7 +176,7 @@ impl PackedWeights {
         let (k, n) = (self.k, self.n);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            for block in panel_blocks(panels.clone(), kc * size_of::<Line>()) {
+            for block in panel_blocks(panels.clone(), kc * std::mem::size_of::<Line>()) {
                 let mut r = 0;
                 while r < m {
                     let rows = MR.min(m - r);
@@ -194,8 +194,9 @@ impl PackedWeights {
     }
 }
 
-/// `panels` cut into consecutive blocks of at most [`B_BLOCK_BYTES`] (each panel
-/// `panel_bytes`), as even as whole panels allow (a panel alone larger than that is a block of its own).
+/// `panels` (each `panel_bytes`) cut into the fewest consecutive blocks of the same panel
+/// count (the last one may be shorter) that keep each block within [`B_BLOCK_BYTES`] plus
+/// less than one panel.
 pub(super) fn panel_blocks(
     panels: std::ops::Range<usize>,
     panel_bytes: usize,
