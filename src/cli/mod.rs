@@ -105,7 +105,7 @@ pub struct ModelArgs {
     pub topic_scale: f32,
     /// Arithmetic of the encoders' matrix products: `int8` (weights quantized per column at
     /// load, activations per row at each product; x86-64 with AVX2, f32 elsewhere) or `f32`.
-    /// int8 is the default because it keeps accuracy (CoNLL dev F1 -0.05 points, AG dev
+    /// int8 is the default because it keeps accuracy (CoNLL dev F1 -0.04 points, AG dev
     /// zero-shot -0.03; models/*/REPORT.md) and is about 1.5x faster.
     #[arg(long, env = "TIDINGS_PRECISION", default_value = "int8")]
     pub precision: tidings::model::Precision,
