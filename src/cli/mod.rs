@@ -109,6 +109,10 @@ pub struct ModelArgs {
     /// zero-shot -0.03; models/*/REPORT.md) and is about 1.5x faster.
     #[arg(long, env = "TIDINGS_PRECISION", default_value = "int8")]
     pub precision: tidings::model::Precision,
+    /// Where the models run: `cpu` (the fused kernels, `--precision` applies) or `cuda` /
+    /// `cuda:N` (candle's CUDA ops in f32; a binary built with `--features cuda`).
+    #[arg(long, env = "TIDINGS_DEVICE", default_value = "cpu")]
+    pub device: tidings::model::DeviceSpec,
     /// Pieces per model window (special tokens excluded).
     #[arg(long, env = "TIDINGS_WINDOW", default_value_t = 254)]
     pub window: usize,
@@ -187,7 +191,11 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Models> {
         let started = std::time::Instant::now();
         let topic_dir = self.topic_dir();
-        let mut models = Models::load(
+        let device = self
+            .device
+            .open()
+            .with_context(|| format!("--device {}", self.device))?;
+        let mut models = Models::load_on(
             some_path(&self.ner_model),
             topic_dir.as_deref(),
             some_path(&self.taxonomy),
@@ -196,6 +204,7 @@ impl ModelArgs {
                 overlap: self.window_overlap,
             },
             self.precision,
+            device,
         )?;
         // Loading freed about as much memory as the models keep (f32 tensors, the copies
         // packed or quantized from them); mimalloc would hold it until this thread allocates
@@ -213,7 +222,8 @@ impl ModelArgs {
         {
             tracing::warn!(
                 asked = %self.precision,
-                "--precision {} is not available on this CPU or model path; running f32",
+                device = %self.device,
+                "--precision {} is not available on this device, CPU or model path; running f32",
                 self.precision
             );
         }

@@ -7,11 +7,13 @@
 //!   linear layers).
 //! - [`qgemm`] — the int8 path: weights quantized at load, activations per call.
 //! - [`train_ops`] — layer norm, softmax and GELU with fused backward passes, for training.
+//! - [`device`] — where the models run (`--device cpu|cuda[:N]`).
 //! - [`files`] — a model directory on disk (config, tokenizer, weights) and its loading errors.
 //! - [`heads`] — what sits on the encoder: token classification (NER) and mean-pooled
 //!   sentence embeddings (topics).
 
 pub mod config;
+pub mod device;
 pub mod encoder;
 pub mod files;
 mod fused;
@@ -22,6 +24,7 @@ pub mod sgemm;
 pub mod train_ops;
 
 pub use config::ModelConfig;
+pub use device::{DeviceError, DeviceSpec};
 pub use encoder::{Encoder, EncoderInput, Mode, Precision};
 pub use files::{ModelDir, ModelError};
 pub use heads::{SentenceEmbedder, TokenClassifier};

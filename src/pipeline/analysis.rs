@@ -359,7 +359,19 @@ impl Models {
         window: WindowSpec,
         precision: Precision,
     ) -> anyhow::Result<Self> {
-        let device = Device::Cpu;
+        Self::load_on(ner_dir, topic_dir, taxonomy, window, precision, Device::Cpu)
+    }
+
+    /// [`Models::load`] onto `device`. On a GPU every layer runs as candle ops in f32
+    /// (`precision` applies to the fused CPU path only).
+    pub fn load_on(
+        ner_dir: Option<&Path>,
+        topic_dir: Option<&Path>,
+        taxonomy: Option<&Path>,
+        window: WindowSpec,
+        precision: Precision,
+        device: Device,
+    ) -> anyhow::Result<Self> {
         let ner = match ner_dir {
             Some(p) => {
                 let dir = ModelDir::open(p)?;
