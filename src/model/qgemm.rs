@@ -20,9 +20,12 @@
 //! misses the cache on each output line).
 //!
 //! It runs on any x86-64 CPU with AVX2, AVX-512 ones included, and needs no FMA
-//! ([`QuantizedWeights::quantize`] returns `None` elsewhere, and the caller keeps f32). CPUs with AVX-512 VNNI would do
-//! better with `vpdpbusd`; that kernel is not written, since no such machine was at hand to
-//! measure it.
+//! ([`QuantizedWeights::quantize`] returns `None` elsewhere, and the caller keeps f32). Where
+//! the CPU has VNNI (AVX512-VNNI with AVX512VL: Intel since Cascade Lake, AMD since Zen 4; or
+//! AVX-VNNI: Intel since Alder Lake), the tile makes the same sums with `vpdpbusd`, one
+//! instruction in place of `vpmaddubsw`, `vpmaddwd` and `vpaddd` (on the same 256-bit lanes
+//! and panel layout, so the integer sums, and the results, are identical bit for bit).
+//! `TIDINGS_QGEMM=avx2` in the environment keeps the AVX2 tile on such CPUs.
 
 use super::sgemm::{over_column_groups, panel_blocks, SharedMut};
 use multiversion::multiversion;
@@ -155,23 +158,40 @@ impl QuantizedWeights {
         if m == 0 || n == 0 || k == 0 {
             return;
         }
+        let kernel = kernel().expect("QuantizedWeights exist only where a kernel runs");
+        self.matmul_acc_on(kernel, a, m, c, threads, rows);
+    }
+
+    /// [`QuantizedWeights::matmul_acc`] on `kernel`, which this CPU must run.
+    fn matmul_acc_on(
+        &self,
+        kernel: Kernel,
+        a: &[f32],
+        m: usize,
+        c: &mut [f32],
+        threads: usize,
+        rows: &mut QuantizedRows,
+    ) {
+        assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
+        let (k, n) = (self.k, self.n);
         let kp = k.div_ceil(4) * 4;
         rows.quantize(&a[..m * k], m, k, kp, threads);
         let out = SharedMut(c.as_mut_ptr());
         let rows = &*rows;
         over_column_groups(n.div_ceil(NR), threads, |panels| {
-            // SAFETY: AVX2 held when these weights were quantized; `panels` are this task's
-            // own output columns; `rows` holds m x kp bytes and m scales, `c` m x n floats
-            // (asserted above).
-            unsafe { self.run_panels(rows, m, out, panels) };
+            // SAFETY: the CPU runs `kernel` (asserted above); `panels` are this task's own
+            // output columns; `rows` holds m x kp bytes and m scales, `c` m x n floats
+            // (asserted by the caller).
+            unsafe { self.run_panels(kernel, rows, m, out, panels) };
         });
     }
 
     /// # Safety
-    /// AVX2; `rows` holds `m` quantized rows of this matrix's padded depth; `c` `m x n`
-    /// floats; no other thread writes the columns of `panels`.
+    /// The CPU runs `kernel`; `rows` holds `m` quantized rows of this matrix's padded depth;
+    /// `c` `m x n` floats; no other thread writes the columns of `panels`.
     unsafe fn run_panels(
         &self,
+        kernel: Kernel,
         rows: &QuantizedRows,
         m: usize,
         c: SharedMut,
@@ -195,7 +215,12 @@ impl QuantizedWeights {
                     let sb = self.scales.as_ptr().add(p * NR);
                     let cs = self.colsums.as_ptr().add(p * NR);
                     let c_tile = c.ptr().add(r * n + p * NR);
-                    avx2::tile(tile_rows, groups, a, kp, sa, b, sb, cs, c_tile, n, cols);
+                    let tile = match kernel {
+                        Kernel::Avx2 => avx2::tile,
+                        Kernel::AvxVnni => avx2::tile_avxvnni,
+                        Kernel::Avx512Vnni => avx2::tile_avx512vnni,
+                    };
+                    tile(tile_rows, groups, a, kp, sa, b, sb, cs, c_tile, n, cols);
                 }
                 r += tile_rows;
             }
@@ -280,16 +305,55 @@ fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
     max / 127.0
 }
 
-/// Whether the int8 kernel runs here.
+/// The instructions of an int8 tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// `vpmaddubsw`, `vpmaddwd`, `vpaddd` (AVX2).
+    Avx2,
+    /// `vpdpbusd` on 256-bit lanes, VEX-encoded (AVX-VNNI).
+    AvxVnni,
+    /// `vpdpbusd` on 256-bit lanes, EVEX-encoded (AVX512-VNNI with AVX512VL).
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// Whether this CPU has the kernel's instructions.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            has!("avx2")
+                && match self {
+                    Self::Avx2 => true,
+                    Self::AvxVnni => has!("avxvnni"),
+                    Self::Avx512Vnni => has!("avx512vnni") && has!("avx512vl"),
+                }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+}
+
+/// The fastest int8 kernel this CPU runs (VNNI where it has it, `TIDINGS_QGEMM=avx2` aside),
+/// or `None` without AVX2. Decided once.
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let avx2_only = std::env::var("TIDINGS_QGEMM").is_ok_and(|v| v == "avx2");
+        let mut order = vec![Kernel::Avx512Vnni, Kernel::AvxVnni, Kernel::Avx2];
+        if avx2_only {
+            order.drain(..2);
+        }
+        order.into_iter().find(|k| k.runs_here())
+    })
+}
+
+/// Whether an int8 kernel runs here.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    kernel().is_some()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -298,75 +362,121 @@ mod avx2 {
     use crate::model::sgemm::avx2::add_to_row;
     use std::arch::x86_64::*;
 
-    /// `c[rows, cols] += sa[i] sb[j] (qa qb)[i, j]` for one tile of at most [`MR`] rows.
-    ///
-    /// # Safety
-    /// AVX2; `a` addresses `rows` rows of `4 * groups` bytes with stride `lda`, `sa` `rows`
-    /// scales, `b` `groups` 64-byte lines, `sb` 16 scales and `cs` 16 column sums, `c` `rows`
-    /// rows of `cols` floats with stride `ldc`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn tile(
-        rows: usize,
-        groups: usize,
-        a: *const u8,
-        lda: usize,
-        sa: *const f32,
-        b: *const i8,
-        sb: *const f32,
-        cs: *const i32,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
-        match rows {
-            4 => tile_m::<4>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
-            3 => tile_m::<3>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
-            2 => tile_m::<2>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
-            1 => tile_m::<1>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
-            _ => debug_assert_eq!(rows, 0, "tiles have at most {MR} rows"),
-        }
+    /// A tile function and its `M`-row body, on the CPU features `$features`, whose
+    /// `$step` adds one 4-byte group's products `$ai` (a row's four activations in every
+    /// 32-bit lane) by `$b` (four weights of each of 8 columns) to the 32-bit sums `$acc`.
+    macro_rules! int8_tile {
+        ($(#[$doc:meta])* $tile:ident, $tile_m:ident, $features:literal,
+         |$acc:ident, $ai:ident, $b:ident| $step:expr) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The CPU features named; `a` addresses `rows` rows of `4 * groups` bytes with
+            /// stride `lda`, `sa` `rows` scales, `b` `groups` 64-byte lines, `sb` 16 scales
+            /// and `cs` 16 column sums, `c` `rows` rows of `cols` floats with stride `ldc`.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $tile(
+                rows: usize,
+                groups: usize,
+                a: *const u8,
+                lda: usize,
+                sa: *const f32,
+                b: *const i8,
+                sb: *const f32,
+                cs: *const i32,
+                c: *mut f32,
+                ldc: usize,
+                cols: usize,
+            ) {
+                match rows {
+                    4 => $tile_m::<4>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
+                    3 => $tile_m::<3>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
+                    2 => $tile_m::<2>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
+                    1 => $tile_m::<1>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
+                    _ => debug_assert_eq!(rows, 0, "tiles have at most {MR} rows"),
+                }
+            }
+
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            unsafe fn $tile_m<const M: usize>(
+                groups: usize,
+                a: *const u8,
+                lda: usize,
+                sa: *const f32,
+                b: *const i8,
+                sb: *const f32,
+                cs: *const i32,
+                c: *mut f32,
+                ldc: usize,
+                cols: usize,
+            ) {
+                // The tile's output rows are read at the end; start fetching them now.
+                for i in 0..M {
+                    _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+                }
+                let mut sums = [[_mm256_setzero_si256(); 2]; M];
+                for g in 0..groups {
+                    let b0 = _mm256_load_si256(b.add(g * LINE) as *const __m256i);
+                    let b1 = _mm256_load_si256(b.add(g * LINE + 32) as *const __m256i);
+                    for (i, sums) in sums.iter_mut().enumerate() {
+                        let four = std::ptr::read_unaligned(a.add(i * lda + g * 4) as *const i32);
+                        let $ai = _mm256_set1_epi32(four);
+                        sums[0] = {
+                            let ($acc, $b) = (sums[0], b0);
+                            $step
+                        };
+                        sums[1] = {
+                            let ($acc, $b) = (sums[1], b1);
+                            $step
+                        };
+                    }
+                }
+                finish(&sums, sa, sb, cs, c, ldc, cols);
+            }
+        };
     }
 
+    int8_tile!(
+        /// `c[rows, cols] += sa[i] sb[j] (qa qb)[i, j]` for one tile of at most [`MR`] rows:
+        /// AVX2's `vpmaddubsw` (pairs, 16 bits) and `vpmaddwd` (quads, 32 bits).
+        tile, tile_m, "avx2",
+        |acc, ai, b| _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ai, b), _mm256_set1_epi16(1)))
+    );
+    int8_tile!(
+        /// [`tile`] with AVX-VNNI's `vpdpbusd` (quads straight into 32 bits).
+        tile_avxvnni, tile_m_avxvnni, "avx2,avxvnni",
+        |acc, ai, b| _mm256_dpbusd_avx_epi32(acc, ai, b)
+    );
+    int8_tile!(
+        /// [`tile`] with AVX512-VNNI's `vpdpbusd` on 256-bit registers (AVX512VL).
+        tile_avx512vnni, tile_m_avx512vnni, "avx2,avx512vnni,avx512vl",
+        |acc, ai, b| _mm256_dpbusd_epi32(acc, ai, b)
+    );
+
+    /// Scales a tile's integer sums into `c`: `c[i, j] += sa[i] sb[j] (sums[i][j] - 128 cs[j])`.
+    ///
+    /// # Safety
+    /// AVX2; the pointers as for [`tile`].
     #[inline]
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
-    unsafe fn tile_m<const M: usize>(
-        groups: usize,
-        a: *const u8,
-        lda: usize,
+    unsafe fn finish<const M: usize>(
+        sums: &[[__m256i; 2]; M],
         sa: *const f32,
-        b: *const i8,
         sb: *const f32,
         cs: *const i32,
         c: *mut f32,
         ldc: usize,
         cols: usize,
     ) {
-        let ones = _mm256_set1_epi16(1);
-        // The tile's output rows are read at the end; start fetching them now.
-        for i in 0..M {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
-        }
-        let mut acc = [[_mm256_setzero_si256(); 2]; M];
-        for g in 0..groups {
-            let b0 = _mm256_load_si256(b.add(g * LINE) as *const __m256i);
-            let b1 = _mm256_load_si256(b.add(g * LINE + 32) as *const __m256i);
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let four = std::ptr::read_unaligned(a.add(i * lda + g * 4) as *const i32);
-                let ai = _mm256_set1_epi32(four);
-                let p0 = _mm256_maddubs_epi16(ai, b0);
-                let p1 = _mm256_maddubs_epi16(ai, b1);
-                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(p0, ones));
-                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(p1, ones));
-            }
-        }
         let s0 = _mm256_loadu_ps(sb);
         let s1 = _mm256_loadu_ps(sb.add(8));
         // 128 x the column sums: the activations' offset, taken back out.
         let o0 = _mm256_slli_epi32::<7>(_mm256_loadu_si256(cs as *const __m256i));
         let o1 = _mm256_slli_epi32::<7>(_mm256_loadu_si256(cs.add(8) as *const __m256i));
-        for (i, acc) in acc.iter().enumerate() {
+        for (i, acc) in sums.iter().enumerate() {
             let si = _mm256_set1_ps(*sa.add(i));
             let d0 = _mm256_sub_epi32(acc[0], o0);
             let d1 = _mm256_sub_epi32(acc[1], o1);
@@ -379,7 +489,7 @@ mod avx2 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod avx2 {
-    /// Never called: [`super::available`] is false off x86-64.
+    /// Never called: no [`super::Kernel`] runs off x86-64.
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn tile(
         _: usize,
@@ -396,12 +506,32 @@ mod avx2 {
     ) {
         unreachable!("the int8 kernel runs only on x86-64")
     }
+    pub(super) use tile as tile_avxvnni;
+    pub(super) use tile as tile_avx512vnni;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::sgemm::tests::values;
+
+    /// The kernels this CPU runs, AVX2's first.
+    fn kernels_here() -> impl Iterator<Item = Kernel> {
+        [Kernel::Avx2, Kernel::AvxVnni, Kernel::Avx512Vnni]
+            .into_iter()
+            .filter(|k| k.runs_here())
+    }
+
+    #[test]
+    fn the_chosen_kernel_runs_here_and_is_the_fastest_one() {
+        match kernel() {
+            None => assert!(!Kernel::Avx2.runs_here()),
+            Some(k) if std::env::var("TIDINGS_QGEMM").is_ok_and(|v| v == "avx2") => {
+                assert_eq!(k, Kernel::Avx2)
+            }
+            Some(k) => assert_eq!(Some(k), kernels_here().last(), "{k:?}"),
+        }
+    }
 
     #[test]
     fn integer_product_is_exact_for_the_quantized_values() {
@@ -413,10 +543,20 @@ mod tests {
             let b = values(k * n, 5);
             let start = values(m * n, 6);
             let w = QuantizedWeights::quantize_always(&b, k, n);
-            for threads in [1, 2, 3] {
+            let mut first: Option<Vec<f32>> = None;
+            for (kernel, threads) in kernels_here().flat_map(|kn| [(kn, 1), (kn, 2), (kn, 3)]) {
                 let mut rows = QuantizedRows::default();
                 let mut c = start.clone();
-                w.matmul_acc(&a, m, &mut c, threads, &mut rows);
+                w.matmul_acc_on(kernel, &a, m, &mut c, threads, &mut rows);
+                // Every kernel makes the same integer sums and scales them alike.
+                let first = first.get_or_insert_with(|| c.clone());
+                assert!(
+                    first
+                        .iter()
+                        .zip(&c)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{kernel:?} {m}x{k}x{n} threads {threads}: not the AVX2 kernel's bits"
+                );
                 let kp = k.div_ceil(4) * 4;
                 for i in 0..m {
                     for j in 0..n {
@@ -435,7 +575,7 @@ mod tests {
                         let got = c[i * n + j] as f64;
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{m}x{k}x{n} threads {threads} at ({i},{j}): {got} vs {want}"
+                            "{kernel:?} {m}x{k}x{n} threads {threads} at ({i},{j}): {got} vs {want}"
                         );
                     }
                 }
