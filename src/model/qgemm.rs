@@ -24,8 +24,11 @@
 //! the CPU has VNNI (AVX512-VNNI with AVX512VL: Intel since Cascade Lake, AMD since Zen 4; or
 //! AVX-VNNI: Intel since Alder Lake), the tile makes the same sums with `vpdpbusd`, one
 //! instruction in place of `vpmaddubsw`, `vpmaddwd` and `vpaddd` (on the same 256-bit lanes
-//! and panel layout, so the integer sums, and the results, are identical bit for bit).
-//! `TIDINGS_QGEMM=avx2` in the environment keeps the AVX2 tile on such CPUs.
+//! and panel layout, so the integer sums, and the results, are identical bit for bit). With
+//! AVX-512 the tile is 8 rows by one 512-bit line per step (the same sums again). On the GPU
+//! machine's Xeon (AVX-512, VNNI, 2 threads), `cargo bench --bench kernels` ran, in one run,
+//! the AVX2 tile at 175-300 GOP/s, the 256-bit VNNI tile at 243-392 and the 512-bit one at
+//! 391-602. `TIDINGS_QGEMM` names a kernel to use instead ([`kernel`]).
 
 use super::sgemm::{over_column_groups, panel_blocks, SharedMut};
 use multiversion::multiversion;
@@ -36,6 +39,9 @@ const NR: usize = 16;
 /// Rows per tile: 8 accumulators, 4 weight registers, a broadcast and temporaries fit the 16
 /// `ymm` registers.
 const MR: usize = 4;
+/// Rows per tile of the 512-bit kernel: one accumulator per row, 8 sums in flight to cover
+/// `vpdpbusd`'s latency.
+const MR_ZMM: usize = 8;
 /// Weights are quantized to `[-63, 63]`: with activations as `q + 128` in `[1, 255]`,
 /// `vpmaddubsw`'s pair sums stay within `2 * 255 * 63 = 32130` and never saturate.
 const WEIGHT_LEVELS: f32 = 63.0;
@@ -203,10 +209,11 @@ impl QuantizedWeights {
         // Panels in blocks that stay in L2 while every row tile passes over them; a tile's
         // quantized rows stay in L1 while it walks the block's panels, and its output rows
         // are written left to right.
+        let mr = kernel.rows();
         for block in panel_blocks(panels, groups * LINE) {
             let mut r = 0;
             while r < m {
-                let tile_rows = MR.min(m - r);
+                let tile_rows = mr.min(m - r);
                 let a = rows.values.as_ptr().add(r * kp);
                 let sa = rows.scales.as_ptr().add(r);
                 for p in block.clone() {
@@ -219,6 +226,7 @@ impl QuantizedWeights {
                         Kernel::Avx2 => avx2::tile,
                         Kernel::AvxVnni => avx2::tile_avxvnni,
                         Kernel::Avx512Vnni => avx2::tile_avx512vnni,
+                        Kernel::Avx512VnniZmm => avx2::tile_zmm,
                     };
                     tile(tile_rows, groups, a, kp, sa, b, sb, cs, c_tile, n, cols);
                 }
@@ -314,6 +322,9 @@ pub enum Kernel {
     AvxVnni,
     /// `vpdpbusd` on 256-bit lanes, EVEX-encoded (AVX512-VNNI with AVX512VL).
     Avx512Vnni,
+    /// `vpdpbusd` on 512-bit registers, a panel line each, in tiles of [`MR_ZMM`] rows
+    /// (AVX512-VNNI).
+    Avx512VnniZmm,
 }
 
 impl Kernel {
@@ -327,6 +338,7 @@ impl Kernel {
                     Self::Avx2 => true,
                     Self::AvxVnni => has!("avxvnni"),
                     Self::Avx512Vnni => has!("avx512vnni") && has!("avx512vl"),
+                    Self::Avx512VnniZmm => has!("avx512f") && has!("avx512vnni"),
                 }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -337,17 +349,45 @@ impl Kernel {
     }
 }
 
-/// The fastest int8 kernel this CPU runs (VNNI where it has it, `TIDINGS_QGEMM=avx2` aside),
-/// or `None` without AVX2. Decided once.
+impl Kernel {
+    /// Every kernel, the fastest first.
+    pub const ALL: [Self; 4] = [
+        Self::Avx512VnniZmm,
+        Self::Avx512Vnni,
+        Self::AvxVnni,
+        Self::Avx2,
+    ];
+
+    /// The name `TIDINGS_QGEMM` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx2 => "avx2",
+            Self::AvxVnni => "avxvnni",
+            Self::Avx512Vnni => "avx512vnni-ymm",
+            Self::Avx512VnniZmm => "avx512vnni",
+        }
+    }
+
+    /// Rows per tile.
+    fn rows(self) -> usize {
+        match self {
+            Self::Avx512VnniZmm => MR_ZMM,
+            _ => MR,
+        }
+    }
+}
+
+/// The int8 kernel: the one `TIDINGS_QGEMM` names (`avx2`, `avxvnni`, `avx512vnni-ymm`,
+/// `avx512vnni`) where this CPU runs it, else the fastest it runs; `None` without AVX2.
+/// Decided once.
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let avx2_only = std::env::var("TIDINGS_QGEMM").is_ok_and(|v| v == "avx2");
-        let mut order = vec![Kernel::Avx512Vnni, Kernel::AvxVnni, Kernel::Avx2];
-        if avx2_only {
-            order.drain(..2);
-        }
-        order.into_iter().find(|k| k.runs_here())
+        let named = std::env::var("TIDINGS_QGEMM").ok();
+        let named = Kernel::ALL
+            .into_iter()
+            .find(|k| named.as_deref() == Some(k.name()) && k.runs_here());
+        named.or_else(|| Kernel::ALL.into_iter().find(|k| k.runs_here()))
     })
 }
 
@@ -456,6 +496,80 @@ mod avx2 {
         |acc, ai, b| _mm256_dpbusd_epi32(acc, ai, b)
     );
 
+    /// [`tile`] on 512-bit registers for tiles of up to [`super::MR_ZMM`] rows: a panel line
+    /// is one register, and AVX512-VNNI's `vpdpbusd` adds a row's four products of each of
+    /// the 16 columns into its 32-bit sums.
+    ///
+    /// # Safety
+    /// AVX512F and AVX512-VNNI; the pointers as for [`tile`], `b`'s lines 64-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512vnni")]
+    pub(super) unsafe fn tile_zmm(
+        rows: usize,
+        groups: usize,
+        a: *const u8,
+        lda: usize,
+        sa: *const f32,
+        b: *const i8,
+        sb: *const f32,
+        cs: *const i32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        let args = (groups, a, lda, sa, b, sb, cs, c, ldc, cols);
+        match rows {
+            8 => tile_m_zmm::<8>(args),
+            7 => tile_m_zmm::<7>(args),
+            6 => tile_m_zmm::<6>(args),
+            5 => tile_m_zmm::<5>(args),
+            4 => tile_m_zmm::<4>(args),
+            3 => tile_m_zmm::<3>(args),
+            2 => tile_m_zmm::<2>(args),
+            1 => tile_m_zmm::<1>(args),
+            _ => debug_assert_eq!(rows, 0, "tiles have at most {} rows", super::MR_ZMM),
+        }
+    }
+
+    /// [`tile_zmm`]'s arguments.
+    type ZmmArgs = (
+        usize,
+        *const u8,
+        usize,
+        *const f32,
+        *const i8,
+        *const f32,
+        *const i32,
+        *mut f32,
+        usize,
+        usize,
+    );
+
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vnni")]
+    unsafe fn tile_m_zmm<const M: usize>((groups, a, lda, sa, b, sb, cs, c, ldc, cols): ZmmArgs) {
+        for i in 0..M {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+        }
+        let mut sums = [_mm512_setzero_si512(); M];
+        for g in 0..groups {
+            let line = _mm512_load_si512(b.add(g * LINE).cast());
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let four = std::ptr::read_unaligned(a.add(i * lda + g * 4) as *const i32);
+                *sum = _mm512_dpbusd_epi32(*sum, _mm512_set1_epi32(four), line);
+            }
+        }
+        // Columns 0-7 are the low half of each sum, 8-15 the high half, as in [`tile`].
+        let mut halves = [[_mm256_setzero_si256(); 2]; M];
+        for (h, s) in halves.iter_mut().zip(&sums) {
+            *h = [
+                _mm512_castsi512_si256(*s),
+                _mm512_extracti64x4_epi64::<1>(*s),
+            ];
+        }
+        finish(&halves, sa, sb, cs, c, ldc, cols);
+    }
+
     /// Scales a tile's integer sums into `c`: `c[i, j] += sa[i] sb[j] (sums[i][j] - 128 cs[j])`.
     ///
     /// # Safety
@@ -508,6 +622,7 @@ mod avx2 {
     }
     pub(super) use tile as tile_avxvnni;
     pub(super) use tile as tile_avx512vnni;
+    pub(super) use tile as tile_zmm;
 }
 
 #[cfg(test)]
@@ -517,19 +632,20 @@ mod tests {
 
     /// The kernels this CPU runs, AVX2's first.
     fn kernels_here() -> impl Iterator<Item = Kernel> {
-        [Kernel::Avx2, Kernel::AvxVnni, Kernel::Avx512Vnni]
-            .into_iter()
-            .filter(|k| k.runs_here())
+        Kernel::ALL.into_iter().rev().filter(|k| k.runs_here())
     }
 
     #[test]
     fn the_chosen_kernel_runs_here_and_is_the_fastest_one() {
         match kernel() {
             None => assert!(!Kernel::Avx2.runs_here()),
-            Some(k) if std::env::var("TIDINGS_QGEMM").is_ok_and(|v| v == "avx2") => {
-                assert_eq!(k, Kernel::Avx2)
+            Some(k) => {
+                let named = std::env::var("TIDINGS_QGEMM").ok();
+                let want = kernels_here()
+                    .find(|k| named.as_deref() == Some(k.name()))
+                    .or(kernels_here().last());
+                assert_eq!(Some(k), want, "TIDINGS_QGEMM={named:?}");
             }
-            Some(k) => assert_eq!(Some(k), kernels_here().last(), "{k:?}"),
         }
     }
 
@@ -538,7 +654,13 @@ mod tests {
         if !available() {
             return;
         }
-        for &(m, k, n) in &[(1, 1, 1), (5, 7, 17), (9, 384, 48), (13, 130, 33)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 17),
+            (9, 384, 48),
+            (13, 130, 33),
+            (23, 65, 40),
+        ] {
             let a = values(m * k, 4);
             let b = values(k * n, 5);
             let start = values(m * n, 6);
