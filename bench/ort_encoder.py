@@ -179,10 +179,10 @@ def build_graph(m: Bert) -> onnx.ModelProto:
     g.nodes[-1].output[0] = outputs[0].name  # the last node made is the output
     graph = helper.make_graph(g.nodes, f"tidings_{m.name}", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tidings-bench")
-    # The IR version of opset 17 (onnx 1.12), not the newest this onnx writes: an older
-    # onnxruntime refuses a file whose IR version is newer than it knows (onnx 1.23 writes
-    # 14, onnxruntime 1.30 reads up to 13).
-    model.ir_version = 8
+    # The oldest IR version that holds this opset (8 for opset 17), not the newest this onnx
+    # writes: an older onnxruntime refuses a file whose IR version is newer than it knows
+    # (onnx 1.23 writes 14, onnxruntime 1.30 reads up to 13).
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     onnx.checker.check_model(model)
     return model
 

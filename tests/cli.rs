@@ -167,8 +167,8 @@ fn start_up_faults_exit_non_zero_with_a_clear_message() {
         bad.path().to_str().unwrap(),
     ]);
     assert!(err.contains("cannot load weights"), "{err}");
-    // A device this binary cannot open (CI builds without CUDA; where it has it, the test
-    // machine has no GPU of that ordinal), and one that does not exist at all.
+    // A device this binary cannot open (CI builds without CUDA; a CUDA build started here
+    // would find no GPU of that ordinal), and one that does not exist at all.
     let err = serve_fails(&["--addr", &addr(), "--device", "cuda:7"]);
     assert!(err.contains("--device cuda:7"), "{err}");
     let err = serve_fails(&["--addr", &addr(), "--device", "tpu"]);

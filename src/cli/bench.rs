@@ -174,8 +174,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     match own_int8 {
         Some(g) => println!(
-            "Tidings int8 kernel ({:?}; 2048^3, activation quantization included, best of 3): {g:.1} GOP/s{}",
-            tidings::model::qgemm::kernel().expect("measured, so it runs"),
+            "Tidings int8 kernel ({}; 2048^3, activation quantization included, best of 3): {g:.1} GOP/s{}",
+            tidings::model::qgemm::kernel().expect("measured, so it runs").name(),
             of_blas(g).replace("% of", "% (int8 ops) of")
         ),
         None => println!("Tidings int8 kernel: not available on this CPU"),

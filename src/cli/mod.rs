@@ -215,15 +215,16 @@ impl ModelArgs {
         unsafe { libmimalloc_sys::mi_collect(true) };
         let ner_precision = models.ner.as_ref().map(|n| n.model.precision());
         let topic_precision = models.topics.as_ref().map(|t| t.model.precision());
-        if [ner_precision, topic_precision]
-            .into_iter()
-            .flatten()
-            .any(|p| p != self.precision)
+        let cpu = self.device == tidings::model::DeviceSpec::Cpu;
+        if cpu
+            && [ner_precision, topic_precision]
+                .into_iter()
+                .flatten()
+                .any(|p| p != self.precision)
         {
             tracing::warn!(
                 asked = %self.precision,
-                device = %self.device,
-                "--precision {} is not available on this device, CPU or model path; running f32",
+                "--precision {} is not available on this CPU or model path; running f32",
                 self.precision
             );
         }
@@ -281,6 +282,10 @@ impl ModelArgs {
             topic_model = topic_dir.as_ref().map(|d| d.display().to_string()),
             ner_precision = ner_precision.map(|p| p.to_string()),
             topic_precision = topic_precision.map(|p| p.to_string()),
+            device = %self.device,
+            int8_kernel = tidings::model::qgemm::kernel()
+                .filter(|_| cpu && ner_precision.or(topic_precision) == Some(tidings::model::Precision::Int8))
+                .map(|k| k.name()),
             ms = started.elapsed().as_millis() as u64,
             "models loaded"
         );

@@ -269,16 +269,11 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
         .iter()
         .map(|e| values.binary_search(&e.label).unwrap_or(0))
         .collect();
-    let cache_key = format!(
-        "{}|{}|{}|{}|{}",
-        a.models
-            .topic_dir()
-            .map_or("none".into(), |d| d.display().to_string()),
-        a.models.precision,
-        a.models.window,
-        a.models.window_overlap,
-        a.limits.max_text_chars
-    );
+    let topic_dir = a
+        .models
+        .topic_dir()
+        .map_or("none".into(), |d| d.display().to_string());
+    let (device, window, overlap) = (a.models.device, a.models.window, a.models.window_overlap);
     let models = super::ModelArgs {
         topic_model: a.models.topic_dir().unwrap_or_else(|| "none".into()),
         ner_model: "none".into(),
@@ -286,6 +281,20 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
         ..a.models
     }
     .load()?;
+    // The arithmetic the encoder runs in, not the one asked for (int8 falls back to f32 off
+    // the CPU's fused path), and the device when it is not the CPU.
+    let precision = models
+        .topics
+        .as_ref()
+        .map_or("-".into(), |t| t.model.precision().to_string());
+    let precision = match device {
+        tidings::model::DeviceSpec::Cpu => precision,
+        other => format!("{precision}@{other}"),
+    };
+    let cache_key = format!(
+        "{topic_dir}|{precision}|{window}|{overlap}|{}",
+        a.limits.max_text_chars
+    );
     let engine = a.limits.engine(models);
     let rt = super::runtime()?;
     let embed = |examples: &[topics::Example]| -> Result<Vec<Vec<f32>>> {

@@ -3,7 +3,7 @@
 
 use candle_core::Device;
 
-/// A device named on the command line: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+/// A device named on the command line: `cpu`, `cuda` (or `gpu`: the first GPU) or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// The CPU: frozen f32 models run on the fused kernels ([`super::Precision`] applies).
@@ -31,7 +31,7 @@ impl DeviceSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The binary has no CUDA support compiled in.
-    #[error("this tidings was built without CUDA: rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu")]
+    #[error("this tidings was built without CUDA: build one with scripts/build-cuda (`cargo build --release --features cuda` where the CUDA toolkit is installed), or use --device cpu")]
     NotBuilt,
     /// The driver or the GPU refused.
     #[error("cannot open CUDA device {ordinal}")]

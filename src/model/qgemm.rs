@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 /// Columns per panel (two `ymm` registers of eight 32-bit sums).
 const NR: usize = 16;
-/// Rows per tile: 8 accumulators, 4 weight registers, a broadcast and temporaries fit the 16
+/// Rows per tile: 8 accumulators, 2 weight registers, a broadcast and temporaries fit the 16
 /// `ymm` registers.
 const MR: usize = 4;
 /// Rows per tile of the 512-bit kernel: one accumulator per row, 8 sums in flight to cover
@@ -158,12 +158,6 @@ impl QuantizedWeights {
         threads: usize,
         rows: &mut QuantizedRows,
     ) {
-        let (k, n) = (self.k, self.n);
-        let holds = |len: usize, cols: usize| m.checked_mul(cols).is_some_and(|x| len >= x);
-        assert!(holds(a.len(), k) && holds(c.len(), n), "buffers too small");
-        if m == 0 || n == 0 || k == 0 {
-            return;
-        }
         let kernel = kernel().expect("QuantizedWeights exist only where a kernel runs");
         self.matmul_acc_on(kernel, a, m, c, threads, rows);
     }
@@ -180,6 +174,11 @@ impl QuantizedWeights {
     ) {
         assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
         let (k, n) = (self.k, self.n);
+        let holds = |len: usize, cols: usize| m.checked_mul(cols).is_some_and(|x| len >= x);
+        assert!(holds(a.len(), k) && holds(c.len(), n), "buffers too small");
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
         let kp = k.div_ceil(4) * 4;
         rows.quantize(&a[..m * k], m, k, kp, threads);
         let out = SharedMut(c.as_mut_ptr());
@@ -187,7 +186,7 @@ impl QuantizedWeights {
         over_column_groups(n.div_ceil(NR), threads, |panels| {
             // SAFETY: the CPU runs `kernel` (asserted above); `panels` are this task's own
             // output columns; `rows` holds m x kp bytes and m scales, `c` m x n floats
-            // (asserted by the caller).
+            // (asserted above).
             unsafe { self.run_panels(kernel, rows, m, out, panels) };
         });
     }
@@ -383,11 +382,24 @@ impl Kernel {
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let named = std::env::var("TIDINGS_QGEMM").ok();
-        let named = Kernel::ALL
-            .into_iter()
-            .find(|k| named.as_deref() == Some(k.name()) && k.runs_here());
-        named.or_else(|| Kernel::ALL.into_iter().find(|k| k.runs_here()))
+        let best = Kernel::ALL.into_iter().find(|k| k.runs_here());
+        let Ok(name) = std::env::var("TIDINGS_QGEMM") else {
+            return best;
+        };
+        match Kernel::ALL.into_iter().find(|k| k.name() == name) {
+            Some(k) if k.runs_here() => Some(k),
+            named => {
+                tracing::warn!(
+                    TIDINGS_QGEMM = %name,
+                    using = best.map(|k| k.name()),
+                    "{}; using the fastest this CPU runs",
+                    if named.is_some() { "this CPU does not run that int8 kernel" } else {
+                        "no such int8 kernel (avx2, avxvnni, avx512vnni-ymm, avx512vnni)"
+                    }
+                );
+                best
+            }
+        }
     })
 }
 
