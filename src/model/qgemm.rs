@@ -28,7 +28,8 @@
 //! AVX-512 the tile is 8 rows by one 512-bit line per step (the same sums again). On the GPU
 //! machine's Xeon (AVX-512, VNNI, 2 threads), `cargo bench --bench kernels` ran, in one run,
 //! the AVX2 tile at 175-300 GOP/s, the 256-bit VNNI tile at 243-392 and the 512-bit one at
-//! 391-602. `TIDINGS_QGEMM` names a kernel to use instead ([`kernel`]).
+//! 391-602 (on another instance of that machine: 186-304, 311-426 and 543-744).
+//! `TIDINGS_QGEMM` names a kernel to use instead ([`kernel`]).
 
 use super::sgemm::{over_column_groups, panel_blocks, SharedMut};
 use multiversion::multiversion;
@@ -216,18 +217,25 @@ impl QuantizedWeights {
                 let a = rows.values.as_ptr().add(r * kp);
                 let sa = rows.scales.as_ptr().add(r);
                 for p in block.clone() {
-                    let cols = (n - p * NR).min(NR);
-                    let b = self.lines.as_ptr().add(p * groups) as *const i8;
-                    let sb = self.scales.as_ptr().add(p * NR);
-                    let cs = self.colsums.as_ptr().add(p * NR);
-                    let c_tile = c.ptr().add(r * n + p * NR);
+                    let t = Tile {
+                        groups,
+                        a,
+                        lda: kp,
+                        sa,
+                        b: self.lines.as_ptr().add(p * groups) as *const i8,
+                        sb: self.scales.as_ptr().add(p * NR),
+                        cs: self.colsums.as_ptr().add(p * NR),
+                        c: c.ptr().add(r * n + p * NR),
+                        ldc: n,
+                        cols: (n - p * NR).min(NR),
+                    };
                     let tile = match kernel {
                         Kernel::Avx2 => avx2::tile,
                         Kernel::AvxVnni => avx2::tile_avxvnni,
                         Kernel::Avx512Vnni => avx2::tile_avx512vnni,
                         Kernel::Avx512VnniZmm => avx2::tile_zmm,
                     };
-                    tile(tile_rows, groups, a, kp, sa, b, sb, cs, c_tile, n, cols);
+                    tile(tile_rows, t);
                 }
                 r += tile_rows;
             }
@@ -408,9 +416,27 @@ pub fn available() -> bool {
     kernel().is_some()
 }
 
+/// One tile's operands: `a` addresses the tile's rows of `4 * groups` quantized bytes with
+/// stride `lda` and `sa` their scales; `b` a panel's `groups` 64-byte lines (aligned), `sb` its
+/// 16 scales and `cs` its 16 column sums; `c` the tile's output rows, `cols` floats each with
+/// stride `ldc`.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    groups: usize,
+    a: *const u8,
+    lda: usize,
+    sa: *const f32,
+    b: *const i8,
+    sb: *const f32,
+    cs: *const i32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{LINE, MR};
+    use super::{Tile, LINE, MR};
     use crate::model::sgemm::avx2::add_to_row;
     use std::arch::x86_64::*;
 
@@ -423,48 +449,22 @@ mod avx2 {
             $(#[$doc])*
             ///
             /// # Safety
-            /// The CPU features named; `a` addresses `rows` rows of `4 * groups` bytes with
-            /// stride `lda`, `sa` `rows` scales, `b` `groups` 64-byte lines, `sb` 16 scales
-            /// and `cs` 16 column sums, `c` `rows` rows of `cols` floats with stride `ldc`.
-            #[allow(clippy::too_many_arguments)]
+            /// The CPU features named; `t` as [`Tile`] says, for `rows` rows.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $tile(
-                rows: usize,
-                groups: usize,
-                a: *const u8,
-                lda: usize,
-                sa: *const f32,
-                b: *const i8,
-                sb: *const f32,
-                cs: *const i32,
-                c: *mut f32,
-                ldc: usize,
-                cols: usize,
-            ) {
+            pub(super) unsafe fn $tile(rows: usize, t: Tile) {
                 match rows {
-                    4 => $tile_m::<4>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
-                    3 => $tile_m::<3>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
-                    2 => $tile_m::<2>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
-                    1 => $tile_m::<1>(groups, a, lda, sa, b, sb, cs, c, ldc, cols),
+                    4 => $tile_m::<4>(t),
+                    3 => $tile_m::<3>(t),
+                    2 => $tile_m::<2>(t),
+                    1 => $tile_m::<1>(t),
                     _ => debug_assert_eq!(rows, 0, "tiles have at most {MR} rows"),
                 }
             }
 
             #[inline]
-            #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
-            unsafe fn $tile_m<const M: usize>(
-                groups: usize,
-                a: *const u8,
-                lda: usize,
-                sa: *const f32,
-                b: *const i8,
-                sb: *const f32,
-                cs: *const i32,
-                c: *mut f32,
-                ldc: usize,
-                cols: usize,
-            ) {
+            unsafe fn $tile_m<const M: usize>(t: Tile) {
+                let Tile { groups, a, lda, b, c, ldc, .. } = t;
                 // The tile's output rows are read at the end; start fetching them now.
                 for i in 0..M {
                     _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
@@ -486,7 +486,7 @@ mod avx2 {
                         };
                     }
                 }
-                finish(&sums, sa, sb, cs, c, ldc, cols);
+                finish(&sums, t);
             }
         };
     }
@@ -514,52 +514,33 @@ mod avx2 {
     ///
     /// # Safety
     /// AVX512F and AVX512-VNNI; the pointers as for [`tile`], `b`'s lines 64-byte aligned.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,avx512f,avx512vnni")]
-    pub(super) unsafe fn tile_zmm(
-        rows: usize,
-        groups: usize,
-        a: *const u8,
-        lda: usize,
-        sa: *const f32,
-        b: *const i8,
-        sb: *const f32,
-        cs: *const i32,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
-        let args = (groups, a, lda, sa, b, sb, cs, c, ldc, cols);
+    pub(super) unsafe fn tile_zmm(rows: usize, t: Tile) {
         match rows {
-            8 => tile_m_zmm::<8>(args),
-            7 => tile_m_zmm::<7>(args),
-            6 => tile_m_zmm::<6>(args),
-            5 => tile_m_zmm::<5>(args),
-            4 => tile_m_zmm::<4>(args),
-            3 => tile_m_zmm::<3>(args),
-            2 => tile_m_zmm::<2>(args),
-            1 => tile_m_zmm::<1>(args),
+            8 => tile_m_zmm::<8>(t),
+            7 => tile_m_zmm::<7>(t),
+            6 => tile_m_zmm::<6>(t),
+            5 => tile_m_zmm::<5>(t),
+            4 => tile_m_zmm::<4>(t),
+            3 => tile_m_zmm::<3>(t),
+            2 => tile_m_zmm::<2>(t),
+            1 => tile_m_zmm::<1>(t),
             _ => debug_assert_eq!(rows, 0, "tiles have at most {} rows", super::MR_ZMM),
         }
     }
 
-    /// [`tile_zmm`]'s arguments.
-    type ZmmArgs = (
-        usize,
-        *const u8,
-        usize,
-        *const f32,
-        *const i8,
-        *const f32,
-        *const i32,
-        *mut f32,
-        usize,
-        usize,
-    );
-
     #[inline]
     #[target_feature(enable = "avx2,avx512f,avx512vnni")]
-    unsafe fn tile_m_zmm<const M: usize>((groups, a, lda, sa, b, sb, cs, c, ldc, cols): ZmmArgs) {
+    unsafe fn tile_m_zmm<const M: usize>(t: Tile) {
+        let Tile {
+            groups,
+            a,
+            lda,
+            b,
+            c,
+            ldc,
+            ..
+        } = t;
         for i in 0..M {
             _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
         }
@@ -579,24 +560,25 @@ mod avx2 {
                 _mm512_extracti64x4_epi64::<1>(*s),
             ];
         }
-        finish(&halves, sa, sb, cs, c, ldc, cols);
+        finish(&halves, t);
     }
 
     /// Scales a tile's integer sums into `c`: `c[i, j] += sa[i] sb[j] (sums[i][j] - 128 cs[j])`.
     ///
     /// # Safety
-    /// AVX2; the pointers as for [`tile`].
+    /// AVX2; `t` as [`Tile`] says, for `M` rows.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn finish<const M: usize>(
-        sums: &[[__m256i; 2]; M],
-        sa: *const f32,
-        sb: *const f32,
-        cs: *const i32,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
+    unsafe fn finish<const M: usize>(sums: &[[__m256i; 2]; M], t: Tile) {
+        let Tile {
+            sa,
+            sb,
+            cs,
+            c,
+            ldc,
+            cols,
+            ..
+        } = t;
         let s0 = _mm256_loadu_ps(sb);
         let s1 = _mm256_loadu_ps(sb.add(8));
         // 128 x the column sums: the activations' offset, taken back out.
@@ -616,20 +598,7 @@ mod avx2 {
 #[cfg(not(target_arch = "x86_64"))]
 mod avx2 {
     /// Never called: no [`super::Kernel`] runs off x86-64.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile(
-        _: usize,
-        _: usize,
-        _: *const u8,
-        _: usize,
-        _: *const f32,
-        _: *const i8,
-        _: *const f32,
-        _: *const i32,
-        _: *mut f32,
-        _: usize,
-        _: usize,
-    ) {
+    pub(super) unsafe fn tile(_: usize, _: super::Tile) {
         unreachable!("the int8 kernel runs only on x86-64")
     }
     pub(super) use tile as tile_avxvnni;
