@@ -215,7 +215,7 @@ impl ModelArgs {
         unsafe { libmimalloc_sys::mi_collect(true) };
         let ner_precision = models.ner.as_ref().map(|n| n.model.precision());
         let topic_precision = models.topics.as_ref().map(|t| t.model.precision());
-        let cpu = self.device == tidings::model::DeviceSpec::Cpu;
+        let cpu = models.device.is_cpu();
         if cpu
             && [ner_precision, topic_precision]
                 .into_iter()

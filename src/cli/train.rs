@@ -269,13 +269,11 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
         .iter()
         .map(|e| values.binary_search(&e.label).unwrap_or(0))
         .collect();
-    let topic_dir = a
-        .models
-        .topic_dir()
-        .map_or("none".into(), |d| d.display().to_string());
+    let topic_model = a.models.topic_dir().unwrap_or_else(|| "none".into());
+    let topic_dir = topic_model.display().to_string();
     let (device, window, overlap) = (a.models.device, a.models.window, a.models.window_overlap);
     let models = super::ModelArgs {
-        topic_model: a.models.topic_dir().unwrap_or_else(|| "none".into()),
+        topic_model,
         ner_model: "none".into(),
         topic_head: Vec::new(),
         ..a.models

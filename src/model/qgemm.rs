@@ -209,7 +209,7 @@ impl QuantizedWeights {
         // Panels in blocks that stay in L2 while every row tile passes over them; a tile's
         // quantized rows stay in L1 while it walks the block's panels, and its output rows
         // are written left to right.
-        let mr = kernel.rows();
+        let (mr, tile) = (kernel.rows(), kernel.tile());
         for block in panel_blocks(panels, groups * LINE) {
             let mut r = 0;
             while r < m {
@@ -228,12 +228,6 @@ impl QuantizedWeights {
                         c: c.ptr().add(r * n + p * NR),
                         ldc: n,
                         cols: (n - p * NR).min(NR),
-                    };
-                    let tile = match kernel {
-                        Kernel::Avx2 => avx2::tile,
-                        Kernel::AvxVnni => avx2::tile_avxvnni,
-                        Kernel::Avx512Vnni => avx2::tile_avx512vnni,
-                        Kernel::Avx512VnniZmm => avx2::tile_zmm,
                     };
                     tile(tile_rows, t);
                 }
@@ -354,9 +348,7 @@ impl Kernel {
             false
         }
     }
-}
 
-impl Kernel {
     /// Every kernel, the fastest first.
     pub const ALL: [Self; 4] = [
         Self::Avx512VnniZmm,
@@ -380,6 +372,17 @@ impl Kernel {
         match self {
             Self::Avx512VnniZmm => MR_ZMM,
             _ => MR,
+        }
+    }
+
+    /// The tile function: `tile(rows, t)` for up to [`Kernel::rows`] rows (safe to call
+    /// where [`Kernel::runs_here`] holds and `t` is as [`Tile`] says).
+    fn tile(self) -> unsafe fn(usize, Tile) {
+        match self {
+            Self::Avx2 => avx2::tile,
+            Self::AvxVnni => avx2::tile_avxvnni,
+            Self::Avx512Vnni => avx2::tile_avx512vnni,
+            Self::Avx512VnniZmm => avx2::tile_zmm,
         }
     }
 }
