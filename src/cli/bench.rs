@@ -233,17 +233,23 @@ fn time_models(
     let share = |gflops: f64, of: Option<f64>| {
         of.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * gflops / p))
     };
+    // The passes run on a worker of the pool the server's batcher runs on, as they do there.
+    let pool = tidings::engine::model_pool();
     let report = |name: &str,
                   cfg: &tidings::model::ModelConfig,
-                  run: &dyn Fn() -> Result<()>|
+                  run: &(dyn Fn() -> Result<()> + Sync)|
      -> Result<()> {
-        run()?;
-        let mut times = Vec::with_capacity(a.iters);
-        for _ in 0..a.iters {
-            let t = Instant::now();
+        let times = pool.install(|| -> Result<Vec<f64>> {
             run()?;
-            times.push(t.elapsed().as_secs_f64());
-        }
+            let mut times = Vec::with_capacity(a.iters);
+            for _ in 0..a.iters {
+                let t = Instant::now();
+                run()?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            Ok(times)
+        })?;
+        let mut times = times;
         times.sort_by(f64::total_cmp);
         let p50 = times[times.len() / 2];
         let p99 = times[((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)];

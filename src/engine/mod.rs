@@ -223,6 +223,21 @@ fn prototypes_key(weights: &[Vec<f32>]) -> u64 {
     h.finish()
 }
 
+/// The thread pool forward passes run *on*: the batcher loop (and `tidings bench`'s timed
+/// passes) run inside [`rayon::ThreadPool::install`], so each of the dozens of small parallel
+/// ops in a forward pass starts on a running worker that the other workers steal from,
+/// instead of being injected from outside the pool and waking a sleeping thread through a
+/// futex, then blocking the caller on another (measured: 1 x 21 tokens through both models
+/// before the fused kernels, ~23 ms -> ~21.5 ms; 1 x 64 tokens int8 NER on the fused kernels,
+/// see bench/README.md).
+pub fn model_pool() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .thread_name(|i| format!("tidings-model-{i}"))
+        .build()
+        .expect("building the model thread pool")
+}
+
 impl Engine {
     /// Starts the batcher thread over `models`.
     pub fn start(models: Arc<Models>, cfg: EngineConfig) -> Self {
@@ -230,15 +245,7 @@ impl Engine {
         let thread_models = models.clone();
         let stats = Arc::new(EngineStats::default());
         let thread_stats = stats.clone();
-        // The batcher loop runs *on* a worker of the pool that candle's kernels fork into, so
-        // each of the hundreds of small parallel ops in a forward pass starts on a running
-        // thread instead of waking a sleeping one from outside the pool (measured before the
-        // fused kernels: 1 x 21 tokens through both models, ~23 ms -> ~21.5 ms).
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(candle_core::utils::get_num_threads())
-            .thread_name(|i| format!("tidings-model-{i}"))
-            .build()
-            .expect("building the model thread pool");
+        let pool = model_pool();
         std::thread::Builder::new()
             .name("tidings-batcher".into())
             .spawn(move || pool.install(|| batcher::run(thread_models, rx, cfg, &thread_stats)))
