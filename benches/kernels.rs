@@ -4,7 +4,8 @@
 //! `cargo bench --bench kernels` (`RAYON_NUM_THREADS` sets the threads). It prints GOP/s
 //! (int8; activation quantization included) and GFLOP/s (f32), two operations per
 //! multiply-add. The two kernels alternate within each pass, so a slow minute on a shared
-//! machine hits both. On CPUs the kernels do not serve (no AVX2, or AVX-512 for f32) it says so.
+//! machine hits both. On CPUs the kernels do not serve (no AVX2 and FMA) it says so;
+//! `TIDINGS_QGEMM` and `TIDINGS_SGEMM` pick the int8 and f32 kernels.
 
 use std::time::Instant;
 use tidings::model::qgemm::{QuantizedRows, QuantizedWeights};

@@ -166,10 +166,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         })
     };
     match own_f32 {
-        Some(g) => println!(
-            "Tidings f32 kernel (weights packed at load, 2048^3, best of 3): {g:.1} GFLOP/s{}",
+        Some(g) => {
+            println!(
+            "Tidings f32 kernel ({}; weights packed at load, 2048^3, best of 3): {g:.1} GFLOP/s{}",
+            tidings::model::sgemm::kernel().expect("measured, so it runs").name(),
             of_blas(g)
-        ),
+        )
+        }
         None => println!("Tidings f32 kernel: not used on this CPU (candle's gemm instead)"),
     }
     match own_int8 {

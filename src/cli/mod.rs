@@ -286,6 +286,8 @@ impl ModelArgs {
             int8_kernel = tidings::model::qgemm::kernel()
                 .filter(|_| cpu && ner_precision.or(topic_precision) == Some(tidings::model::Precision::Int8))
                 .map(|k| k.name()),
+            // Attention's products, and the others at f32; `gemm` where no kernel of ours runs.
+            f32_kernel = cpu.then(|| tidings::model::sgemm::kernel().map_or("gemm", |k| k.name())),
             ms = started.elapsed().as_millis() as u64,
             "models loaded"
         );

@@ -1,15 +1,18 @@
-//! Single-precision products against a weight matrix packed once, at load, for an AVX2+FMA
-//! register-blocked microkernel.
+//! Single-precision products against a weight matrix packed once, at load, for
+//! register-blocked FMA microkernels (AVX2, AVX-512).
 //!
 //! `gemm` (the crate candle uses) packs its right-hand side on every call and reached about
-//! two thirds of the machine's best SGEMM on the encoder's shapes. Weights never change
-//! while serving, so here they are laid out once, as the microkernel reads them: panels of
-//! [`NR`] columns, one 64-byte line per row of the panel. Each call then only walks the
-//! activations, BLIS-style:
-//! - a 6 x 16 tile of the output lives in twelve `ymm` accumulators while `k` runs; each step
-//!   loads one line of the panel and broadcasts six activations (12 FMAs per 8 loads);
+//! two thirds of the machine's best SGEMM on the encoder's shapes on an AVX2 CPU. Weights
+//! never change while serving, so here they are laid out once, as the microkernels read
+//! them: panels of [`NR`] columns, one 64-byte line per row of the panel. Each call then only
+//! walks the activations, BLIS-style:
+//! - with AVX2, a 6 x 16 tile of the output lives in twelve `ymm` accumulators while `k`
+//!   runs; each step loads one line of the panel and broadcasts six activations (12 FMAs per
+//!   8 loads). With AVX-512, a 12 x 32 tile (two panels) lives in 24 `zmm` accumulators; each
+//!   step loads a line of both panels and broadcasts twelve activations (24 FMAs per 14
+//!   loads), and the last panel's padding columns are masked off;
 //! - `k` is cut in blocks of [`KC`], and the panels in blocks of at most [`B_BLOCK_BYTES`] so
-//!   that they stay in L2 while every 6-row tile of the activations walks them, left to
+//!   that they stay in L2 while every row tile of the activations walks them, left to
 //!   right: the tile's rows stay in L1, and each output row is read and written in order
 //!   (the rows are prefetched when the tile starts). On the encoder's 2048-row products
 //!   (`cargo bench --bench kernels`) that was 10-15% faster than the BLIS order, where a
@@ -18,16 +21,21 @@
 //! - threads take disjoint groups of panels (output columns), so they never write the same
 //!   output element.
 //!
-//! The kernel is used where the CPU has AVX2 and FMA but not AVX-512: there `gemm`'s own
-//! AVX-512 kernels are kept, since this machine could not measure a replacement. Anything
-//! else (other CPUs, other architectures) keeps `gemm` as well; see [`PackedWeights::pack`].
+//! [`kernel`] picks the widest the CPU runs (`TIDINGS_SGEMM` names another, or `gemm`).
+//! On a 2-core AMD EPYC Zen 5 (AVX-512), the AVX-512 tile ran the encoder's products at
+//! 445-456 GFLOP/s where `gemm`'s own AVX-512 kernels reached 409-437 and the AVX2 tile
+//! 208-244. CPUs without AVX2 and FMA, and other architectures, keep `gemm`; see
+//! [`PackedWeights::pack`].
 
 use rayon::prelude::*;
 
 /// Columns per packed panel: two `ymm` registers.
 pub const NR: usize = 16;
-/// Rows per output tile.
+/// Rows per output tile of the AVX2 kernel.
 const MR: usize = 6;
+/// Rows per output tile of the AVX-512 kernel (two panels wide: 24 accumulators, two panel
+/// lines and a broadcast of the 32 `zmm` registers).
+const MR_ZMM: usize = 12;
 /// Depth of a block of `k`: a panel's block is `KC` lines of 64 bytes, 24 KiB.
 const KC: usize = 384;
 /// At most this many bytes of packed panels (of one `k` block) are walked by one pass of the
@@ -50,8 +58,8 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs `b: [k, n]` (row-major) when this CPU runs the microkernel (AVX2 and FMA, no
-    /// AVX-512F), `None` otherwise; `TIDINGS_SGEMM=gemm` in the environment forces `None`.
+    /// Packs `b: [k, n]` (row-major) when an f32 kernel runs here ([`kernel`]: AVX2 and
+    /// FMA), `None` otherwise; `TIDINGS_SGEMM=gemm` in the environment forces `None`.
     pub fn pack(b: &[f32], k: usize, n: usize) -> Option<Self> {
         if !available() {
             return None;
@@ -123,8 +131,8 @@ impl PackedWeights {
     /// row stride `ldc` (columns contiguous in both).
     ///
     /// # Safety
-    /// The CPU must run the microkernel ([`available`]); `a` must address `m` rows of `k`
-    /// floats, `c` `m` rows of `n` writable floats that nothing else uses meanwhile.
+    /// A kernel must run here ([`available`]); `a` must address `m` rows of `k` floats, `c`
+    /// `m` rows of `n` writable floats that nothing else uses meanwhile.
     pub(super) unsafe fn matmul_into(
         &self,
         a: *const f32,
@@ -133,15 +141,23 @@ impl PackedWeights {
         c: *mut f32,
         ldc: usize,
     ) {
+        let kernel = kernel().expect("matmul_into runs only where a kernel does");
         for i in 0..m {
             std::ptr::write_bytes(c.add(i * ldc), 0, self.n);
         }
-        self.run_panels(a, lda, m, SharedMut(c), ldc, 0..self.n.div_ceil(NR));
+        self.run_panels(kernel, a, lda, m, SharedMut(c), ldc, 0..self.n.div_ceil(NR));
     }
 
     /// `c[m, n] += a[m, k] B`, with `a` and `c` row-major and contiguous, spread over
     /// `threads` rayon tasks (1: on the calling thread).
     pub fn matmul_acc(&self, a: &[f32], m: usize, c: &mut [f32], threads: usize) {
+        let kernel = kernel().expect("PackedWeights exist only where a kernel runs");
+        self.matmul_acc_on(kernel, a, m, c, threads);
+    }
+
+    /// [`PackedWeights::matmul_acc`] on `kernel`, which this CPU must run.
+    fn matmul_acc_on(&self, kernel: Kernel, a: &[f32], m: usize, c: &mut [f32], threads: usize) {
+        assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
         let (k, n) = (self.k, self.n);
         let holds = |len: usize, cols: usize| m.checked_mul(cols).is_some_and(|x| len >= x);
         assert!(holds(a.len(), k) && holds(c.len(), n), "buffers too small");
@@ -150,10 +166,10 @@ impl PackedWeights {
         }
         let out = SharedMut(c.as_mut_ptr());
         over_column_groups(n.div_ceil(NR), threads, |panels| {
-            // SAFETY: `available()` held when these weights were packed (checked again in
-            // debug builds); `panels` are this task's own output columns, and every pointer
-            // stays inside `a`, `c` and `self.lines` (asserted sizes above).
-            unsafe { self.run_panels(a.as_ptr(), k, m, out, n, panels) };
+            // SAFETY: the CPU runs `kernel` (asserted above); `panels` are this task's own
+            // output columns, and every pointer stays inside `a`, `c` and `self.lines`
+            // (asserted sizes above).
+            unsafe { self.run_panels(kernel, a.as_ptr(), k, m, out, n, panels) };
         });
     }
 
@@ -161,10 +177,12 @@ impl PackedWeights {
     /// row stride `lda`, `c` with row stride `ldc`.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `a` must address `m` rows of `k` floats and `c` `m`
-    /// rows of `n`; no other thread may touch the columns of `panels`.
+    /// The CPU must run `kernel`; `a` must address `m` rows of `k` floats and `c` `m` rows
+    /// of `n`; no other thread may touch the columns of `panels`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run_panels(
         &self,
+        kernel: Kernel,
         a: *const f32,
         lda: usize,
         m: usize,
@@ -172,20 +190,30 @@ impl PackedWeights {
         ldc: usize,
         panels: std::ops::Range<usize>,
     ) {
-        debug_assert!(available() || cfg!(test));
         let (k, n) = (self.k, self.n);
+        let (mr, pr, tile) = (kernel.rows(), kernel.panels(), kernel.tile());
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             for block in panel_blocks(panels.clone(), kc * std::mem::size_of::<Line>()) {
                 let mut r = 0;
                 while r < m {
-                    let rows = MR.min(m - r);
-                    let a_tile = a.add(r * lda + k0);
-                    for p in block.clone() {
-                        let cols = (n - p * NR).min(NR);
-                        let b = self.lines.as_ptr().add(p * k + k0) as *const f32;
-                        let c_tile = c.ptr().add(r * ldc + p * NR);
-                        avx2::tile(rows, kc, a_tile, lda, b, c_tile, ldc, cols);
+                    let rows = mr.min(m - r);
+                    let mut p = block.start;
+                    while p < block.end {
+                        let count = pr.min(block.end - p);
+                        let last = p + count - 1;
+                        let t = Tile {
+                            kc,
+                            a: a.add(r * lda + k0),
+                            lda,
+                            b: self.lines.as_ptr().add(p * k + k0) as *const f32,
+                            panel_stride: k * NR,
+                            c: c.ptr().add(r * ldc + p * NR),
+                            ldc,
+                            cols: (n - last * NR).min(NR),
+                        };
+                        tile(rows, count, t);
+                        p += count;
                     }
                     r += rows;
                 }
@@ -242,70 +270,163 @@ impl SharedMut {
     }
 }
 
-/// Whether the microkernel runs here (and is wanted).
-pub fn available() -> bool {
-    use std::sync::OnceLock;
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
+/// The instructions of an f32 tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// FMA on 256-bit registers (AVX2 and FMA): [`MR`] rows x one panel, twelve
+    /// accumulators.
+    Avx2,
+    /// FMA on 512-bit registers (AVX-512F): [`MR_ZMM`] rows x two panels, twenty-four
+    /// accumulators.
+    Avx512,
+}
+
+impl Kernel {
+    /// Every kernel, the fastest first.
+    pub const ALL: [Self; 2] = [Self::Avx512, Self::Avx2];
+
+    /// Whether this CPU has the kernel's instructions.
+    pub fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            let wanted = std::env::var("TIDINGS_SGEMM").map_or(true, |v| v != "gemm");
-            wanted
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && !std::arch::is_x86_feature_detected!("avx512f")
+            use std::arch::is_x86_feature_detected as has;
+            has!("avx2")
+                && has!("fma")
+                && match self {
+                    Self::Avx2 => true,
+                    Self::Avx512 => has!("avx512f"),
+                }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
+            let _ = self;
             false
+        }
+    }
+
+    /// The name `TIDINGS_SGEMM` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+        }
+    }
+
+    /// Rows per tile.
+    fn rows(self) -> usize {
+        match self {
+            Self::Avx2 => MR,
+            Self::Avx512 => MR_ZMM,
+        }
+    }
+
+    /// Panels per tile.
+    fn panels(self) -> usize {
+        match self {
+            Self::Avx2 => 1,
+            Self::Avx512 => 2,
+        }
+    }
+
+    /// The tile function: `tile(rows, panels, t)` for up to [`Kernel::rows`] rows and
+    /// [`Kernel::panels`] panels (safe to call where [`Kernel::runs_here`] holds and `t` is
+    /// as [`Tile`] says).
+    fn tile(self) -> unsafe fn(usize, usize, Tile) {
+        match self {
+            Self::Avx2 => avx2::tile,
+            Self::Avx512 => avx2::tile_zmm,
+        }
+    }
+}
+
+/// The f32 kernel: `None` where `TIDINGS_SGEMM=gemm` (the products on `gemm`, to compare)
+/// or the CPU lacks AVX2 and FMA; the one `TIDINGS_SGEMM` names (`avx2`, `avx512`) where
+/// this CPU runs it; else the fastest it runs. Decided once.
+pub fn kernel() -> Option<Kernel> {
+    static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let best = Kernel::ALL.into_iter().find(|k| k.runs_here());
+        let Ok(name) = std::env::var("TIDINGS_SGEMM") else {
+            return best;
+        };
+        if name == "gemm" {
+            return None;
+        }
+        match Kernel::ALL.into_iter().find(|k| k.name() == name) {
+            Some(k) if k.runs_here() => Some(k),
+            named => {
+                tracing::warn!(
+                    TIDINGS_SGEMM = %name,
+                    using = best.map(|k| k.name()),
+                    "{}; using the fastest this CPU runs",
+                    if named.is_some() { "this CPU does not run that f32 kernel" } else {
+                        "no such f32 kernel (avx2, avx512, gemm)"
+                    }
+                );
+                best
+            }
         }
     })
 }
 
+/// Whether an f32 kernel runs here (and is wanted).
+pub fn available() -> bool {
+    kernel().is_some()
+}
+
+/// One tile's operands: `a` addresses the tile's rows of `kc` floats with stride `lda`; `b`
+/// the first of its panels' blocks of `kc` 64-byte lines (aligned), the next one
+/// `panel_stride` floats further; `c` the tile's output rows with stride `ldc`, of which the
+/// tile writes whole panels but `cols` columns of the last.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    panel_stride: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    use super::{MR, NR};
+    use super::{Tile, MR, MR_ZMM, NR};
     use std::arch::x86_64::*;
 
-    /// `c[rows, cols] += a[rows, kc] b[kc, 16]` for one tile of at most [`MR`] rows.
+    /// `c[rows, cols] += a[rows, kc] b[kc, 16]` for one tile of at most [`MR`] rows and one
+    /// panel.
     ///
     /// # Safety
-    /// AVX2 and FMA; `a` addresses `rows` rows of `kc` floats with stride `lda`, `b` `kc`
-    /// 64-byte lines, `c` `rows` rows of `cols` floats with stride `ldc`.
-    #[allow(clippy::too_many_arguments)]
+    /// AVX2 and FMA; `t` as [`Tile`] says, `panels` 1.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(
-        rows: usize,
-        kc: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
+    pub(super) unsafe fn tile(rows: usize, panels: usize, t: Tile) {
+        debug_assert_eq!(panels, 1, "AVX2 tiles are one panel wide");
         match rows {
-            6 => tile_m::<6>(kc, a, lda, b, c, ldc, cols),
-            5 => tile_m::<5>(kc, a, lda, b, c, ldc, cols),
-            4 => tile_m::<4>(kc, a, lda, b, c, ldc, cols),
-            3 => tile_m::<3>(kc, a, lda, b, c, ldc, cols),
-            2 => tile_m::<2>(kc, a, lda, b, c, ldc, cols),
-            1 => tile_m::<1>(kc, a, lda, b, c, ldc, cols),
+            6 => tile_m::<6>(t),
+            5 => tile_m::<5>(t),
+            4 => tile_m::<4>(t),
+            3 => tile_m::<3>(t),
+            2 => tile_m::<2>(t),
+            1 => tile_m::<1>(t),
             _ => debug_assert_eq!(rows, 0, "tiles have at most {MR} rows"),
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_m<const M: usize>(
-        kc: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
+    unsafe fn tile_m<const M: usize>(t: Tile) {
+        let Tile {
+            kc,
+            a,
+            lda,
+            b,
+            c,
+            ldc,
+            cols,
+            ..
+        } = t;
         // The tile's output rows are read at the end; start fetching them now.
         for i in 0..M {
             _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
@@ -322,6 +443,70 @@ pub(super) mod avx2 {
         }
         for (i, acc) in acc.iter().enumerate() {
             add_to_row(c.add(i * ldc), acc[0], acc[1], cols);
+        }
+    }
+
+    /// `c[rows, ..] += a[rows, kc] b[kc, panels x 16]` for one tile of at most [`MR_ZMM`]
+    /// rows and two panels: a line of each panel and a broadcast per row and step of `k`,
+    /// into `rows x panels` accumulators.
+    ///
+    /// # Safety
+    /// AVX-512F; `t` as [`Tile`] says, `panels` 1 or 2.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_zmm(rows: usize, panels: usize, t: Tile) {
+        macro_rules! rows {
+            ($($m:literal)*) => {
+                match (rows, panels) {
+                    $(($m, 2) => tile_zmm_m::<$m, 2>(t), ($m, 1) => tile_zmm_m::<$m, 1>(t),)*
+                    _ => debug_assert!(rows == 0, "{rows} x {panels}: not a tile"),
+                }
+            };
+        }
+        rows!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_zmm_m<const M: usize, const P: usize>(t: Tile) {
+        const { assert!(M <= MR_ZMM && P <= 2) };
+        let Tile {
+            kc,
+            a,
+            lda,
+            b,
+            panel_stride,
+            c,
+            ldc,
+            cols,
+        } = t;
+        for i in 0..M {
+            for p in 0..P {
+                _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + p * NR) as *const i8);
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); P]; M];
+        for kk in 0..kc {
+            let mut line = [_mm512_setzero_ps(); P];
+            for (p, line) in line.iter_mut().enumerate() {
+                *line = _mm512_load_ps(b.add(p * panel_stride + kk * NR));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*a.add(i * lda + kk));
+                for (acc, line) in acc.iter_mut().zip(&line) {
+                    *acc = _mm512_fmadd_ps(ai, *line, *acc);
+                }
+            }
+        }
+        // Only `cols` columns of the last panel are the output's (masked loads and stores
+        // touch no others).
+        let last: __mmask16 = if cols >= NR { !0 } else { (1 << cols) - 1 };
+        for (i, acc) in acc.iter().enumerate() {
+            for (p, v) in acc.iter().enumerate() {
+                let mask = if p + 1 == P { last } else { !0 };
+                let row = c.add(i * ldc + p * NR);
+                let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, row), *v);
+                _mm512_mask_storeu_ps(row, mask, sum);
+            }
         }
     }
 
@@ -419,19 +604,16 @@ pub(super) mod avx2 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod avx2 {
-    /// Never called: [`super::available`] is false off x86-64.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile(
-        _: usize,
-        _: usize,
-        _: *const f32,
-        _: usize,
-        _: *const f32,
-        _: *mut f32,
-        _: usize,
-        _: usize,
-    ) {
-        unreachable!("the AVX2 microkernel runs only on x86-64")
+    use super::Tile;
+
+    /// Never called: no [`super::Kernel`] runs off x86-64.
+    pub(super) unsafe fn tile(_: usize, _: usize, _: Tile) {
+        unreachable!("the f32 tiles run only on x86-64")
+    }
+
+    /// Never called: no [`super::Kernel`] runs off x86-64.
+    pub(super) unsafe fn tile_zmm(_: usize, _: usize, _: Tile) {
+        unreachable!("the f32 tiles run only on x86-64")
     }
 }
 
@@ -440,15 +622,12 @@ pub(super) mod tests {
     use super::*;
 
     fn has_avx2_fma() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        Kernel::Avx2.runs_here()
+    }
+
+    /// The kernels this CPU runs, the narrowest first.
+    fn kernels_here() -> impl Iterator<Item = Kernel> {
+        Kernel::ALL.into_iter().rev().filter(|k| k.runs_here())
     }
 
     /// Deterministic values in [-1, 1) (also the int8 kernel's tests').
@@ -468,29 +647,39 @@ pub(super) mod tests {
 
     #[test]
     fn strided_packing_and_product_into_strided_rows() {
-        if !has_avx2_fma() {
-            return;
-        }
-        // a: 5 x 3 inside rows of 7; B = the transpose of a 4 x 3 block inside rows of 6;
-        // c: 5 x 4 inside rows of 9, whose other columns must stay untouched.
-        let (m, k, n) = (5, 3, 4);
-        let a = values(5 * 7, 11);
-        let bt = values(4 * 6, 12);
-        let mut c = vec![7.0f32; 5 * 9];
-        let mut packed = PackedWeights::empty();
-        unsafe {
-            packed.repack(bt.as_ptr(), k, n, 1, 6);
-            packed.matmul_into(a.as_ptr(), 7, m, c.as_mut_ptr(), 9);
-        }
-        for i in 0..m {
-            for j in 0..9 {
-                let got = c[i * 9 + j];
-                if j >= n {
-                    assert_eq!(got, 7.0);
-                    continue;
+        // a: 5 x 3 inside rows of 7; B = the transpose of an n x 3 block inside rows of 6;
+        // c: 5 x n inside rows of n + 5, whose other columns must stay untouched (n = 20: a
+        // whole panel and a partial one, which the AVX-512 tile runs as one masked tile).
+        let (m, k) = (5, 3);
+        for kernel in kernels_here() {
+            for n in [4, 20] {
+                let ldc = n + 5;
+                let a = values(5 * 7, 11);
+                let bt = values(n * 6, 12);
+                let mut c = vec![7.0f32; m * ldc];
+                let mut packed = PackedWeights::empty();
+                unsafe {
+                    packed.repack(bt.as_ptr(), k, n, 1, 6);
+                    for i in 0..m {
+                        std::ptr::write_bytes(c.as_mut_ptr().add(i * ldc), 0, n);
+                    }
+                    let out = SharedMut(c.as_mut_ptr());
+                    packed.run_panels(kernel, a.as_ptr(), 7, m, out, ldc, 0..n.div_ceil(NR));
                 }
-                let want: f32 = (0..k).map(|t| a[i * 7 + t] * bt[j * 6 + t]).sum();
-                assert!((got - want).abs() < 1e-5, "({i},{j}): {got} vs {want}");
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let got = c[i * ldc + j];
+                        if j >= n {
+                            assert_eq!(got, 7.0, "{kernel:?} n {n}");
+                            continue;
+                        }
+                        let want: f32 = (0..k).map(|t| a[i * 7 + t] * bt[j * 6 + t]).sum();
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{kernel:?} ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -536,38 +725,72 @@ pub(super) mod tests {
 
     #[test]
     fn packed_product_matches_the_textbook_on_ragged_shapes() {
-        if !has_avx2_fma() {
-            return;
-        }
-        // Rows, depth and columns that are not multiples of the tile, the k block or the
-        // row block, and ones that are.
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (7, 5, 17),
-            (64, 384, 96),
-            (73, 400, 33),
-            (150, 800, 48),
-        ] {
-            let a = values(m * k, 1);
-            let b = values(k * n, 2);
-            let start = values(m * n, 3);
-            let packed = PackedWeights::pack_always(&b, k, n);
-            for threads in [1, 2, 3] {
-                let mut c = start.clone();
-                packed.matmul_acc(&a, m, &mut c, threads);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f64 = start[i * n + j] as f64
-                            + (0..k)
-                                .map(|t| a[i * k + t] as f64 * b[t * n + j] as f64)
-                                .sum::<f64>();
-                        let got = c[i * n + j] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-4 * (k as f64).sqrt(),
-                            "{m}x{k}x{n} threads {threads} at ({i},{j}): {got} vs {want}"
-                        );
+        // Rows, depth and columns that are not multiples of either kernel's tile, the k block
+        // or the row block, and ones that are; every kernel this CPU runs.
+        for kernel in kernels_here() {
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (7, 5, 17),
+                (25, 40, 80),
+                (64, 384, 96),
+                (73, 400, 33),
+                (150, 800, 48),
+            ] {
+                let a = values(m * k, 1);
+                let b = values(k * n, 2);
+                let start = values(m * n, 3);
+                let packed = PackedWeights::pack_always(&b, k, n);
+                for threads in [1, 2, 3] {
+                    let mut c = start.clone();
+                    packed.matmul_acc_on(kernel, &a, m, &mut c, threads);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = start[i * n + j] as f64
+                                + (0..k)
+                                    .map(|t| a[i * k + t] as f64 * b[t * n + j] as f64)
+                                    .sum::<f64>();
+                            let got = c[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (k as f64).sqrt(),
+                                "{kernel:?} {m}x{k}x{n} threads {threads} at ({i},{j}): \
+                                 {got} vs {want}"
+                            );
+                        }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_same_bits() {
+        // Both tiles make each output's sum in the same order (one FMA per step of `k`, from
+        // zero in each k block), so the kernels are interchangeable bit for bit.
+        let (m, k, n) = (37, 800, 50);
+        let (a, b) = (values(m * k, 4), values(k * n, 5));
+        let packed = PackedWeights::pack_always(&b, k, n);
+        let mut results = kernels_here().map(|kernel| {
+            let mut c = values(m * n, 6);
+            packed.matmul_acc_on(kernel, &a, m, &mut c, 2);
+            (kernel, c)
+        });
+        if let Some((first, want)) = results.next() {
+            for (kernel, got) in results {
+                assert!(got == want, "{kernel:?} differs from {first:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_chosen_kernel_runs_here_and_is_the_widest_one() {
+        let named = std::env::var("TIDINGS_SGEMM").ok();
+        match kernel() {
+            None => assert!(!has_avx2_fma() || named.as_deref() == Some("gemm")),
+            Some(k) => {
+                let want = kernels_here()
+                    .find(|k| named.as_deref() == Some(k.name()))
+                    .or(kernels_here().last());
+                assert_eq!(Some(k), want, "TIDINGS_SGEMM={named:?}");
             }
         }
     }
