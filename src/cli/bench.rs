@@ -173,7 +173,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             of_blas(g)
         )
         }
-        None => println!("Tidings f32 kernel: not used on this CPU (candle's gemm instead)"),
+        None => println!(
+            "Tidings f32 kernel: not used (no AVX2 and FMA here, or TIDINGS_SGEMM=gemm): candle's gemm instead"
+        ),
     }
     match own_int8 {
         Some(g) => println!(

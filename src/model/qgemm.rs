@@ -31,7 +31,7 @@
 //! 391-602 (on another instance of that machine: 186-304, 311-426 and 543-744).
 //! `TIDINGS_QGEMM` names a kernel to use instead ([`kernel`]).
 
-use super::sgemm::{over_column_groups, panel_blocks, SharedMut};
+use super::sgemm::{choose_kernel, over_column_groups, panel_blocks, SharedMut};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -393,24 +393,13 @@ impl Kernel {
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let best = Kernel::ALL.into_iter().find(|k| k.runs_here());
-        let Ok(name) = std::env::var("TIDINGS_QGEMM") else {
-            return best;
-        };
-        match Kernel::ALL.into_iter().find(|k| k.name() == name) {
-            Some(k) if k.runs_here() => Some(k),
-            named => {
-                tracing::warn!(
-                    TIDINGS_QGEMM = %name,
-                    using = best.map(|k| k.name()),
-                    "{}; using the fastest this CPU runs",
-                    if named.is_some() { "this CPU does not run that int8 kernel" } else {
-                        "no such int8 kernel (avx2, avxvnni, avx512vnni-ymm, avx512vnni)"
-                    }
-                );
-                best
-            }
-        }
+        choose_kernel(
+            "TIDINGS_QGEMM",
+            "int8",
+            &Kernel::ALL,
+            Kernel::runs_here,
+            Kernel::name,
+        )
     })
 }
 

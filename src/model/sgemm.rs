@@ -345,28 +345,51 @@ impl Kernel {
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let best = Kernel::ALL.into_iter().find(|k| k.runs_here());
-        let Ok(name) = std::env::var("TIDINGS_SGEMM") else {
-            return best;
-        };
-        if name == "gemm" {
+        if std::env::var("TIDINGS_SGEMM").is_ok_and(|v| v == "gemm") {
             return None;
         }
-        match Kernel::ALL.into_iter().find(|k| k.name() == name) {
-            Some(k) if k.runs_here() => Some(k),
-            named => {
-                tracing::warn!(
-                    TIDINGS_SGEMM = %name,
-                    using = best.map(|k| k.name()),
-                    "{}; using the fastest this CPU runs",
-                    if named.is_some() { "this CPU does not run that f32 kernel" } else {
-                        "no such f32 kernel (avx2, avx512, gemm)"
-                    }
-                );
-                best
-            }
-        }
+        choose_kernel(
+            "TIDINGS_SGEMM",
+            "f32",
+            &Kernel::ALL,
+            Kernel::runs_here,
+            Kernel::name,
+        )
     })
+}
+
+/// Of `all` (fastest first), the kernel the environment variable `var` names where this CPU
+/// runs it, else the fastest it runs (`None`: none does); a name that is unknown or does not
+/// run here gets a warning. For `what` kernels (`f32`, `int8`).
+pub(super) fn choose_kernel<K: Copy>(
+    var: &str,
+    what: &str,
+    all: &[K],
+    runs_here: impl Fn(K) -> bool,
+    name: impl Fn(K) -> &'static str,
+) -> Option<K> {
+    let best = all.iter().copied().find(|&k| runs_here(k));
+    let Ok(wanted) = std::env::var(var) else {
+        return best;
+    };
+    match all.iter().copied().find(|&k| name(k) == wanted) {
+        Some(k) if runs_here(k) => Some(k),
+        named => {
+            let names: Vec<_> = all.iter().map(|&k| name(k)).collect();
+            tracing::warn!(
+                variable = var,
+                value = %wanted,
+                using = best.map(&name),
+                "{}; using the fastest this CPU runs",
+                if named.is_some() {
+                    format!("this CPU does not run that {what} kernel")
+                } else {
+                    format!("no such {what} kernel ({})", names.join(", "))
+                }
+            );
+            best
+        }
+    }
 }
 
 /// Whether an f32 kernel runs here (and is wanted).
