@@ -23,8 +23,13 @@ and `fp32-plain` (the unfused graph, only when asked for with --backends).
 forward pass of the same weights on a 2x16 input (the second row padded), and reports how far
 int8 drifts. Timing: full rows as `tidings bench` makes them ([CLS], ids 1000 + (k*7919) %
 20000, [SEP]; casing 1, 0 on the specials; no padding), p50/p99 over --iters runs after
---warmup runs, tokens/s = B*S / p50. With --tidings BIN, also runs `BIN bench` per shape (with
-RAYON_NUM_THREADS = --threads) and prints Tidings / ORT ratios.
+--warmup runs, tokens/s = B*S / p50. Then the article mix (--mix-articles, 64; 0 skips it): the
+articles bench/run.py sends (the seed article, then AG News dev rows), cut into Tidings' windows
+with each model's tokenizer, sorted longest first and cut into passes of at most --mix-budget
+(1024) padded tokens; one timed run is every pass, ORT's padded to its longest window, and
+tokens/s counts the windows' own tokens. With --tidings BIN, also runs `BIN bench` per shape
+(`--mix` with the same window lengths for the mix; RAYON_NUM_THREADS = --threads) and prints
+Tidings / ORT ratios.
 
     pip install -r bench/ort-requirements.txt
     python3 bench/ort_encoder.py --tidings target/release/tidings
@@ -33,6 +38,7 @@ RAYON_NUM_THREADS = --threads) and prints Tidings / ORT ratios.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -51,6 +57,8 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from tidings_ref import load_tokenizer, plan_windows  # noqa: E402  (tokenizers only, no torch)
 OPSET = 17
 MASK_VALUE = -10000.0
 
@@ -274,16 +282,54 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def bench_feeds(m: Bert, batch: int, seq: int) -> dict[str, np.ndarray]:
-    """Full rows as `tidings bench` builds them: [CLS] ids [SEP], casing 1 (0 on the specials)."""
-    body = [1000 + (k * 7919) % 20000 for k in range(max(seq - 2, 1))]
-    row = np.array([m.cls_id, *body, m.sep_id], dtype=np.int64)
-    feeds = {"input_ids": np.tile(row, (batch, 1)), "attention_mask": np.ones((batch, row.size), np.int64)}
+def pass_feeds(m: Bert, lengths: list[int]) -> dict[str, np.ndarray]:
+    """One forward pass of rows as `tidings bench` builds them: [CLS] ids [SEP] (ids 1000 +
+    (k*7919) % 20000), casing 1 (0 on the specials), `lengths` tokens each (specials included),
+    padded with id 0 and mask 0 to the longest."""
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    cas = np.zeros((len(lengths), width), np.int64)
+    for r, n in enumerate(lengths):
+        body = [1000 + (k * 7919) % 20000 for k in range(max(n - 2, 1))]
+        row = [m.cls_id, *body, m.sep_id]
+        ids[r, :len(row)], mask[r, :len(row)], cas[r, 1:len(row) - 1] = row, 1, 1
+    feeds = {"input_ids": ids, "attention_mask": mask}
     if m.casing:
-        cas = np.ones(row.size, np.int64)
-        cas[0] = cas[-1] = 0
-        feeds["casing_ids"] = np.tile(cas, (batch, 1))
+        feeds["casing_ids"] = cas
     return feeds
+
+
+def load_mix_articles(seed: Path, dev: Path, n: int) -> list[str]:
+    """The article set bench/run.py sends (benchlib.load_articles, without its gRPC imports): the
+    seed article, then AG News rows as title + ". " + description, `n` in all."""
+    out = [seed.read_text().strip()] if seed.exists() else []
+    with dev.open(newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            if len(out) >= n:
+                break
+            out.append(f"{r['title'].strip()}. {r['description'].strip()}")
+    return out
+
+
+def mix_passes(m: Bert, articles: list[str], budget: int) -> list[list[int]]:
+    """The article mix for `m`: every article tokenized with the model's tokenizer and cut into
+    Tidings' windows (254 pieces, 64 shared: tools/tidings_ref.py, the parity reference), each
+    window's length with [CLS]/[SEP]; sorted longest first (the least padding ORT can have)
+    and cut into forward passes of at most `budget` padded tokens (the batcher's slice)."""
+    tok = load_tokenizer(m.dir)
+    lengths = []
+    for text in articles:
+        n = len(tok.encode(text, add_special_tokens=False).ids)
+        lengths += [e - s + 2 for s, e in plan_windows(n)]
+    lengths.sort(reverse=True)
+    passes: list[list[int]] = []
+    for n in lengths:
+        if passes and (len(passes[-1]) + 1) * passes[-1][0] <= budget:
+            passes[-1].append(n)
+        else:
+            passes.append([n])
+    return passes
 
 
 def check_feeds(m: Bert, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -327,22 +373,27 @@ def percentile(times: list[float], q: float) -> float:
     return s[len(s) // 2] if q == 0.5 else s[max(math.ceil(len(s) * q) - 1, 0)]
 
 
-def time_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], iters: int,
-                 warmup: int) -> tuple[float, float]:
+def time_passes(sess: ort.InferenceSession, passes: list[dict[str, np.ndarray]], iters: int,
+                warmup: int) -> tuple[float, float]:
+    """p50 and p99 seconds of one run of all `passes`, back to back."""
+    def once():
+        for feeds in passes:
+            sess.run(None, feeds)
     for _ in range(warmup):
-        sess.run(None, feeds)
+        once()
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        sess.run(None, feeds)
+        once()
         times.append(time.perf_counter() - t)
     return percentile(times, 0.5), percentile(times, 0.99)
 
 
-def run_tidings(binary: str, batch: int, seq: int, iters: int, threads: int, ner: Path,
-                topics: Path, precision: str) -> dict[str, float]:
-    """tokens/s per model from `BIN bench`: lines `ner|topics batch seq p50 p99 tokens/s ...`."""
-    cmd = [binary, "bench", "--batch", str(batch), "--seq", str(seq), "--iters", str(iters),
+def run_tidings(binary: str, shape: list[str], cols: list[str], iters: int, threads: int,
+                ner: Path | str, topics: Path | str, precision: str) -> dict[str, float]:
+    """tokens/s per model from `BIN bench SHAPE...`: lines `ner|topics batch seq p50 p99
+    tokens/s ...` whose batch and seq read `cols`."""
+    cmd = [binary, "bench", *shape, "--iters", str(iters),
            "--ner-model", str(ner), "--topic-model", str(topics), "--precision", precision]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
@@ -351,7 +402,7 @@ def run_tidings(binary: str, batch: int, seq: int, iters: int, threads: int, ner
     out = {}
     for line in res.stdout.splitlines():
         f = line.split()
-        if len(f) >= 6 and f[0] in ("ner", "topics") and f[1:3] == [str(batch), str(seq)]:
+        if len(f) >= 6 and f[0] in ("ner", "topics") and f[1:3] == cols:
             out[f[0]] = float(f[5])
     if not out:
         raise RuntimeError(f"no ner/topics rows in the output of {' '.join(cmd)}:\n{res.stdout}")
@@ -409,13 +460,23 @@ def main() -> int:
                     help="`BIN bench --precision` values to run (comma-separated)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of every contender at every shape; medians are reported")
+    ap.add_argument("--mix-articles", type=int, default=64,
+                    help="articles in the article mix, timed after --shapes (0: no mix); see mix_passes")
+    ap.add_argument("--mix-budget", type=int, default=1024,
+                    help="padded tokens per forward pass of the article mix")
+    ap.add_argument("--seed-article", type=Path, default=ROOT.parent / "shared/examples/seed-article.txt",
+                    help="the mix's first article (as bench/run.py)")
+    ap.add_argument("--dev-csv", type=Path, default=ROOT.parent / "shared/data/ag_news/dev.csv",
+                    help="AG News CSV whose rows follow it (as bench/run.py)")
     a = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # optimizer/quantizer chatter (producer name, pre-processing)
     ort.set_default_logger_severity(3)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     if bad := set(backends) - {"fp32", "int8", "fp32-plain"}:
         ap.error(f"unknown backends {sorted(bad)}")
-    shapes = parse_shapes(a.shapes)
+    # A shape: its name, and per model the window lengths of each forward pass.
+    shapes: list[tuple[str, dict[str, list[list[int]]]]] = [
+        (f"{b}x{s_}", {"ner": [[s_] * b], "topics": [[s_] * b]}) for b, s_ in parse_shapes(a.shapes)]
     print(f"CPU: {proc_field('/proc/cpuinfo', 'model name', 'unknown')} ({os.cpu_count()} cpus; int8-relevant flags: {cpu_int8_flags()})")
     print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}; "
           f"{a.threads} intra-op threads")
@@ -430,43 +491,76 @@ def main() -> int:
         if a.check_only:
             continue
         sessions[m.name] = {b: session(paths[b], a.threads) for b in backends}
+    if a.mix_articles > 0 and not a.check_only:
+        if a.dev_csv.exists():
+            articles = load_mix_articles(a.seed_article, a.dev_csv, a.mix_articles)
+            mix = {m.name: mix_passes(m, articles, a.mix_budget) for m in models}
+            shapes.append(("mix", mix))
+            for name, passes in mix.items():
+                lens = [n for p in passes for n in p]
+                print(f"[{name}] article mix: {len(articles)} articles, {len(lens)} windows of "
+                      f"{min(lens)}-{max(lens)} tokens ({sum(lens)} in all), {len(passes)} passes of "
+                      f"<= {a.mix_budget} padded tokens")
+        else:
+            print(f"no article mix: {a.dev_csv} is missing (--dev-csv)", file=sys.stderr)
     # Rounds: every contender at every shape once per round, back to back, so that a slow
     # minute (shared or throttled CPUs) hits all of them; the tables give per-round medians.
-    samples: dict[tuple[str, str, int, int], list[float]] = {}  # (model, contender, B, S) -> tokens/s
+    samples: dict[tuple[str, str, str], list[float]] = {}  # (model, contender, shape) -> tokens/s
     precisions = [p.strip() for p in a.tidings_precisions.split(",") if p.strip()] if a.tidings else []
     if not a.check_only:
         for rnd in range(a.rounds):
-            for b, s_ in shapes:
+            for shape, passes in shapes:
                 for m in models:
+                    tokens = sum(n for p in passes[m.name] for n in p)
+                    feeds = [pass_feeds(m, p) for p in passes[m.name]]
                     for backend, sess in sessions[m.name].items():
-                        p50, _ = time_session(sess, bench_feeds(m, b, s_), a.iters, a.warmup)
-                        samples.setdefault((m.name, f"ort {backend}", b, s_), []).append(b * s_ / p50)
+                        p50, _ = time_passes(sess, feeds, a.iters, a.warmup)
+                        samples.setdefault((m.name, f"ort {backend}", shape), []).append(tokens / p50)
                 for prec in precisions:
-                    for name, tps in run_tidings(a.tidings, b, s_, a.iters, a.threads, a.ner, a.minilm,
-                                                 prec).items():
-                        samples.setdefault((name, f"tidings {prec}", b, s_), []).append(tps)
+                    if shape != "mix":
+                        b, s_ = shape.split("x")
+                        got = run_tidings(a.tidings, ["--batch", b, "--seq", s_], [b, s_], a.iters,
+                                          a.threads, a.ner, a.minilm, prec)
+                    else:  # one model at a time: each has its own windows
+                        got = {}
+                        for m in models:
+                            p = passes[m.name]
+                            arg = ";".join(",".join(map(str, lens)) for lens in p)
+                            ner, topics = (a.ner, "none") if m.name == "ner" else ("none", a.minilm)
+                            got |= run_tidings(a.tidings, ["--mix", arg], [str(sum(map(len, p))), "mix"],
+                                               a.iters, a.threads, ner, topics, prec)
+                    for name, tps in got.items():
+                        samples.setdefault((name, f"tidings {prec}", shape), []).append(tps)
             print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
         contenders = [f"ort {b}" for b in backends] + [f"tidings {p}" for p in precisions]
+
+        def cols(m: Bert, shape: str, passes) -> str:
+            """The batch and seq columns: B and S, or the mix's window count and `mix`."""
+            if shape == "mix":
+                return f"{sum(map(len, passes[m.name])):>6} {'mix':>6}"
+            b, s_ = shape.split("x")
+            return f"{b:>6} {s_:>6}"
+
         print(f"\ntokens/s, median of {a.rounds} rounds ({a.threads} threads; {a.iters} timed runs each, p50)")
         print(f"{'model':<8} {'batch':>6} {'seq':>6} " + " ".join(f"{c:>14}" for c in contenders))
         for m in models:
-            for b, s_ in shapes:
-                med = [statistics.median(samples[(m.name, c, b, s_)]) for c in contenders]
-                print(f"{m.name:<8} {b:>6} {s_:>6} " + " ".join(f"{v:>14.0f}" for v in med))
+            for shape, passes in shapes:
+                med = [statistics.median(samples[(m.name, c, shape)]) for c in contenders]
+                print(f"{m.name:<8} {cols(m, shape, passes)} " + " ".join(f"{v:>14.0f}" for v in med))
         if precisions:
             refs = [c for c in contenders if c.startswith("ort ")]
             print("\nTidings / ORT (median of the per-round ratios)")
             print(f"{'model':<8} {'batch':>6} {'seq':>6} " +
                   " ".join(f"{p + '/' + r[4:]:>14}" for p in precisions for r in refs))
             for m in models:
-                for b, s_ in shapes:
+                for shape, passes in shapes:
                     cells = []
                     for p in precisions:
-                        t = samples[(m.name, f"tidings {p}", b, s_)]
+                        t = samples[(m.name, f"tidings {p}", shape)]
                         for r in refs:
-                            o = samples[(m.name, r, b, s_)]
+                            o = samples[(m.name, r, shape)]
                             cells.append(f"{statistics.median(x / y for x, y in zip(t, o)):>13.2f}x")
-                    print(f"{m.name:<8} {b:>6} {s_:>6} " + " ".join(cells))
+                    print(f"{m.name:<8} {cols(m, shape, passes)} " + " ".join(cells))
     print(f"peak RSS (python process) {peak_rss_mb():.0f} MB")
     return 0
 

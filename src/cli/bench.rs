@@ -25,6 +25,13 @@ pub struct BenchArgs {
     /// Timed forward passes per model.
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// An article mix to time instead of `--batch` x `--seq`: forward passes separated by
+    /// `;`, each a comma-separated list of window lengths (tokens, special tokens included),
+    /// e.g. `256,256,256,256;131,62,60`, as `bench/ort_encoder.py` cuts real articles'
+    /// windows. One timed run is the whole mix; tokens/s counts the windows' tokens (no
+    /// padding). The row reads `mix` for seq and the window count for batch.
+    #[arg(long, value_parser = parse_mix)]
+    mix: Option<Mix>,
     /// The machine's best f32 SGEMM in GFLOP/s, as measured by the fastest BLAS at hand with
     /// the same number of threads (`bench/sgemm_peak.py` measures OpenBLAS through numpy).
     /// "Of peak" is then also given against it.
@@ -32,6 +39,28 @@ pub struct BenchArgs {
     blas_gflops: Option<f64>,
     #[command(flatten)]
     models: ModelArgs,
+}
+
+/// Window lengths of the forward passes of an article mix (`--mix`).
+#[derive(Debug, Clone)]
+struct Mix(Vec<Vec<usize>>);
+
+fn parse_mix(text: &str) -> Result<Mix, String> {
+    let passes = text
+        .split(';')
+        .map(|pass| {
+            pass.split(',')
+                .map(|len| match len.trim().parse::<usize>() {
+                    Ok(n) if n >= 3 => Ok(n),
+                    _ => Err(format!(
+                        "{len:?}: a window length is a whole number of tokens, at least 3 \
+                         ([CLS], a piece, [SEP])"
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Mix(passes))
 }
 
 /// Best-of-3 GFLOP/s of an n x n x n f32 matmul: the peak the encoder's matmuls could reach.
@@ -211,17 +240,33 @@ fn time_models(
     blas: Option<f64>,
     fma: Option<f64>,
 ) -> Result<()> {
-    let content = a.seq.saturating_sub(2).max(1);
-    let ids: Vec<u32> = (0..content)
+    // Window lengths per forward pass, special tokens included.
+    let passes = match &a.mix {
+        Some(Mix(passes)) => passes.clone(),
+        None => vec![vec![a.seq.max(3); a.batch]],
+    };
+    let longest = passes.iter().flatten().copied().max().unwrap_or(3);
+    let ids: Vec<u32> = (0..longest - 2)
         .map(|k| 1000 + (k as u32 * 7919) % 20000)
         .collect();
-    let casing = vec![1u32; content];
-    let rows: Vec<Row> = (0..a.batch)
-        .map(|_| Row {
-            ids: &ids,
-            casing: &casing,
+    let casing = vec![1u32; longest - 2];
+    let batches: Vec<Vec<Row>> = passes
+        .iter()
+        .map(|lens| {
+            lens.iter()
+                .map(|&len| Row {
+                    ids: &ids[..len - 2],
+                    casing: &casing[..len - 2],
+                })
+                .collect()
         })
         .collect();
+    let windows: usize = passes.iter().map(Vec::len).sum();
+    let tokens: usize = passes.iter().flatten().sum();
+    let seq = match a.mix {
+        Some(_) => "mix".to_string(),
+        None => a.seq.to_string(),
+    };
     println!(
         "{:<8} {:>6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "model",
@@ -258,20 +303,26 @@ fn time_models(
         times.sort_by(f64::total_cmp);
         let p50 = times[times.len() / 2];
         let p99 = times[((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)];
-        let tokens = (a.batch * a.seq) as f64;
-        let tps = tokens / p50;
-        let gflops =
-            tps * flops_per_token(
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                cfg.num_hidden_layers,
-                a.seq,
-            ) / 1e9;
+        let tps = tokens as f64 / p50;
+        let flops: f64 = passes
+            .iter()
+            .flatten()
+            .map(|&len| {
+                len as f64
+                    * flops_per_token(
+                        cfg.hidden_size,
+                        cfg.intermediate_size,
+                        cfg.num_hidden_layers,
+                        len,
+                    )
+            })
+            .sum();
+        let gflops = flops / p50 / 1e9;
         println!(
             "{:<8} {:>6} {:>6} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>9} {:>9} {:>9}",
             name,
-            a.batch,
-            a.seq,
+            windows,
+            seq,
             p50 * 1e3,
             p99 * 1e3,
             tps,
@@ -284,18 +335,36 @@ fn time_models(
     };
     if let Some(n) = &models.ner {
         report("ner", &n.dir.config, &|| {
-            token_probs(&n.model, &rows, n.specials, &models.device)
-                .map(|_| ())
-                .context("ner forward")
+            for rows in &batches {
+                token_probs(&n.model, rows, n.specials, &models.device).context("ner forward")?;
+            }
+            Ok(())
         })?;
     }
     if let Some(t) = &models.topics {
         report("topics", &t.dir.config, &|| {
-            embeddings(&t.model, &rows, t.specials, &models.device)
-                .map(|_| ())
-                .context("topic forward")
+            for rows in &batches {
+                embeddings(&t.model, rows, t.specials, &models.device).context("topic forward")?;
+            }
+            Ok(())
         })?;
     }
     println!("peak RSS {:.0} MB", peak_rss_mb());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mix;
+
+    #[test]
+    fn a_mix_is_passes_of_window_lengths() {
+        let Ok(mix) = parse_mix("256,256, 131;62") else {
+            panic!("a valid mix was refused");
+        };
+        assert_eq!(mix.0, [vec![256, 256, 131], vec![62]]);
+        for bad in ["", "256,,3", "256;2", "x", "3;-4"] {
+            assert!(parse_mix(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }
