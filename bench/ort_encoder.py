@@ -57,8 +57,6 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from tidings_ref import load_tokenizer, plan_windows  # noqa: E402  (tokenizers only, no torch)
 OPSET = 17
 MASK_VALUE = -10000.0
 
@@ -286,7 +284,7 @@ def pass_feeds(m: Bert, lengths: list[int]) -> dict[str, np.ndarray]:
     """One forward pass of rows as `tidings bench` builds them: [CLS] ids [SEP] (ids 1000 +
     (k*7919) % 20000), casing 1 (0 on the specials), `lengths` tokens each (specials included),
     padded with id 0 and mask 0 to the longest."""
-    width = max(lengths)
+    width = max(max(lengths), 3)  # [CLS], at least one piece, [SEP]
     ids = np.zeros((len(lengths), width), np.int64)
     mask = np.zeros((len(lengths), width), np.int64)
     cas = np.zeros((len(lengths), width), np.int64)
@@ -315,8 +313,11 @@ def load_mix_articles(seed: Path, dev: Path, n: int) -> list[str]:
 def mix_passes(m: Bert, articles: list[str], budget: int) -> list[list[int]]:
     """The article mix for `m`: every article tokenized with the model's tokenizer and cut into
     Tidings' windows (254 pieces, 64 shared: tools/tidings_ref.py, the parity reference), each
-    window's length with [CLS]/[SEP]; sorted longest first (the least padding ORT can have)
-    and cut into forward passes of at most `budget` padded tokens (the batcher's slice)."""
+    window's length with [CLS]/[SEP]; sorted longest first (so that ORT pads little) and cut
+    greedily into forward passes of at most `budget` padded tokens (the batcher's slice)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from tidings_ref import load_tokenizer, plan_windows  # tokenizers only, no torch
+
     tok = load_tokenizer(m.dir)
     lengths = []
     for text in articles:
@@ -495,8 +496,13 @@ def main() -> int:
         if a.dev_csv.exists():
             articles = load_mix_articles(a.seed_article, a.dev_csv, a.mix_articles)
             mix = {m.name: mix_passes(m, articles, a.mix_budget) for m in models}
-            shapes.append(("mix", mix))
+            if all(mix.values()):
+                shapes.append(("mix", mix))
+            else:
+                print("no article mix: the articles make no windows", file=sys.stderr)
             for name, passes in mix.items():
+                if not passes:
+                    continue
                 lens = [n for p in passes for n in p]
                 print(f"[{name}] article mix: {len(articles)} articles, {len(lens)} windows of "
                       f"{min(lens)}-{max(lens)} tokens ({sum(lens)} in all), {len(passes)} passes of "

@@ -40,7 +40,12 @@ fn main() {
         (64, 1536, 384),
         (2048, 2048, 2048),
     ];
-    println!("{threads} threads; best of 15 passes");
+    let name = |k: Option<&'static str>| k.unwrap_or("none");
+    println!(
+        "{threads} threads; best of 15 passes; int8 kernel {}, f32 kernel {}",
+        name(tidings::model::qgemm::kernel().map(|k| k.name())),
+        name(tidings::model::sgemm::kernel().map(|k| k.name()))
+    );
     println!(
         "{:>5} {:>5} {:>5} {:>10} {:>10}",
         "m", "k", "n", "int8 GOP/s", "f32 GFLOP/s"

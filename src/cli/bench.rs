@@ -1,8 +1,10 @@
 //! `tidings bench`: the model path alone, in-process, with no gRPC: three FP32 peaks (candle's
 //! own matmul, the machine's best SGEMM as measured by a BLAS when given, and the theoretical
 //! FMA peak where the CPU makes it computable), then encoder forward throughput on full
-//! windows and what fraction of each peak it reaches. (End-to-end server benchmarks:
-//! `bench/run.sh`.)
+//! windows (`--batch` x `--seq`) or an article mix's (`--mix`) and what fraction of each peak
+//! it reaches. The forward passes run on a worker of a pool built as the server's
+//! ([`tidings::engine::model_pool`]), as serving runs them; the peaks are taken from the main
+//! thread. (End-to-end server benchmarks: `bench/run.sh`.)
 
 use super::ModelArgs;
 use anyhow::{Context, Result};
@@ -27,10 +29,11 @@ pub struct BenchArgs {
     iters: usize,
     /// An article mix to time instead of `--batch` x `--seq`: forward passes separated by
     /// `;`, each a comma-separated list of window lengths (tokens, special tokens included),
-    /// e.g. `256,256,256,256;131,62,60`, as `bench/ort_encoder.py` cuts real articles'
-    /// windows. One timed run is the whole mix; tokens/s counts the windows' tokens (no
-    /// padding). The row reads `mix` for seq and the window count for batch.
-    #[arg(long, value_parser = parse_mix)]
+    /// e.g. `'256,256,256,256;131,62,60'` (quoted: `;` ends a shell command), as
+    /// `bench/ort_encoder.py` cuts real articles' windows. One timed run is the whole mix;
+    /// tokens/s counts the windows' own tokens (on the CPU, padding is never computed). The
+    /// row reads `mix` for seq and the window count for batch.
+    #[arg(long, value_parser = parse_mix, conflicts_with_all = ["batch", "seq"])]
     mix: Option<Mix>,
     /// The machine's best f32 SGEMM in GFLOP/s, as measured by the fastest BLAS at hand with
     /// the same number of threads (`bench/sgemm_peak.py` measures OpenBLAS through numpy).
@@ -196,14 +199,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     match own_f32 {
         Some(g) => {
+            let kernel = tidings::model::sgemm::kernel().expect("measured, so it runs");
             println!(
-            "Tidings f32 kernel ({}; weights packed at load, 2048^3, best of 3): {g:.1} GFLOP/s{}",
-            tidings::model::sgemm::kernel().expect("measured, so it runs").name(),
-            of_blas(g)
-        )
+                "Tidings f32 kernel ({}; weights packed at load, 2048^3, best of 3): \
+                 {g:.1} GFLOP/s{}",
+                kernel.name(),
+                of_blas(g)
+            )
         }
         None => println!(
-            "Tidings f32 kernel: not used (no AVX2 and FMA here, or TIDINGS_SGEMM=gemm): candle's gemm instead"
+            "Tidings f32 kernel: not used (no AVX2 and FMA here, or TIDINGS_SGEMM=gemm): \
+             candle's gemm instead"
         ),
     }
     match own_int8 {
@@ -231,8 +237,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     time_models(&a, &models, Some(peak), blas, fma.map(|f| f.0))
 }
 
-/// Times each loaded model's forward pass on `a`'s batch and prints a row per model, its
-/// GFLOP/s as a share of each peak given (candle's, the machine's best SGEMM, FMA's).
+/// Times each loaded model's forward passes on `a`'s batch (or mix) and prints a row per
+/// model, its GFLOP/s as a share of each peak given (candle's, the machine's best SGEMM,
+/// FMA's).
 fn time_models(
     a: &BenchArgs,
     models: &Models,
@@ -283,7 +290,7 @@ fn time_models(
     let share = |gflops: f64, of: Option<f64>| {
         of.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * gflops / p))
     };
-    // The passes run on a worker of the pool the server's batcher runs on, as they do there.
+    // The passes run on a worker of a pool built as the server's, as the batcher runs them.
     let pool = tidings::engine::model_pool();
     let report = |name: &str,
                   cfg: &tidings::model::ModelConfig,

@@ -184,7 +184,7 @@ impl QuantizedWeights {
         rows.quantize(&a[..m * k], m, k, kp, threads);
         let out = SharedMut(c.as_mut_ptr());
         let rows = &*rows;
-        over_column_groups(n.div_ceil(NR), threads, |panels| {
+        over_column_groups(n.div_ceil(NR), threads, 1, |panels| {
             // SAFETY: the CPU runs `kernel` (asserted above); `panels` are this task's own
             // output columns; `rows` holds m x kp bytes and m scales, `c` m x n floats
             // (asserted above).
@@ -210,7 +210,7 @@ impl QuantizedWeights {
         // quantized rows stay in L1 while it walks the block's panels, and its output rows
         // are written left to right.
         let (mr, tile) = (kernel.rows(), kernel.tile());
-        for block in panel_blocks(panels, groups * LINE) {
+        for block in panel_blocks(panels, groups * LINE, 1) {
             let mut r = 0;
             while r < m {
                 let tile_rows = mr.min(m - r);
@@ -396,6 +396,7 @@ pub fn kernel() -> Option<Kernel> {
         choose_kernel(
             "TIDINGS_QGEMM",
             "int8",
+            "",
             &Kernel::ALL,
             Kernel::runs_here,
             Kernel::name,

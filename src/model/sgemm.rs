@@ -22,14 +22,15 @@
 //!   output element.
 //!
 //! [`kernel`] picks the widest the CPU runs (`TIDINGS_SGEMM` names another, or `gemm`).
-//! On a 2-core AMD EPYC Zen 5 (AVX-512), the AVX-512 tile ran the encoder's products at
-//! 445-456 GFLOP/s where `gemm`'s own AVX-512 kernels reached 409-437 and the AVX2 tile
-//! 208-244. CPUs without AVX2 and FMA, and other architectures, keep `gemm`; see
-//! [`PackedWeights::pack`].
+//! On a 2-core AMD EPYC Zen 5 (AVX-512; `cargo bench --bench kernels`, 2 threads), the
+//! AVX-512 tile ran the encoder's products at 435-483 GFLOP/s and the AVX2 tile at 204-222,
+//! where `gemm`'s own AVX-512 kernels reached 409-437 on the same shapes (a separate loop).
+//! That is the only AVX-512 CPU the tile was measured on; Intel's were not. CPUs without
+//! AVX2 and FMA, and other architectures, keep `gemm`; see [`PackedWeights::pack`].
 
 use rayon::prelude::*;
 
-/// Columns per packed panel: two `ymm` registers.
+/// Columns per packed panel: two `ymm` registers, or one `zmm`.
 pub const NR: usize = 16;
 /// Rows per output tile of the AVX2 kernel.
 const MR: usize = 6;
@@ -39,8 +40,9 @@ const MR_ZMM: usize = 12;
 /// Depth of a block of `k`: a panel's block is `KC` lines of 64 bytes, 24 KiB.
 const KC: usize = 384;
 /// At most this many bytes of packed panels (of one `k` block) are walked by one pass of the
-/// row tiles, so that they stay in L2 (a Zen 3 core has 512 KiB) while a tile's rows stay in
-/// L1; MiniLM's widest product on two threads, 24 panels of 384 deep, is 576 KiB: two blocks.
+/// row tiles, so that they stay in L2 (a Zen 3 core has 512 KiB, a Zen 5 one 1 MiB) while a
+/// tile's rows stay in L1; MiniLM's widest product on two threads, 24 panels of 384 deep, is
+/// 576 KiB: two blocks.
 const B_BLOCK_BYTES: usize = 320 << 10;
 
 /// One row of a packed panel: sixteen weights on one cache line.
@@ -165,7 +167,7 @@ impl PackedWeights {
             return;
         }
         let out = SharedMut(c.as_mut_ptr());
-        over_column_groups(n.div_ceil(NR), threads, |panels| {
+        over_column_groups(n.div_ceil(NR), threads, kernel.panels(), |panels| {
             // SAFETY: the CPU runs `kernel` (asserted above); `panels` are this task's own
             // output columns, and every pointer stays inside `a`, `c` and `self.lines`
             // (asserted sizes above).
@@ -194,7 +196,8 @@ impl PackedWeights {
         let (mr, pr, tile) = (kernel.rows(), kernel.panels(), kernel.tile());
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            for block in panel_blocks(panels.clone(), kc * std::mem::size_of::<Line>()) {
+            let panel_bytes = kc * std::mem::size_of::<Line>();
+            for block in panel_blocks(panels.clone(), panel_bytes, pr) {
                 let mut r = 0;
                 while r < m {
                     let rows = mr.min(m - r);
@@ -223,29 +226,37 @@ impl PackedWeights {
 }
 
 /// `panels` (each `panel_bytes`) cut into the fewest consecutive blocks of the same panel
-/// count (the last one may be shorter) that keep each block within [`B_BLOCK_BYTES`] plus
-/// less than one panel.
+/// count, a multiple of `granule` (the panels a tile spans; the last block may be shorter),
+/// that keep each block within [`B_BLOCK_BYTES`] plus less than `granule` panels.
 pub(super) fn panel_blocks(
     panels: std::ops::Range<usize>,
     panel_bytes: usize,
+    granule: usize,
 ) -> impl Iterator<Item = std::ops::Range<usize>> {
     let count = panels.len();
     let blocks = (count * panel_bytes).div_ceil(B_BLOCK_BYTES).max(1);
-    let per_block = count.div_ceil(blocks).max(1);
+    let per_block = count
+        .div_ceil(blocks)
+        .max(1)
+        .next_multiple_of(granule.max(1));
     panels
         .clone()
         .step_by(per_block)
         .map(move |p0| p0..(p0 + per_block).min(panels.end))
 }
 
-/// Runs `run` over `panels` output panels cut into at most `threads` contiguous groups, one
-/// rayon task each (on the calling thread when there is one group).
+/// Runs `run` over `panels` output panels cut into at most `threads` contiguous groups of a
+/// multiple of `granule` panels (the last may be shorter), one rayon task each (on the
+/// calling thread when there is one group).
 pub(super) fn over_column_groups(
     panels: usize,
     threads: usize,
+    granule: usize,
     run: impl Fn(std::ops::Range<usize>) + Sync + Send,
 ) {
-    let per_group = panels.div_ceil(threads.clamp(1, panels.max(1)));
+    let per_group = panels
+        .div_ceil(threads.clamp(1, panels.max(1)))
+        .next_multiple_of(granule.max(1));
     let groups = panels.div_ceil(per_group.max(1));
     let group = |g: usize| run(g * per_group..((g + 1) * per_group).min(panels));
     if groups <= 1 {
@@ -351,6 +362,7 @@ pub fn kernel() -> Option<Kernel> {
         choose_kernel(
             "TIDINGS_SGEMM",
             "f32",
+            "gemm",
             &Kernel::ALL,
             Kernel::runs_here,
             Kernel::name,
@@ -360,10 +372,12 @@ pub fn kernel() -> Option<Kernel> {
 
 /// Of `all` (fastest first), the kernel the environment variable `var` names where this CPU
 /// runs it, else the fastest it runs (`None`: none does); a name that is unknown or does not
-/// run here gets a warning. For `what` kernels (`f32`, `int8`).
+/// run here gets a warning, which lists the names (and `also`, a value the caller handles
+/// itself, when not empty). For `what` kernels (`f32`, `int8`).
 pub(super) fn choose_kernel<K: Copy>(
     var: &str,
     what: &str,
+    also: &'static str,
     all: &[K],
     runs_here: impl Fn(K) -> bool,
     name: impl Fn(K) -> &'static str,
@@ -375,7 +389,8 @@ pub(super) fn choose_kernel<K: Copy>(
     match all.iter().copied().find(|&k| name(k) == wanted) {
         Some(k) if runs_here(k) => Some(k),
         named => {
-            let names: Vec<_> = all.iter().map(|&k| name(k)).collect();
+            let names = all.iter().map(|&k| name(k)).chain([also]);
+            let names: Vec<_> = names.filter(|n| !n.is_empty()).collect();
             tracing::warn!(
                 variable = var,
                 value = %wanted,
@@ -402,6 +417,7 @@ pub fn available() -> bool {
 /// `panel_stride` floats further; `c` the tile's output rows with stride `ldc`, of which the
 /// tile writes whole panels but `cols` columns of the last.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Tile {
     kc: usize,
     a: *const f32,
@@ -683,11 +699,17 @@ pub(super) mod tests {
                 let mut packed = PackedWeights::empty();
                 unsafe {
                     packed.repack(bt.as_ptr(), k, n, 1, 6);
-                    for i in 0..m {
-                        std::ptr::write_bytes(c.as_mut_ptr().add(i * ldc), 0, n);
+                    if Some(kernel) == super::kernel() {
+                        // What attention calls, on the chosen kernel: it must overwrite the
+                        // 7s where the product goes, and only there.
+                        packed.matmul_into(a.as_ptr(), 7, m, c.as_mut_ptr(), ldc);
+                    } else {
+                        for i in 0..m {
+                            c[i * ldc..i * ldc + n].fill(0.0);
+                        }
+                        let out = SharedMut(c.as_mut_ptr());
+                        packed.run_panels(kernel, a.as_ptr(), 7, m, out, ldc, 0..n.div_ceil(NR));
                     }
-                    let out = SharedMut(c.as_mut_ptr());
-                    packed.run_panels(kernel, a.as_ptr(), 7, m, out, ldc, 0..n.div_ceil(NR));
                 }
                 for i in 0..m {
                     for j in 0..ldc {
@@ -709,7 +731,14 @@ pub(super) mod tests {
 
     #[test]
     fn panel_blocks_are_even_and_cover_the_range() {
-        let blocks = |r: std::ops::Range<usize>, bytes| panel_blocks(r, bytes).collect::<Vec<_>>();
+        let blocks =
+            |r: std::ops::Range<usize>, bytes| panel_blocks(r, bytes, 1).collect::<Vec<_>>();
+        // Two-panel tiles: whole pairs per block (a 2048-wide product on one thread: 128
+        // panels of 384 x 64 bytes, 10 blocks of 13 panels, or 10 of 14 in pairs).
+        let pairs = panel_blocks(0..128, 384 * 64, 2).collect::<Vec<_>>();
+        assert_eq!(pairs.len(), 10);
+        assert!(pairs.iter().all(|b| b.len() == 14 || b.end == 128));
+        assert_eq!(pairs.last(), Some(&(126..128)));
         // MiniLM's first feed-forward product on two threads: 24 panels of 384 x 64 bytes.
         assert_eq!(blocks(24..48, 384 * 64), [24..36, 36..48]);
         assert_eq!(
@@ -789,17 +818,23 @@ pub(super) mod tests {
     fn every_kernel_gives_the_same_bits() {
         // Both tiles make each output's sum in the same order (one FMA per step of `k`, from
         // zero in each k block), so the kernels are interchangeable bit for bit.
-        let (m, k, n) = (37, 800, 50);
+        // 400 columns: 25 panels, in more than one L2 block at this depth, and an odd count.
+        let (m, k, n) = (37, 800, 400);
         let (a, b) = (values(m * k, 4), values(k * n, 5));
         let packed = PackedWeights::pack_always(&b, k, n);
-        let mut results = kernels_here().map(|kernel| {
-            let mut c = values(m * n, 6);
-            packed.matmul_acc_on(kernel, &a, m, &mut c, 2);
-            (kernel, c)
-        });
-        if let Some((first, want)) = results.next() {
-            for (kernel, got) in results {
-                assert!(got == want, "{kernel:?} differs from {first:?}");
+        for threads in [1, 2, 3] {
+            let mut results = kernels_here().map(|kernel| {
+                let mut c = values(m * n, 6);
+                packed.matmul_acc_on(kernel, &a, m, &mut c, threads);
+                (kernel, c)
+            });
+            if let Some((first, want)) = results.next() {
+                for (kernel, got) in results {
+                    assert!(
+                        got == want,
+                        "{kernel:?} differs from {first:?}, {threads} threads"
+                    );
+                }
             }
         }
     }
