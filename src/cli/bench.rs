@@ -296,7 +296,7 @@ fn time_models(
                   cfg: &tidings::model::ModelConfig,
                   run: &(dyn Fn() -> Result<()> + Sync)|
      -> Result<()> {
-        let times = pool.install(|| -> Result<Vec<f64>> {
+        let mut times = pool.install(|| -> Result<Vec<f64>> {
             run()?;
             let mut times = Vec::with_capacity(a.iters);
             for _ in 0..a.iters {
@@ -306,7 +306,6 @@ fn time_models(
             }
             Ok(times)
         })?;
-        let mut times = times;
         times.sort_by(f64::total_cmp);
         let p50 = times[times.len() / 2];
         let p99 = times[((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)];

@@ -414,6 +414,7 @@ pub fn available() -> bool {
 /// 16 scales and `cs` its 16 column sums; `c` the tile's output rows, `cols` floats each with
 /// stride `ldc`.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Tile {
     groups: usize,
     a: *const u8,

@@ -649,11 +649,7 @@ mod avx2 {
     pub(super) unsafe fn tile(_: usize, _: usize, _: Tile) {
         unreachable!("the f32 tiles run only on x86-64")
     }
-
-    /// Never called: no [`super::Kernel`] runs off x86-64.
-    pub(super) unsafe fn tile_zmm(_: usize, _: usize, _: Tile) {
-        unreachable!("the f32 tiles run only on x86-64")
-    }
+    pub(super) use tile as tile_zmm;
 }
 
 #[cfg(test)]
