@@ -29,7 +29,14 @@
 //! machine's Xeon (AVX-512, VNNI, 2 threads), `cargo bench --bench kernels` ran, in one run,
 //! the AVX2 tile at 175-300 GOP/s, the 256-bit VNNI tile at 243-392 and the 512-bit one at
 //! 391-602 (on another instance of that machine: 186-304, 311-426 and 543-744).
-//! `TIDINGS_QGEMM` names a kernel to use instead ([`kernel`]).
+//!
+//! Where the CPU has AMX-INT8 (Intel since Sapphire Rapids) and Linux grants the process its
+//! tile registers, blocks of 32 rows x 32 columns run on AMX's `tdpbusd`: the panels are
+//! already in the layout its right-hand tiles want (16 lines of 16 columns x 4 `k`), the
+//! quantized rows load as they are, and the integer sums are once more the same. On the GPU
+//! machine's Xeon (2 threads) AMX ran the encoder's products at 576-1,436 GOP/s where the
+//! 512-bit VNNI tile ran at 453-671 in the same run, and `tidings bench --precision int8`
+//! 1.16-1.51x faster. `TIDINGS_QGEMM` names a kernel to use instead ([`kernel`]).
 
 use super::sgemm::{choose_kernel, over_column_groups, panel_blocks, SharedMut};
 use multiversion::multiversion;
@@ -181,10 +188,19 @@ impl QuantizedWeights {
             return;
         }
         let kp = k.div_ceil(4) * 4;
+        let kernel = kernel.for_depth(kp);
         rows.quantize(&a[..m * k], m, k, kp, threads);
+        let granule = if kernel == Kernel::Amx {
+            // AMX reads whole blocks of rows: the padding rows are zeros (128), and their
+            // sums are never stored.
+            rows.values.resize(m.next_multiple_of(amx::ROWS) * kp, 128);
+            2
+        } else {
+            1
+        };
         let out = SharedMut(c.as_mut_ptr());
         let rows = &*rows;
-        over_column_groups(n.div_ceil(NR), threads, 1, |panels| {
+        over_column_groups(n.div_ceil(NR), threads, granule, |panels| {
             // SAFETY: the CPU runs `kernel` (asserted above); `panels` are this task's own
             // output columns; `rows` holds m x kp bytes and m scales, `c` m x n floats
             // (asserted above).
@@ -203,9 +219,10 @@ impl QuantizedWeights {
         c: SharedMut,
         panels: std::ops::Range<usize>,
     ) {
-        let (k, n) = (self.k, self.n);
-        let groups = k.div_ceil(4);
-        let kp = groups * 4;
+        if kernel == Kernel::Amx {
+            return self.run_panels_amx(rows, m, c, panels);
+        }
+        let groups = self.k.div_ceil(4);
         // Panels in blocks that stay in L2 while every row tile passes over them; a tile's
         // quantized rows stay in L1 while it walks the block's panels, and its output rows
         // are written left to right.
@@ -214,25 +231,57 @@ impl QuantizedWeights {
             let mut r = 0;
             while r < m {
                 let tile_rows = mr.min(m - r);
-                let a = rows.values.as_ptr().add(r * kp);
-                let sa = rows.scales.as_ptr().add(r);
                 for p in block.clone() {
-                    let t = Tile {
-                        groups,
-                        a,
-                        lda: kp,
-                        sa,
-                        b: self.lines.as_ptr().add(p * groups) as *const i8,
-                        sb: self.scales.as_ptr().add(p * NR),
-                        cs: self.colsums.as_ptr().add(p * NR),
-                        c: c.ptr().add(r * n + p * NR),
-                        ldc: n,
-                        cols: (n - p * NR).min(NR),
-                    };
-                    tile(tile_rows, t);
+                    tile(tile_rows, self.tile_at(rows, c, r, p));
                 }
                 r += tile_rows;
             }
+        }
+    }
+
+    /// [`QuantizedWeights::run_panels`] on AMX: blocks of [`amx::ROWS`] rows x two panels
+    /// (one where a block of panels has an odd count), in the same order as the other tiles.
+    ///
+    /// # Safety
+    /// As [`QuantizedWeights::run_panels`], and AMX runs here; `rows` holds whole blocks of
+    /// [`amx::ROWS`] rows, of a depth of whole [`amx::DEPTH`]-byte tiles.
+    unsafe fn run_panels_amx(
+        &self,
+        rows: &QuantizedRows,
+        m: usize,
+        c: SharedMut,
+        panels: std::ops::Range<usize>,
+    ) {
+        let groups = self.k.div_ceil(4);
+        amx::configure();
+        for block in panel_blocks(panels, groups * LINE, 2) {
+            for r in (0..m).step_by(amx::ROWS) {
+                for p in block.clone().step_by(2) {
+                    let second = (p + 1 < block.end).then(|| self.tile_at(rows, c, r, p + 1));
+                    amx::block((m - r).min(amx::ROWS), self.tile_at(rows, c, r, p), second);
+                }
+            }
+        }
+        amx::release();
+    }
+
+    /// The [`Tile`] of quantized rows from `r` and panel `p`, writing into `c`.
+    ///
+    /// # Safety
+    /// `rows` holds the rows from `r` of this matrix's padded depth; `c` is `m x n`, `r < m`.
+    unsafe fn tile_at(&self, rows: &QuantizedRows, c: SharedMut, r: usize, p: usize) -> Tile {
+        let (groups, n) = (self.k.div_ceil(4), self.n);
+        Tile {
+            groups,
+            a: rows.values.as_ptr().add(r * groups * 4),
+            lda: groups * 4,
+            sa: rows.scales.as_ptr().add(r),
+            b: self.lines.as_ptr().add(p * groups) as *const i8,
+            sb: self.scales.as_ptr().add(p * NR),
+            cs: self.colsums.as_ptr().add(p * NR),
+            c: c.ptr().add(r * n + p * NR),
+            ldc: n,
+            cols: (n - p * NR).min(NR),
         }
     }
 }
@@ -326,6 +375,10 @@ pub enum Kernel {
     /// `vpdpbusd` on 512-bit registers, a panel line each, in tiles of [`MR_ZMM`] rows
     /// (AVX512-VNNI).
     Avx512VnniZmm,
+    /// AMX's `tdpbusd` on 16 x 64-byte tiles, 32 rows x two panels per block (Intel since
+    /// Sapphire Rapids; Linux must grant the process the tile registers). Products whose
+    /// depth is not a whole number of 64-byte tiles run on [`Kernel::Avx512VnniZmm`].
+    Amx,
 }
 
 impl Kernel {
@@ -340,6 +393,7 @@ impl Kernel {
                     Self::AvxVnni => has!("avxvnni"),
                     Self::Avx512Vnni => has!("avx512vnni") && has!("avx512vl"),
                     Self::Avx512VnniZmm => has!("avx512f") && has!("avx512vnni"),
+                    Self::Amx => has!("avx512f") && has!("avx512vnni") && amx::usable(),
                 }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -350,7 +404,8 @@ impl Kernel {
     }
 
     /// Every kernel, the fastest first.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
+        Self::Amx,
         Self::Avx512VnniZmm,
         Self::Avx512Vnni,
         Self::AvxVnni,
@@ -364,31 +419,45 @@ impl Kernel {
             Self::AvxVnni => "avxvnni",
             Self::Avx512Vnni => "avx512vnni-ymm",
             Self::Avx512VnniZmm => "avx512vnni",
+            Self::Amx => "amx",
         }
     }
 
-    /// Rows per tile.
+    /// Rows per tile (of [`Kernel::tile`]; AMX's blocks are [`amx::ROWS`] rows).
     fn rows(self) -> usize {
         match self {
-            Self::Avx512VnniZmm => MR_ZMM,
+            Self::Avx512VnniZmm | Self::Amx => MR_ZMM,
             _ => MR,
         }
     }
 
     /// The tile function: `tile(rows, t)` for up to [`Kernel::rows`] rows (safe to call
-    /// where [`Kernel::runs_here`] holds and `t` is as [`Tile`] says).
+    /// where [`Kernel::runs_here`] holds and `t` is as [`Tile`] says). AMX's blocks run
+    /// apart ([`QuantizedWeights::run_panels_amx`]); its entry is the 512-bit tile it
+    /// leaves the other depths to.
     fn tile(self) -> unsafe fn(usize, Tile) {
         match self {
             Self::Avx2 => avx2::tile,
             Self::AvxVnni => avx2::tile_avxvnni,
             Self::Avx512Vnni => avx2::tile_avx512vnni,
-            Self::Avx512VnniZmm => avx2::tile_zmm,
+            Self::Avx512VnniZmm | Self::Amx => avx2::tile_zmm,
+        }
+    }
+
+    /// The kernel that runs a product of `kp` (padded) bytes deep: AMX only on whole 64-byte
+    /// tiles of depth, the 512-bit VNNI tile otherwise (the same sums).
+    fn for_depth(self, kp: usize) -> Self {
+        if self == Self::Amx && !kp.is_multiple_of(amx::DEPTH) {
+            Self::Avx512VnniZmm
+        } else {
+            self
         }
     }
 }
 
 /// The int8 kernel: the one `TIDINGS_QGEMM` names (`avx2`, `avxvnni`, `avx512vnni-ymm`,
-/// `avx512vnni`) where this CPU runs it, else the fastest it runs; `None` without AVX2.
+/// `avx512vnni`, `amx`) where this CPU runs it, else the fastest it runs; `None` without
+/// AVX2.
 /// Decided once.
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
@@ -560,10 +629,10 @@ mod avx2 {
     /// Scales a tile's integer sums into `c`: `c[i, j] += sa[i] sb[j] (sums[i][j] - 128 cs[j])`.
     ///
     /// # Safety
-    /// AVX2; `t` as [`Tile`] says, for `M` rows.
+    /// AVX2; `t` as [`Tile`] says, for `sums.len()` rows.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn finish<const M: usize>(sums: &[[__m256i; 2]; M], t: Tile) {
+    pub(super) unsafe fn finish(sums: &[[__m256i; 2]], t: Tile) {
         let Tile {
             sa,
             sb,
@@ -586,6 +655,230 @@ mod avx2 {
             let v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, si));
             add_to_row(c.add(i * ldc), v0, v1, cols);
         }
+    }
+}
+
+/// Intel AMX: tiles of 16 rows x 64 bytes in eight tile registers, and `tdpbusd`, which adds
+/// a 16 x 64 tile of unsigned bytes times a 64 x 16 tile of signed bytes (16 rows of 16
+/// columns x 4 consecutive `k`: exactly 16 lines of a panel) into 16 x 16 32-bit sums.
+/// The sums are exact, as `vpdpbusd`'s are, so the results are the other kernels' bits.
+/// Rust has no stable AMX intrinsics; the instructions are inline assembly, one block per
+/// product block, so that no tile register lives across Rust code.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{avx2::finish, Tile, LINE};
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// Rows per block: two tiles of [`TILE_ROWS`].
+    pub(super) const ROWS: usize = 2 * TILE_ROWS;
+    /// Rows of a tile.
+    const TILE_ROWS: usize = 16;
+    /// Bytes of depth per tile: 16 panel lines of 4 `k` each.
+    pub(super) const DEPTH: usize = 64;
+
+    /// The tile configuration (palette 1): tiles 0-7 all 16 rows x 64 bytes. 0-3 hold the
+    /// sums (rows 0-15 and 16-31 of the block, by the first and second panel), 4-5 the
+    /// activations, 6-7 the panels.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    static CONFIG: Config = Config {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// Whether the CPU has AMX-TILE and AMX-INT8 and the OS lets this process use the tile
+    /// registers (Linux grants them on request, `arch_prctl(ARCH_REQ_XCOMP_PERM)`; asked
+    /// once, for the whole process, before any tile is used).
+    pub(super) fn usable() -> bool {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USABLE.get_or_init(|| {
+            // Leaf 7 is read only where the CPU reports it. EDX bits 24 and 25: AMX-TILE and
+            // AMX-INT8 (`is_x86_feature_detected!` has no stable name for them).
+            let has = __get_cpuid_max(0).0 >= 7 && {
+                let edx = __cpuid_count(7, 0).edx;
+                edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+            };
+            has && request_tiles()
+        })
+    }
+
+    /// Asks Linux for the tile data state (XFEATURE_XTILEDATA, 18).
+    #[cfg(target_os = "linux")]
+    fn request_tiles() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a request for a permission; no memory is passed.
+        let granted = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        if granted != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "the CPU has AMX but Linux did not grant the tile registers"
+            );
+        }
+        granted == 0
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tiles() -> bool {
+        false
+    }
+
+    /// Loads [`CONFIG`] on this thread (and zeroes its tiles).
+    ///
+    /// # Safety
+    /// [`usable`] holds.
+    pub(super) unsafe fn configure() {
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+    }
+
+    /// Returns this thread's tiles to their initial state (so that the OS need not save
+    /// them).
+    ///
+    /// # Safety
+    /// [`usable`] holds.
+    pub(super) unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// `c += ...` for a block of `rows` (at most [`ROWS`]) rows from `t.a` and the panels of
+    /// `t` and `second`, in integers on the tiles, then scaled as the other kernels do.
+    ///
+    /// # Safety
+    /// [`configure`] ran on this thread; `t` (and `second`) as [`Tile`] says, for `rows`
+    /// rows, and `t.a` readable for [`ROWS`] rows; `t.groups` a positive multiple of 16.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn block(rows: usize, t: Tile, second: Option<Tile>) {
+        #[repr(C, align(64))]
+        struct Sums([i32; 4 * TILE_ROWS * 16]);
+        let mut sums = Sums([0; 4 * TILE_ROWS * 16]);
+        let depth_tiles = t.groups / 16;
+        debug_assert!(depth_tiles > 0 && t.groups.is_multiple_of(16));
+        let (a0, a1) = (t.a, t.a.add(TILE_ROWS * t.lda));
+        let out = sums.0.as_mut_ptr();
+        match second {
+            Some(u) => asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a0} + {lda}*1]",
+                "tileloadd tmm6, [{b0} + {line}*1]",
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {line}*1]",
+                "tdpbusd tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                "tdpbusd tmm2, tmm5, tmm6",
+                "tdpbusd tmm3, tmm5, tmm7",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, 1024",
+                "add {b1}, 1024",
+                "dec {n}",
+                "jnz 2b",
+                "tilestored [{out} + {line}*1], tmm0",
+                "tilestored [{out} + {line}*1 + 1024], tmm1",
+                "tilestored [{out} + {line}*1 + 2048], tmm2",
+                "tilestored [{out} + {line}*1 + 3072], tmm3",
+                a0 = inout(reg) a0 => _,
+                a1 = inout(reg) a1 => _,
+                b0 = inout(reg) t.b => _,
+                b1 = inout(reg) u.b => _,
+                n = inout(reg) depth_tiles => _,
+                lda = in(reg) t.lda,
+                line = in(reg) LINE,
+                out = in(reg) out,
+                options(nostack),
+            ),
+            None => asm!(
+                "tilezero tmm0",
+                "tilezero tmm2",
+                "2:",
+                "tileloadd tmm4, [{a0} + {lda}*1]",
+                "tileloadd tmm6, [{b0} + {line}*1]",
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                "tdpbusd tmm2, tmm5, tmm6",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, 1024",
+                "dec {n}",
+                "jnz 2b",
+                "tilestored [{out} + {line}*1], tmm0",
+                "tilestored [{out} + {line}*1 + 2048], tmm2",
+                a0 = inout(reg) a0 => _,
+                a1 = inout(reg) a1 => _,
+                b0 = inout(reg) t.b => _,
+                n = inout(reg) depth_tiles => _,
+                lda = in(reg) t.lda,
+                line = in(reg) LINE,
+                out = in(reg) out,
+                options(nostack),
+            ),
+        }
+        // The second tile's rows (past the end of `sa` and `c` when it holds none: wrapping).
+        let lower = |t: Tile| Tile {
+            sa: t.sa.wrapping_add(TILE_ROWS),
+            c: t.c.wrapping_add(TILE_ROWS * t.ldc),
+            ..t
+        };
+        let upper_rows = rows.min(TILE_ROWS);
+        let lower_rows = rows.saturating_sub(TILE_ROWS);
+        scale(&sums.0[..256], upper_rows, t);
+        scale(&sums.0[512..768], lower_rows, lower(t));
+        if let Some(u) = second {
+            scale(&sums.0[256..512], upper_rows, u);
+            scale(&sums.0[768..], lower_rows, lower(u));
+        }
+    }
+
+    /// Scales the first `rows` rows of a stored 16 x 16 tile of sums into `t`'s outputs.
+    ///
+    /// # Safety
+    /// AVX2; `t` as [`Tile`] says, for `rows` rows.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn scale(tile: &[i32], rows: usize, t: Tile) {
+        let mut halves = [[_mm256_setzero_si256(); 2]; TILE_ROWS];
+        for (h, row) in halves.iter_mut().zip(tile.chunks_exact(16)).take(rows) {
+            *h = [
+                _mm256_loadu_si256(row.as_ptr().cast()),
+                _mm256_loadu_si256(row.as_ptr().add(8).cast()),
+            ];
+        }
+        finish(&halves[..rows], t);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    //! Never used: AMX is x86-64's.
+    pub(super) const ROWS: usize = 32;
+    pub(super) const DEPTH: usize = 64;
+    pub(super) fn usable() -> bool {
+        false
+    }
+    pub(super) unsafe fn configure() {}
+    pub(super) unsafe fn release() {}
+    pub(super) unsafe fn block(_: usize, _: super::Tile, _: Option<super::Tile>) {
+        unreachable!("AMX runs only on x86-64")
     }
 }
 
@@ -635,6 +928,10 @@ mod tests {
             (9, 384, 48),
             (13, 130, 33),
             (23, 65, 40),
+            // Whole 64-byte tiles of depth (AMX where the CPU has it): blocks of 32 rows with a
+            // partial last one, pairs of panels and a lone one, L2 blocks of panels.
+            (40, 128, 80),
+            (33, 1536, 400),
         ] {
             let a = values(m * k, 4);
             let b = values(k * n, 5);
@@ -678,6 +975,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn amx_runs_whole_tiles_of_depth_and_leaves_the_rest_to_vnni() {
+        assert_eq!(Kernel::Amx.for_depth(384), Kernel::Amx);
+        assert_eq!(Kernel::Amx.for_depth(1536), Kernel::Amx);
+        assert_eq!(Kernel::Amx.for_depth(132), Kernel::Avx512VnniZmm);
+        assert_eq!(Kernel::Avx2.for_depth(132), Kernel::Avx2);
     }
 
     #[test]
