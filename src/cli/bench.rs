@@ -208,8 +208,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             )
         }
         None => println!(
-            "Tidings f32 kernel: not used (no AVX2 and FMA here, or TIDINGS_SGEMM=gemm): \
-             candle's gemm instead"
+            "Tidings f32 kernel: not used (no AVX2 and FMA here, an Intel CPU with AVX-512, \
+             or TIDINGS_SGEMM=gemm): candle's gemm instead"
         ),
     }
     match own_int8 {

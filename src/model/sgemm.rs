@@ -21,12 +21,14 @@
 //! - threads take disjoint groups of panels (output columns), so they never write the same
 //!   output element.
 //!
-//! [`kernel`] picks the widest the CPU runs (`TIDINGS_SGEMM` names another, or `gemm`).
-//! On a 2-core AMD EPYC Zen 5 (AVX-512; `cargo bench --bench kernels`, 2 threads), the
-//! AVX-512 tile ran the encoder's products at 435-483 GFLOP/s and the AVX2 tile at 204-222,
-//! where `gemm`'s own AVX-512 kernels reached 409-437 on the same shapes (a separate loop).
-//! That is the only AVX-512 CPU the tile was measured on; Intel's were not. CPUs without
-//! AVX2 and FMA, and other architectures, keep `gemm`; see [`PackedWeights::pack`].
+//! [`kernel`] picks the widest the CPU runs (`TIDINGS_SGEMM` names another, or `gemm`),
+//! except on Intel CPUs with AVX-512, which keep `gemm`. On a 2-core AMD EPYC Zen 5
+//! (AVX-512; `cargo bench --bench kernels`, 2 threads), the AVX-512 tile ran the encoder's
+//! products at 435-483 GFLOP/s and the AVX2 tile at 204-222, where `gemm`'s own AVX-512
+//! kernels reached 409-437 on the same shapes (a separate loop). On the GPU machine's Xeon
+//! (Sapphire Rapids) the AVX-512 tile ran at 204-310 GFLOP/s, and the encoder ran faster on
+//! `gemm` at 16x64 and 8x256 (see [`kernel`]). CPUs without AVX2 and FMA, and other
+//! architectures, keep `gemm`; see [`PackedWeights::pack`].
 
 use rayon::prelude::*;
 
@@ -350,14 +352,17 @@ impl Kernel {
     }
 }
 
-/// The f32 kernel: `None` where `TIDINGS_SGEMM=gemm` (the products on `gemm`, to compare)
-/// or the CPU lacks AVX2 and FMA; the one `TIDINGS_SGEMM` names (`avx2`, `avx512`) where
-/// this CPU runs it; else the fastest it runs. Decided once.
+/// The f32 kernel (attention's products, and the weights' at f32): `None` where
+/// `TIDINGS_SGEMM=gemm` (the products on `gemm`) or the CPU lacks AVX2 and FMA; the one
+/// `TIDINGS_SGEMM` names (`avx2`, `avx512`) where this CPU runs it; else `None` on Intel CPUs
+/// with AVX-512 (see [`gemm_is_faster_here`]); else the fastest it runs. Decided once.
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        if std::env::var("TIDINGS_SGEMM").is_ok_and(|v| v == "gemm") {
-            return None;
+        match std::env::var("TIDINGS_SGEMM") {
+            Ok(v) if v == "gemm" => return None,
+            Err(_) if gemm_is_faster_here() => return None,
+            _ => {}
         }
         choose_kernel(
             "TIDINGS_SGEMM",
@@ -368,6 +373,27 @@ pub fn kernel() -> Option<Kernel> {
             Kernel::name,
         )
     })
+}
+
+/// Whether `gemm`'s own kernels beat the tiles here: on Intel CPUs with AVX-512 (the vendor
+/// from `cpuid` leaf 0). On the GPU machine's Xeon (Sapphire Rapids, 2 threads, three
+/// instances), `tidings bench --precision f32` (ner) ran faster on `gemm` than on the
+/// AVX-512 tile in all twelve interleaved pairs at 16x64 and 8x256 (by 2-83%, 18% at the
+/// median), and within that machine's noise at 1x64 (the tile ahead in two pairs, behind in
+/// two). On AMD's Zen 5 the tile was 3-6% faster at 16x64 and 8x256. `TIDINGS_SGEMM=avx512`
+/// still picks the tile there.
+fn gemm_is_faster_here() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Leaf 0: the vendor, "GenuineIntel", in EBX, EDX, ECX.
+        let id = std::arch::x86_64::__cpuid(0);
+        let intel = [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e];
+        intel && Kernel::Avx512.runs_here()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Of `all` (fastest first), the kernel the environment variable `var` names where this CPU
@@ -839,7 +865,11 @@ pub(super) mod tests {
     fn the_chosen_kernel_runs_here_and_is_the_widest_one() {
         let named = std::env::var("TIDINGS_SGEMM").ok();
         match kernel() {
-            None => assert!(!has_avx2_fma() || named.as_deref() == Some("gemm")),
+            None => assert!(
+                !has_avx2_fma()
+                    || named.as_deref() == Some("gemm")
+                    || (named.is_none() && gemm_is_faster_here())
+            ),
             Some(k) => {
                 let want = kernels_here()
                     .find(|k| named.as_deref() == Some(k.name()))
