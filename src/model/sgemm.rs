@@ -26,7 +26,7 @@
 //! (AVX-512; `cargo bench --bench kernels`, 2 threads), the AVX-512 tile ran the encoder's
 //! products at 435-483 GFLOP/s and the AVX2 tile at 204-222, where `gemm`'s own AVX-512
 //! kernels reached 409-437 on the same shapes (a separate loop). On the GPU machine's Xeon
-//! (Sapphire Rapids) the AVX-512 tile ran at 204-310 GFLOP/s, and the encoder ran faster on
+//! (Emerald Rapids) the AVX-512 tile ran at 204-310 GFLOP/s, and the encoder ran faster on
 //! `gemm` at 16x64 and 8x256 (see [`kernel`]). CPUs without AVX2 and FMA, and other
 //! architectures, keep `gemm`; see [`PackedWeights::pack`].
 
@@ -376,7 +376,7 @@ pub fn kernel() -> Option<Kernel> {
 }
 
 /// Whether `gemm`'s own kernels beat the tiles here: on Intel CPUs with AVX-512 (the vendor
-/// from `cpuid` leaf 0). On the GPU machine's Xeon (Sapphire Rapids, 2 threads, three
+/// from `cpuid` leaf 0). On the GPU machine's Xeon (Emerald Rapids, 2 threads, three
 /// instances), `tidings bench --precision f32` (ner) ran faster on `gemm` than on the
 /// AVX-512 tile in all twelve interleaved pairs at 16x64 and 8x256 (by 2-83%, 18% at the
 /// median), and within that machine's noise at 1x64 (the tile ahead in two pairs, behind in
