@@ -192,7 +192,7 @@ impl QuantizedWeights {
         rows.quantize(&a[..m * k], m, k, kp, threads);
         let granule = if kernel == Kernel::Amx {
             // AMX reads whole blocks of rows: the padding rows are zeros (128), and their
-            // sums are never stored.
+            // sums never reach `c`.
             rows.values.resize(m.next_multiple_of(amx::ROWS) * kp, 128);
             2
         } else {
@@ -202,15 +202,17 @@ impl QuantizedWeights {
         let rows = &*rows;
         over_column_groups(n.div_ceil(NR), threads, granule, |panels| {
             // SAFETY: the CPU runs `kernel` (asserted above); `panels` are this task's own
-            // output columns; `rows` holds m x kp bytes and m scales, `c` m x n floats
-            // (asserted above).
+            // output columns; `rows` holds m x kp bytes (for AMX, whole blocks of rows, and
+            // a depth of whole tiles: `for_depth`) and m scales, `c` m x n floats (asserted
+            // above).
             unsafe { self.run_panels(kernel, rows, m, out, panels) };
         });
     }
 
     /// # Safety
-    /// The CPU runs `kernel`; `rows` holds `m` quantized rows of this matrix's padded depth;
-    /// `c` `m x n` floats; no other thread writes the columns of `panels`.
+    /// The CPU runs `kernel`; `rows` holds `m` quantized rows of this matrix's padded depth
+    /// (AMX: rounded up to whole blocks of [`amx::ROWS`]); `c` `m x n` floats; no other thread
+    /// writes the columns of `panels`.
     unsafe fn run_panels(
         &self,
         kernel: Kernel,
@@ -253,6 +255,12 @@ impl QuantizedWeights {
         panels: std::ops::Range<usize>,
     ) {
         let groups = self.k.div_ceil(4);
+        // A partial tile of depth would be dropped, and no depth loops forever: `for_depth`
+        // sends such products to the VNNI tile.
+        assert!(
+            groups > 0 && groups.is_multiple_of(16),
+            "AMX needs whole tiles of depth"
+        );
         amx::configure();
         for block in panel_blocks(panels, groups * LINE, 2) {
             for r in (0..m).step_by(amx::ROWS) {
@@ -423,7 +431,9 @@ impl Kernel {
         }
     }
 
-    /// Rows per tile (of [`Kernel::tile`]; AMX's blocks are [`amx::ROWS`] rows).
+    /// Rows per tile of [`Kernel::tile`]. (AMX's blocks are [`amx::ROWS`] rows; its entry
+    /// here is [`Kernel::Avx512VnniZmm`]'s, which [`Kernel::for_depth`] puts in its place
+    /// before any tile runs.)
     fn rows(self) -> usize {
         match self {
             Self::Avx512VnniZmm | Self::Amx => MR_ZMM,
@@ -433,8 +443,8 @@ impl Kernel {
 
     /// The tile function: `tile(rows, t)` for up to [`Kernel::rows`] rows (safe to call
     /// where [`Kernel::runs_here`] holds and `t` is as [`Tile`] says). AMX's blocks run
-    /// apart ([`QuantizedWeights::run_panels_amx`]); its entry is the 512-bit tile it
-    /// leaves the other depths to.
+    /// apart ([`QuantizedWeights::run_panels_amx`]); its entry, never reached, is the
+    /// 512-bit tile that [`Kernel::for_depth`] gives the other depths to.
     fn tile(self) -> unsafe fn(usize, Tile) {
         match self {
             Self::Avx2 => avx2::tile,
@@ -469,6 +479,7 @@ pub fn kernel() -> Option<Kernel> {
             &Kernel::ALL,
             Kernel::runs_here,
             Kernel::name,
+            Kernel::ALL.into_iter().find(|k| k.runs_here()),
         )
     })
 }
@@ -662,8 +673,9 @@ mod avx2 {
 /// a 16 x 64 tile of unsigned bytes times a 64 x 16 tile of signed bytes (16 rows of 16
 /// columns x 4 consecutive `k`: exactly 16 lines of a panel) into 16 x 16 32-bit sums.
 /// The sums are exact, as `vpdpbusd`'s are, so the results are the other kernels' bits.
-/// Rust has no stable AMX intrinsics; the instructions are inline assembly, one block per
-/// product block, so that no tile register lives across Rust code.
+/// Rust has no stable AMX intrinsics; the instructions are inline assembly, one statement
+/// per product block, so that no tile's data lives across Rust code (the tile configuration
+/// does: loaded before a task's blocks, released after them).
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use super::{avx2::finish, Tile, LINE};
@@ -704,10 +716,16 @@ mod amx {
         static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *USABLE.get_or_init(|| {
             // Leaf 7 is read only where the CPU reports it. EDX bits 24 and 25: AMX-TILE and
-            // AMX-INT8 (`is_x86_feature_detected!` has no stable name for them).
-            let has = __get_cpuid_max(0).0 >= 7 && {
-                let edx = __cpuid_count(7, 0).edx;
-                edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+            // AMX-INT8 (`is_x86_feature_detected!` has no stable name for them). The cpuid
+            // functions are safe in recent Rust and unsafe in older releases (this crate's
+            // minimum is 1.89).
+            #[allow(unused_unsafe)]
+            // SAFETY: `cpuid` exists on every x86-64 CPU.
+            let has = unsafe {
+                __get_cpuid_max(0).0 >= 7 && {
+                    let edx = __cpuid_count(7, 0).edx;
+                    edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+                }
             };
             has && request_tiles()
         })
@@ -727,7 +745,7 @@ mod amx {
             )
         };
         if granted != 0 {
-            tracing::debug!(
+            tracing::warn!(
                 error = %std::io::Error::last_os_error(),
                 "the CPU has AMX but Linux did not grant the tile registers"
             );
@@ -745,7 +763,13 @@ mod amx {
     /// # Safety
     /// [`usable`] holds.
     pub(super) unsafe fn configure() {
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+        asm!(
+            "ldtilecfg [{}]",
+            in(reg) &CONFIG,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack, readonly),
+        );
     }
 
     /// Returns this thread's tiles to their initial state (so that the OS need not save
@@ -754,7 +778,12 @@ mod amx {
     /// # Safety
     /// [`usable`] holds.
     pub(super) unsafe fn release() {
-        asm!("tilerelease", options(nostack, nomem));
+        asm!(
+            "tilerelease",
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack, nomem),
+        );
     }
 
     /// `c += ...` for a block of `rows` (at most [`ROWS`]) rows from `t.a` and the panels of
@@ -767,11 +796,12 @@ mod amx {
     pub(super) unsafe fn block(rows: usize, t: Tile, second: Option<Tile>) {
         #[repr(C, align(64))]
         struct Sums([i32; 4 * TILE_ROWS * 16]);
-        let mut sums = Sums([0; 4 * TILE_ROWS * 16]);
+        // Not zeroed: the assembly stores every tile that is read below.
+        let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
         let depth_tiles = t.groups / 16;
         debug_assert!(depth_tiles > 0 && t.groups.is_multiple_of(16));
         let (a0, a1) = (t.a, t.a.add(TILE_ROWS * t.lda));
-        let out = sums.0.as_mut_ptr();
+        let out = sums.as_mut_ptr() as *mut i32;
         match second {
             Some(u) => asm!(
                 "tilezero tmm0",
@@ -805,6 +835,8 @@ mod amx {
                 lda = in(reg) t.lda,
                 line = in(reg) LINE,
                 out = in(reg) out,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
                 options(nostack),
             ),
             None => asm!(
@@ -830,6 +862,8 @@ mod amx {
                 lda = in(reg) t.lda,
                 line = in(reg) LINE,
                 out = in(reg) out,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
                 options(nostack),
             ),
         }
@@ -841,11 +875,13 @@ mod amx {
         };
         let upper_rows = rows.min(TILE_ROWS);
         let lower_rows = rows.saturating_sub(TILE_ROWS);
-        scale(&sums.0[..256], upper_rows, t);
-        scale(&sums.0[512..768], lower_rows, lower(t));
+        // Stored tile `i` of the four (1 and 3 only with a second panel).
+        let stored = |i: usize| std::slice::from_raw_parts(out.add(i * 256), 256);
+        scale(stored(0), upper_rows, t);
+        scale(stored(2), lower_rows, lower(t));
         if let Some(u) = second {
-            scale(&sums.0[256..512], upper_rows, u);
-            scale(&sums.0[768..], lower_rows, lower(u));
+            scale(stored(1), upper_rows, u);
+            scale(stored(3), lower_rows, lower(u));
         }
     }
 
@@ -932,6 +968,11 @@ mod tests {
             // partial last one, pairs of panels and a lone one, L2 blocks of panels.
             (40, 128, 80),
             (33, 1536, 400),
+            // ... partly filled lower tiles (18 and 11 rows) and narrow last panels, alone
+            // and second of a pair.
+            (50, 128, 72),
+            (27, 384, 40),
+            (19, 64, 24),
         ] {
             let a = values(m * k, 4);
             let b = values(k * n, 5);

@@ -62,8 +62,9 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs `b: [k, n]` (row-major) when an f32 kernel runs here ([`kernel`]: AVX2 and
-    /// FMA), `None` otherwise; `TIDINGS_SGEMM=gemm` in the environment forces `None`.
+    /// Packs `b: [k, n]` (row-major) when an f32 kernel runs here and is wanted ([`kernel`]:
+    /// AVX2 and FMA, not an Intel CPU with AVX-512 unless `TIDINGS_SGEMM` names a tile),
+    /// `None` otherwise; `TIDINGS_SGEMM=gemm` in the environment forces `None`.
     pub fn pack(b: &[f32], k: usize, n: usize) -> Option<Self> {
         if !available() {
             return None;
@@ -359,11 +360,10 @@ impl Kernel {
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        match std::env::var("TIDINGS_SGEMM") {
-            Ok(v) if v == "gemm" => return None,
-            Err(_) if gemm_is_faster_here() => return None,
-            _ => {}
+        if std::env::var("TIDINGS_SGEMM").is_ok_and(|v| v == "gemm") {
+            return None;
         }
+        let fastest = Kernel::ALL.into_iter().find(|k| k.runs_here());
         choose_kernel(
             "TIDINGS_SGEMM",
             "f32",
@@ -371,6 +371,7 @@ pub fn kernel() -> Option<Kernel> {
             &Kernel::ALL,
             Kernel::runs_here,
             Kernel::name,
+            fastest.filter(|_| !gemm_is_faster_here()),
         )
     })
 }
@@ -385,8 +386,12 @@ pub fn kernel() -> Option<Kernel> {
 fn gemm_is_faster_here() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        // Leaf 0: the vendor, "GenuineIntel", in EBX, EDX, ECX.
-        let id = std::arch::x86_64::__cpuid(0);
+        // Leaf 0: the vendor, "GenuineIntel", in EBX, EDX, ECX. (`__cpuid` is a safe
+        // function in recent Rust and an unsafe one in older releases, such as this crate's
+        // minimum, 1.89.)
+        #[allow(unused_unsafe)]
+        // SAFETY: `cpuid` exists on every x86-64 CPU.
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
         let intel = [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e];
         intel && Kernel::Avx512.runs_here()
     }
@@ -396,10 +401,10 @@ fn gemm_is_faster_here() -> bool {
     }
 }
 
-/// Of `all` (fastest first), the kernel the environment variable `var` names where this CPU
-/// runs it, else the fastest it runs (`None`: none does); a name that is unknown or does not
-/// run here gets a warning, which lists the names (and `also`, a value the caller handles
-/// itself, when not empty). For `what` kernels (`f32`, `int8`).
+/// Of `all`, the kernel the environment variable `var` names where this CPU runs it, else
+/// `default` (`None`: the caller's own fallback, `also`, or no kernel); a name that is
+/// unknown or does not run here gets a warning, which lists the names (and `also`, a value
+/// the caller handles itself, when not empty). For `what` kernels (`f32`, `int8`).
 pub(super) fn choose_kernel<K: Copy>(
     var: &str,
     what: &str,
@@ -407,10 +412,10 @@ pub(super) fn choose_kernel<K: Copy>(
     all: &[K],
     runs_here: impl Fn(K) -> bool,
     name: impl Fn(K) -> &'static str,
+    default: Option<K>,
 ) -> Option<K> {
-    let best = all.iter().copied().find(|&k| runs_here(k));
     let Ok(wanted) = std::env::var(var) else {
-        return best;
+        return default;
     };
     match all.iter().copied().find(|&k| name(k) == wanted) {
         Some(k) if runs_here(k) => Some(k),
@@ -420,15 +425,15 @@ pub(super) fn choose_kernel<K: Copy>(
             tracing::warn!(
                 variable = var,
                 value = %wanted,
-                using = best.map(&name),
-                "{}; using the fastest this CPU runs",
+                using = default.map(&name).unwrap_or(if also.is_empty() { "none" } else { also }),
+                "{}; using this CPU's default",
                 if named.is_some() {
                     format!("this CPU does not run that {what} kernel")
                 } else {
                     format!("no such {what} kernel ({})", names.join(", "))
                 }
             );
-            best
+            default
         }
     }
 }
@@ -864,18 +869,13 @@ pub(super) mod tests {
     #[test]
     fn the_chosen_kernel_runs_here_and_is_the_widest_one() {
         let named = std::env::var("TIDINGS_SGEMM").ok();
-        match kernel() {
-            None => assert!(
-                !has_avx2_fma()
-                    || named.as_deref() == Some("gemm")
-                    || (named.is_none() && gemm_is_faster_here())
-            ),
-            Some(k) => {
-                let want = kernels_here()
-                    .find(|k| named.as_deref() == Some(k.name()))
-                    .or(kernels_here().last());
-                assert_eq!(Some(k), want, "TIDINGS_SGEMM={named:?}");
-            }
-        }
+        let named_here = kernels_here().find(|k| named.as_deref() == Some(k.name()));
+        // Unnamed (or named wrongly): the widest, except on Intel CPUs with AVX-512.
+        let default = kernels_here().last().filter(|_| !gemm_is_faster_here());
+        let want = match named.as_deref() {
+            Some("gemm") => None,
+            _ => named_here.or(default),
+        };
+        assert_eq!(kernel(), want, "TIDINGS_SGEMM={named:?}");
     }
 }
