@@ -213,14 +213,19 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 entity_replace: a.entity_replace,
                 ema: a.ema,
             };
-            let report = ner::train(&cfg)?;
+            // On a worker of the model pool, as the server's batcher and `tidings bench` run
+            // the encoder: the training ops' parallel loops then run on that pool instead of
+            // being injected into it from outside and waited for on a futex.
+            let report = tidings::engine::model_pool().install(|| ner::train(&cfg))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         TrainCommand::Topics(a) => train_topics(a),
         TrainCommand::Projection(a) => {
             let started = std::time::Instant::now();
-            let report = tidings::train::projection::train(&a.model, &a.base, &a.data, a.ridge)?;
+            let report = tidings::engine::model_pool().install(|| {
+                tidings::train::projection::train(&a.model, &a.base, &a.data, a.ridge)
+            })?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             eprintln!(
                 "projection written to {} ({:.0}s)",
