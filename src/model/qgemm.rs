@@ -802,71 +802,45 @@ mod amx {
         debug_assert!(depth_tiles > 0 && t.groups.is_multiple_of(16));
         let (a0, a1) = (t.a, t.a.add(TILE_ROWS * t.lda));
         let out = sums.as_mut_ptr() as *mut i32;
-        match second {
-            Some(u) => asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "2:",
-                "tileloadd tmm4, [{a0} + {lda}*1]",
-                "tileloadd tmm6, [{b0} + {line}*1]",
-                "tdpbusd tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {line}*1]",
-                "tdpbusd tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {lda}*1]",
-                "tdpbusd tmm2, tmm5, tmm6",
-                "tdpbusd tmm3, tmm5, tmm7",
-                "add {a0}, 64",
-                "add {a1}, 64",
-                "add {b0}, 1024",
-                "add {b1}, 1024",
-                "dec {n}",
-                "jnz 2b",
-                "tilestored [{out} + {line}*1], tmm0",
-                "tilestored [{out} + {line}*1 + 1024], tmm1",
-                "tilestored [{out} + {line}*1 + 2048], tmm2",
-                "tilestored [{out} + {line}*1 + 3072], tmm3",
-                a0 = inout(reg) a0 => _,
-                a1 = inout(reg) a1 => _,
-                b0 = inout(reg) t.b => _,
-                b1 = inout(reg) u.b => _,
-                n = inout(reg) depth_tiles => _,
-                lda = in(reg) t.lda,
-                line = in(reg) LINE,
-                out = in(reg) out,
-                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-                options(nostack),
-            ),
-            None => asm!(
-                "tilezero tmm0",
-                "tilezero tmm2",
-                "2:",
-                "tileloadd tmm4, [{a0} + {lda}*1]",
-                "tileloadd tmm6, [{b0} + {line}*1]",
-                "tdpbusd tmm0, tmm4, tmm6",
-                "tileloadd tmm5, [{a1} + {lda}*1]",
-                "tdpbusd tmm2, tmm5, tmm6",
-                "add {a0}, 64",
-                "add {a1}, 64",
-                "add {b0}, 1024",
-                "dec {n}",
-                "jnz 2b",
-                "tilestored [{out} + {line}*1], tmm0",
-                "tilestored [{out} + {line}*1 + 2048], tmm2",
-                a0 = inout(reg) a0 => _,
-                a1 = inout(reg) a1 => _,
-                b0 = inout(reg) t.b => _,
-                n = inout(reg) depth_tiles => _,
-                lda = in(reg) t.lda,
-                line = in(reg) LINE,
-                out = in(reg) out,
-                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-                options(nostack),
-            ),
-        }
+        // A lone panel (the last of an odd count: only the classifier's few columns) runs as
+        // a pair with itself; only its own sums are read back.
+        let b1 = second.map_or(t.b, |u| u.b);
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {line}*1]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {line}*1]",
+            "tdpbusd tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tdpbusd tmm2, tmm5, tmm6",
+            "tdpbusd tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{out} + {line}*1], tmm0",
+            "tilestored [{out} + {line}*1 + 1024], tmm1",
+            "tilestored [{out} + {line}*1 + 2048], tmm2",
+            "tilestored [{out} + {line}*1 + 3072], tmm3",
+            a0 = inout(reg) a0 => _,
+            a1 = inout(reg) a1 => _,
+            b0 = inout(reg) t.b => _,
+            b1 = inout(reg) b1 => _,
+            n = inout(reg) depth_tiles => _,
+            lda = in(reg) t.lda,
+            line = in(reg) LINE,
+            out = in(reg) out,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack),
+        );
         // The second tile's rows (past the end of `sa` and `c` when it holds none: wrapping).
         let lower = |t: Tile| Tile {
             sa: t.sa.wrapping_add(TILE_ROWS),
@@ -875,7 +849,7 @@ mod amx {
         };
         let upper_rows = rows.min(TILE_ROWS);
         let lower_rows = rows.saturating_sub(TILE_ROWS);
-        // Stored tile `i` of the four (1 and 3 only with a second panel).
+        // Stored tile `i` of the four.
         let stored = |i: usize| std::slice::from_raw_parts(out.add(i * 256), 256);
         scale(stored(0), upper_rows, t);
         scale(stored(2), lower_rows, lower(t));
