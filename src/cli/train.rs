@@ -215,7 +215,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
             };
             // On a worker of the model pool, as the server's batcher and `tidings bench` run
             // the encoder: the training ops' parallel loops then run on that pool instead of
-            // being injected into it from outside and waited for on a futex.
+            // being injected into rayon's global pool from outside and waited for on a futex.
             let report = tidings::engine::model_pool().install(|| ner::train(&cfg))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
