@@ -363,7 +363,6 @@ pub fn kernel() -> Option<Kernel> {
         if std::env::var("TIDINGS_SGEMM").is_ok_and(|v| v == "gemm") {
             return None;
         }
-        let fastest = Kernel::ALL.into_iter().find(|k| k.runs_here());
         choose_kernel(
             "TIDINGS_SGEMM",
             "f32",
@@ -371,7 +370,7 @@ pub fn kernel() -> Option<Kernel> {
             &Kernel::ALL,
             Kernel::runs_here,
             Kernel::name,
-            fastest.filter(|_| !gemm_is_faster_here()),
+            !gemm_is_faster_here(),
         )
     })
 }
@@ -401,9 +400,10 @@ fn gemm_is_faster_here() -> bool {
     }
 }
 
-/// Of `all`, the kernel the environment variable `var` names where this CPU runs it, else
-/// `default` (`None`: the caller's own fallback, `also`, or no kernel); a name that is
-/// unknown or does not run here gets a warning, which lists the names (and `also`, a value
+/// Of `all` (fastest first), the kernel the environment variable `var` names where this CPU
+/// runs it, else the default: the fastest it runs where `fastest_by_default`, otherwise
+/// `None` (the caller's own fallback, `also`; also `None` where no kernel runs). A name that
+/// is unknown or does not run here gets a warning, which lists the names (and `also`, a value
 /// the caller handles itself, when not empty). For `what` kernels (`f32`, `int8`).
 pub(super) fn choose_kernel<K: Copy>(
     var: &str,
@@ -412,8 +412,13 @@ pub(super) fn choose_kernel<K: Copy>(
     all: &[K],
     runs_here: impl Fn(K) -> bool,
     name: impl Fn(K) -> &'static str,
-    default: Option<K>,
+    fastest_by_default: bool,
 ) -> Option<K> {
+    let default = all
+        .iter()
+        .copied()
+        .find(|&k| runs_here(k))
+        .filter(|_| fastest_by_default);
     let Ok(wanted) = std::env::var(var) else {
         return default;
     };
