@@ -10,8 +10,10 @@ Rust service does, so that its outputs can be checked against an independent imp
 - casing: a word-shape id per piece (see `shape`), computed on the ORIGINAL text under the
   piece's offsets; its embedding row is added to the word embedding (NER models whose
   config.json has "tidings_casing": true);
-- NER: BertForTokenClassification in float32 (weights may be stored in f16);
-- embeddings: BertModel, mean pooling over the attention mask, L2 normalisation; the encoder
+- NER: BertForTokenClassification in float32 (weights may be stored in f16); any other
+  architecture transformers knows through its AutoModelForTokenClassification (MPNet);
+- embeddings: BertModel (or the AutoModel of the config's model_type, e.g. MPNetModel), mean
+  pooling over the attention mask, L2 normalisation; the encoder
   of a BertForTokenClassification checkpoint (`bert.` prefix, e.g. a multi-task model with
   "tidings_shared_encoder": true) is read the same way, with its casing embedding when
   config.json has "tidings_casing": true (as Rust's SentenceEmbedder does); with
@@ -185,26 +187,41 @@ def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], ignore=()):
         raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
 
 
-def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    pad_id = tok.token_to_id("[PAD]") or 0
+def special_ids(tok: Tokenizer, pad_id: int | None = None) -> tuple[int, int, int]:
+    """(open, close, pad): what the tokenizer's post-processor wraps a sequence in (as Rust's
+    ModelDir::special_ids: MPNet's vocabulary also holds [CLS]/[SEP] but uses <s> ... </s>),
+    else [CLS]/[SEP]; pad from the config when given, else [PAD] or 0."""
+    wrapped = tok.encode("", add_special_tokens=True).ids
+    if len(wrapped) == 2:
+        cls_id, sep_id = wrapped
+    else:
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if pad_id is None:
+        pad_id = tok.token_to_id("[PAD]") or 0
     if cls_id is None or sep_id is None:
         raise ValueError("tokenizer has no [CLS]/[SEP]")
     return cls_id, sep_id, pad_id
+
+
+def _segment_args(config, ids):
+    """token_type_ids for the models that take them (BERT-family; MPNet has none)."""
+    import torch
+    return {"token_type_ids": torch.zeros_like(ids)} if getattr(config, "type_vocab_size", 0) else {}
 
 
 class NerModel:
     """BertForTokenClassification (+ Tidings' casing embedding) in float32."""
 
     def __init__(self, model_dir):
-        from transformers import BertConfig, BertForTokenClassification
+        from transformers import AutoConfig, AutoModelForTokenClassification
         self.dir = str(model_dir)
         raw = json.loads((Path(model_dir) / "config.json").read_text())
-        self.config = BertConfig.from_pretrained(self.dir)
+        self.config = AutoConfig.from_pretrained(self.dir)
         self.labels = [self.config.id2label[i] for i in range(len(self.config.id2label))]
-        self.model = BertForTokenClassification(self.config).eval()
+        self.model = AutoModelForTokenClassification.from_config(self.config).eval()
+        self.base = getattr(self.model, self.model.base_model_prefix)
         sd = _read_weights(model_dir)
-        casing = sd.pop(CASING_NAME, None)
+        casing = sd.pop(f"{self.model.base_model_prefix}.embeddings.casing_embeddings.weight", None)
         if raw.get("tidings_casing") and casing is None:
             raise ValueError(f"{self.dir}: tidings_casing is set but {CASING_NAME} is missing")
         self.casing = casing if raw.get("tidings_casing") else None
@@ -213,18 +230,18 @@ class NerModel:
         sd.pop(f"{PROJECTION}.bias", None)
         _load_into(self.model, sd)
         self.tok = load_tokenizer(model_dir)
-        self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok)
+        self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok, self.config.pad_token_id)
 
     def logits(self, rows: list[list[int]], casing: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [batch, width, labels] of windows given as piece ids (no specials); and mask."""
         import torch
         with torch.inference_mode():
             ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
-            emb = self.model.bert.embeddings.word_embeddings(ids)
+            emb = self.base.embeddings.word_embeddings(ids)
             if self.casing is not None:
                 emb = emb + self.casing[pad_casing(casing, ids.shape[1])]
             out = self.model(inputs_embeds=emb, attention_mask=mask,
-                             token_type_ids=torch.zeros_like(ids))
+                             **_segment_args(self.config, ids))
             return out.logits, mask
 
 
@@ -235,23 +252,24 @@ class EmbedModel:
     ignored. `projection` is None or (weight [hidden, hidden], bias [hidden])."""
 
     def __init__(self, model_dir):
-        from transformers import BertConfig, BertModel
+        from transformers import AutoConfig, AutoModel
         self.dir = str(model_dir)
         raw = json.loads((Path(model_dir) / "config.json").read_text())
-        self.config = BertConfig.from_pretrained(self.dir)
-        self.model = BertModel(self.config, add_pooling_layer=False).eval()
+        self.config = AutoConfig.from_pretrained(self.dir)
+        self.model = AutoModel.from_config(self.config, add_pooling_layer=False).eval()
         sd = _read_weights(model_dir)
-        # Top level of the checkpoint, beside the `bert.` encoder if there is one.
+        # Top level of the checkpoint, beside the `bert.` (`mpnet.`) encoder if there is one.
         self.projection = _pop_projection(sd, raw, self.dir, self.config.hidden_size)
-        if any(k.startswith("bert.") for k in sd):
-            sd = {k[5:]: v for k, v in sd.items() if k.startswith("bert.")}
+        prefix = self.model.base_model_prefix + "."
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         casing = sd.pop(CASING_NAME[5:], None)  # "embeddings.casing_embeddings.weight"
         if raw.get("tidings_casing") and casing is None:
             raise ValueError(f"{self.dir}: tidings_casing is set but {CASING_NAME} is missing")
         self.casing = casing if raw.get("tidings_casing") else None
-        _load_into(self.model, sd, ignore=("pooler.",))
+        _load_into(self.model, sd, ignore=("pooler.", "classifier."))
         self.tok = load_tokenizer(model_dir)
-        self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok)
+        self.cls_id, self.sep_id, self.pad_id = special_ids(self.tok, self.config.pad_token_id)
 
     def sums(self, rows: list[list[int]], casing: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: the sum of hidden states over the mask [batch, hidden] and the mask count
@@ -262,13 +280,13 @@ class EmbedModel:
             ids, mask = pad_rows(rows, self.cls_id, self.sep_id, self.pad_id)
             if self.casing is None:
                 h = self.model(input_ids=ids, attention_mask=mask,
-                               token_type_ids=torch.zeros_like(ids)).last_hidden_state
+                               **_segment_args(self.config, ids)).last_hidden_state
             else:
                 if casing is None:
                     raise ValueError(f"{self.dir}: model has a casing embedding; pass the casing rows")
                 emb = self.model.embeddings.word_embeddings(ids) + self.casing[pad_casing(casing, ids.shape[1])]
                 h = self.model(inputs_embeds=emb, attention_mask=mask,
-                               token_type_ids=torch.zeros_like(ids)).last_hidden_state
+                               **_segment_args(self.config, ids)).last_hidden_state
             m = mask.unsqueeze(-1).to(h.dtype)
             return (h * m).sum(1), m.sum(1)
 

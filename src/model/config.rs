@@ -41,6 +41,9 @@ pub struct ModelConfig {
     /// Id of the padding token.
     #[serde(default)]
     pub pad_token_id: usize,
+    /// MPNet: buckets of the relative position bias (HF's default, 32).
+    #[serde(default = "default_relative_buckets")]
+    pub relative_attention_num_buckets: usize,
     /// Output labels of a classification head, by index.
     #[serde(default)]
     pub id2label: BTreeMap<String, String>,
@@ -76,6 +79,9 @@ fn default_max_pos() -> usize {
 fn default_eps() -> f64 {
     1e-12
 }
+fn default_relative_buckets() -> usize {
+    32
+}
 
 impl ModelConfig {
     /// Labels of the classification head in index order, or an empty list when there is none
@@ -93,10 +99,11 @@ impl ModelConfig {
         pairs.into_iter().map(|(_, v)| v.clone()).collect()
     }
 
-    /// Position ids start here: RoBERTa-style models skip `pad_token_id + 1` positions.
+    /// Position ids start here: RoBERTa-style models (and MPNet) skip `pad_token_id + 1`
+    /// positions.
     pub fn position_offset(&self) -> usize {
         match self.model_type.as_str() {
-            "roberta" | "xlm-roberta" | "camembert" => self.pad_token_id + 1,
+            "roberta" | "xlm-roberta" | "camembert" | "mpnet" => self.pad_token_id + 1,
             _ => 0,
         }
     }
@@ -139,6 +146,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.position_offset(), 2);
         assert_eq!(c.max_tokens(), 512);
+    }
+
+    #[test]
+    fn mpnet_positions_are_offset_and_buckets_default() {
+        let c: ModelConfig = serde_json::from_str(
+            r#"{"model_type":"mpnet","vocab_size":10,"hidden_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"intermediate_size":16,"pad_token_id":1,
+            "max_position_embeddings":514}"#,
+        )
+        .unwrap();
+        assert_eq!(c.position_offset(), 2);
+        assert_eq!(c.max_tokens(), 512);
+        assert_eq!(c.relative_attention_num_buckets, 32);
     }
 
     #[test]

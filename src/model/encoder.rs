@@ -1,4 +1,5 @@
-//! A BERT-family transformer encoder (BERT, RoBERTa/XLM-R, DistilBERT) written for Tidings.
+//! A BERT-family transformer encoder (BERT, RoBERTa/XLM-R, DistilBERT, MPNet) written for
+//! Tidings.
 //!
 //! Like text-embeddings-inference, Tidings keeps its own encoder instead of candle-transformers'
 //! `BertModel`, for three reasons:
@@ -7,10 +8,11 @@
 //!   uses [`super::train_ops`] (one pass forward, one backward) on f32 CPU tensors and
 //!   differentiable compositions elsewhere, and the fast kernels only for inference;
 //! - the optional word-shape (casing) embedding that lets the uncased MiniLM see capitals;
-//! - one code path for the three checkpoint layouts, with the tensor names of each.
+//! - one code path for the checkpoint layouts, with the tensor names of each; MPNet adds a
+//!   relative position bias ([`RelativeBias`]) to every layer's attention scores.
 
 use super::config::ModelConfig;
-use super::fused::{FusedActivation, FusedLayer, FusedLinear, FusedNorm};
+use super::fused::{FusedActivation, FusedLayer, FusedLinear, FusedNorm, PositionBias};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use rand::{Rng, SeedableRng};
@@ -25,6 +27,8 @@ enum Layout {
     Bert,
     /// DistilBERT: `transformer.layer.N.attention.q_lin`, ...
     DistilBert,
+    /// MPNet: `encoder.layer.N.attention.attn.q`, ... and `encoder.relative_attention_bias`.
+    MpNet,
 }
 
 /// A linear layer `x W^T + b`. For inference the weight is transposed once at load time into
@@ -302,6 +306,22 @@ impl Layer {
                     act,
                 })
             }
+            Layout::MpNet => {
+                let att = vb.pp("attention");
+                Ok(Self {
+                    query: linear(h, h, att.pp("attn").pp("q"))?,
+                    key: linear(h, h, att.pp("attn").pp("k"))?,
+                    value: linear(h, h, att.pp("attn").pp("v"))?,
+                    attn_out: linear(h, h, att.pp("attn").pp("o"))?,
+                    attn_norm: Norm::load(att.pp("LayerNorm"), h, eps)?,
+                    ffn_in: linear(h, i, vb.pp("intermediate").pp("dense"))?,
+                    ffn_out: linear(i, h, vb.pp("output").pp("dense"))?,
+                    out_norm: Norm::load(vb.pp("output").pp("LayerNorm"), h, eps)?,
+                    heads,
+                    head_dim,
+                    act,
+                })
+            }
             Layout::DistilBert => {
                 let att = vb.pp("attention");
                 Ok(Self {
@@ -321,7 +341,8 @@ impl Layer {
         }
     }
 
-    /// `x`: `[b, s, h]`; `bias`: `[b, 1, 1, s]` additive attention bias.
+    /// `x`: `[b, s, h]`; `bias`: additive attention bias, `[b, 1, 1, s]` (padding) or
+    /// `[b, heads, s, s]` (padding and relative positions).
     fn forward(&self, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
@@ -436,11 +457,51 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// MPNet's relative position bias: one learned value per (bucket of `key - query` position,
+/// head), the same for every layer, added to the attention scores before the softmax.
+#[derive(Debug, Clone)]
+pub struct RelativeBias {
+    /// `[buckets, heads]`.
+    table: Embedding,
+    /// The table as the fused path reads it.
+    fused: PositionBias,
+}
+
+impl RelativeBias {
+    /// MPNet's maximum distance: relative positions beyond it share the last bucket.
+    pub const MAX_DISTANCE: usize = 128;
+
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let buckets = cfg.relative_attention_num_buckets;
+        let table = embedding(buckets, cfg.num_attention_heads, vb)?;
+        let values = table.embeddings().to_dtype(DType::F32)?.flatten_all()?;
+        let fused = PositionBias::new(
+            values.to_vec1::<f32>()?,
+            cfg.num_attention_heads,
+            buckets,
+            Self::MAX_DISTANCE,
+        );
+        Ok(Self { table, fused })
+    }
+
+    /// `[1, heads, s, s]`: the bias of query position `i` to key position `j` for each head
+    /// (differentiable in the table).
+    fn forward(&self, s: usize, device: &candle_core::Device) -> Result<Tensor> {
+        let buckets: Vec<u32> = (0..s)
+            .flat_map(|i| (0..s).map(move |j| (i, j)))
+            .map(|(i, j)| self.fused.bucket(j as i64 - i as i64) as u32)
+            .collect();
+        let ids = Tensor::from_vec(buckets, (s, s), device)?;
+        self.table.forward(&ids)?.permute((2, 0, 1))?.unsqueeze(0)
+    }
+}
+
 /// The transformer body: embeddings and layers, no head.
 #[derive(Debug, Clone)]
 pub struct Encoder {
     embeddings: Embeddings,
     stack: Stack,
+    relative: Option<RelativeBias>,
     dtype: DType,
     hidden_size: usize,
 }
@@ -513,16 +574,25 @@ impl Encoder {
         let layout = match cfg.model_type.as_str() {
             "distilbert" => Layout::DistilBert,
             "bert" | "roberta" | "xlm-roberta" | "camembert" => Layout::Bert,
+            "mpnet" => Layout::MpNet,
             other => candle_core::bail!(
-                "model_type {other:?} is not supported (bert, roberta, xlm-roberta, distilbert)"
+                "model_type {other:?} is not supported (bert, roberta, xlm-roberta, distilbert, \
+                 mpnet)"
             ),
         };
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!("hidden_size is not a multiple of num_attention_heads");
         }
         let stack = match layout {
-            Layout::Bert => vb.pp("encoder").pp("layer"),
+            Layout::Bert | Layout::MpNet => vb.pp("encoder").pp("layer"),
             Layout::DistilBert => vb.pp("transformer").pp("layer"),
+        };
+        let relative = match layout {
+            Layout::MpNet => Some(RelativeBias::load(
+                vb.pp("encoder").pp("relative_attention_bias"),
+                cfg,
+            )?),
+            _ => None,
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::load(stack.pp(i), cfg, layout))
@@ -530,6 +600,7 @@ impl Encoder {
         Ok(Self {
             embeddings: Embeddings::load(vb.pp("embeddings"), cfg)?,
             stack: Stack::Graph(layers),
+            relative,
             dtype: vb.dtype(),
             hidden_size: cfg.hidden_size,
         })
@@ -554,13 +625,17 @@ impl Encoder {
                     candle_core::bail!("this encoder was loaded for inference and cannot train");
                 }
                 let x = self.embeddings.forward(input, mode)?;
-                return super::fused::forward(layers, &x, &mask);
+                let position = self.relative.as_ref().map(|r| &r.fused);
+                return super::fused::forward(layers, &x, &mask, position);
             }
             Stack::Graph(layers) => layers,
         };
         let (b, s) = mask.dims2()?;
         // 0 where attended, a large negative number where padded.
-        let bias = ((mask - 1.0)? * 10_000.0)?.reshape((b, 1, 1, s))?;
+        let mut bias = ((mask - 1.0)? * 10_000.0)?.reshape((b, 1, 1, s))?;
+        if let Some(rel) = &self.relative {
+            bias = bias.broadcast_add(&rel.forward(s, bias.device())?.to_dtype(self.dtype)?)?;
+        }
         let mut x = self.embeddings.forward(input, mode)?;
         for layer in layers {
             x = layer.forward(&x, &bias, mode)?;

@@ -150,10 +150,10 @@ impl ModelDir {
         }
     }
 
-    /// The prefix under which the encoder's tensors sit (`bert`, `roberta`, `distilbert`, or
-    /// none for a bare encoder such as all-MiniLM-L6-v2).
+    /// The prefix under which the encoder's tensors sit (`bert`, `roberta`, `distilbert`,
+    /// `mpnet`, or none for a bare encoder such as all-MiniLM-L6-v2).
     pub fn encoder_prefix(&self, vb: &VarBuilder) -> Result<String, ModelError> {
-        for prefix in ["", "bert", "roberta", "distilbert", "model"] {
+        for prefix in ["", "bert", "roberta", "distilbert", "mpnet", "model"] {
             let name = if prefix.is_empty() {
                 "embeddings.word_embeddings.weight".to_string()
             } else {
@@ -171,9 +171,22 @@ impl ModelDir {
     }
 
     /// Id of the token that opens a window (`[CLS]` or `<s>`) and of the one that closes it.
+    ///
+    /// The tokenizer's own post-processor decides where it has one (MPNet's vocabulary holds
+    /// BERT's `[CLS]` and `[SEP]` too, but wraps sequences in `<s>` ... `</s>`); otherwise the
+    /// names, in the order the architecture uses them.
     pub fn special_ids(&self) -> Result<(u32, u32), ModelError> {
+        if let Ok(enc) = self.tokenizer.encode("", true) {
+            if let [cls, sep] = enc.get_ids() {
+                return Ok((*cls, *sep));
+            }
+        }
         let find = |names: &[&str]| names.iter().find_map(|n| self.tokenizer.token_to_id(n));
-        match (find(&["[CLS]", "<s>"]), find(&["[SEP]", "</s>"])) {
+        let (open, close) = match self.config.model_type.as_str() {
+            "bert" | "distilbert" => (["[CLS]", "<s>"], ["[SEP]", "</s>"]),
+            _ => (["<s>", "[CLS]"], ["</s>", "[SEP]"]),
+        };
+        match (find(&open), find(&close)) {
             (Some(cls), Some(sep)) => Ok((cls, sep)),
             _ => Err(ModelError::Unfit {
                 dir: self.dir.clone(),

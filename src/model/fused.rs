@@ -270,6 +270,83 @@ pub(super) struct FusedLayer {
     pub(super) act: FusedActivation,
 }
 
+/// A relative position bias (MPNet's): a learned value per (bucket of `key - query`, head),
+/// added to the attention scores of every layer.
+#[derive(Debug, Clone)]
+pub(crate) struct PositionBias {
+    /// `[buckets, heads]`, row-major.
+    table: Vec<f32>,
+    heads: usize,
+    buckets: usize,
+    max_distance: usize,
+}
+
+impl PositionBias {
+    /// From the `[buckets, heads]` table of `relative_attention_bias`.
+    pub(crate) fn new(table: Vec<f32>, heads: usize, buckets: usize, max_distance: usize) -> Self {
+        Self {
+            table,
+            heads,
+            buckets,
+            max_distance,
+        }
+    }
+
+    /// The bucket of a key `rel` positions after its query (before it when negative), as
+    /// transformers' `MPNetAttention.relative_position_bucket` computes it, in f32 as there:
+    /// half the buckets for each direction, exact below a quarter, then logarithmic up to
+    /// `max_distance`.
+    pub(crate) fn bucket(&self, rel: i64) -> usize {
+        let half = self.buckets / 2;
+        let n = -rel;
+        let base = if n < 0 { half } else { 0 };
+        let n = n.unsigned_abs() as usize;
+        let exact = half / 2;
+        if n < exact {
+            return base + n;
+        }
+        let log_ratio = (n as f32 / exact as f32).ln()
+            / ((self.max_distance as f64 / exact as f64).ln() as f32);
+        let large = exact + (log_ratio * (half - exact) as f32) as usize;
+        base + large.min(half - 1)
+    }
+
+    /// For sequences up to `len` long: per head, the `2 len - 1` biases of `key - query` from
+    /// `-(len - 1)` to `len - 1`, so that a query row's biases are one contiguous slice.
+    fn expand(&self, len: usize) -> Vec<f32> {
+        let width = 2 * len.max(1) - 1;
+        let mut out = vec![0f32; self.heads * width];
+        for k in 0..width {
+            let b = self.bucket(k as i64 - (len as i64 - 1));
+            for hd in 0..self.heads {
+                out[hd * width + k] = self.table[b * self.heads + hd];
+            }
+        }
+        out
+    }
+}
+
+/// [`PositionBias::expand`]ed for a forward pass: its longest sequence and the values.
+struct ExpandedBias {
+    len: usize,
+    values: Vec<f32>,
+}
+
+impl ExpandedBias {
+    /// Adds head `hd`'s bias to the `len x len` scores of one sequence.
+    fn add(&self, scores: &mut [f32], len: usize, hd: usize) {
+        let width = 2 * self.len - 1;
+        let head = &self.values[hd * width..(hd + 1) * width];
+        for (i, row) in scores.chunks_exact_mut(len).enumerate() {
+            // key j of query i reads key - query = j - i, at (j - i) + (self.len - 1).
+            let start = self.len - 1 - i;
+            for (v, b) in row.iter_mut().zip(&head[start..start + len]) {
+                *v += b;
+            }
+        }
+    }
+}
+
 /// Buffers of one forward pass, sized for its token count and reused by every layer.
 #[derive(Debug, Default)]
 pub(super) struct Scratch {
@@ -293,11 +370,13 @@ fn rows_in_parallel(x: &mut [f32], cols: usize, f: impl Fn(&mut [f32]) + Sync + 
 
 impl FusedLayer {
     /// Runs the layer over the packed hidden states `x: [n, h]` of sequences `segments`
-    /// (`(first row, length)`, covering `0..n`); the result replaces `x`.
-    pub(super) fn forward(
+    /// (`(first row, length)`, covering `0..n`), with a relative position bias where the
+    /// model has one; the result replaces `x`.
+    fn forward(
         &self,
         x: &mut Vec<f32>,
         segments: &[(usize, usize)],
+        position: Option<&ExpandedBias>,
         scratch: &mut Scratch,
     ) {
         let h = self.attn_out.out;
@@ -343,6 +422,9 @@ impl FusedLayer {
                         // len x len x d multiply-adds per product).
                         packed.repack(k, d, len, 1, three_h);
                         packed.matmul_into(q, three_h, len, scores.as_mut_ptr(), len);
+                        if let Some(p) = position {
+                            p.add(scores, len, hd);
+                        }
                         kernels::exp_rows(scores, len, inv_sums);
                         packed.repack(v, len, d, three_h, 1);
                         packed.matmul_into(scores.as_ptr(), len, len, dst, h);
@@ -358,6 +440,9 @@ impl FusedLayer {
                         let one = Parallelism::None;
                         let q = View::rows(q, three_h);
                         matmul(seq, scores.as_mut_ptr(), len, false, q, k_t, one);
+                        if let Some(p) = position {
+                            p.add(scores, len, hd);
+                        }
                         kernels::exp_rows(scores, len, inv_sums);
                         let p = View::rows(scores.as_ptr(), len);
                         let v = View::rows(v, three_h);
@@ -411,8 +496,14 @@ impl FusedLayer {
 
 /// Runs `layers` over padded hidden states `[b, s, h]` with the `[b, s]` attention mask:
 /// packs the attended tokens, runs the layers unpadded, and puts the results back in the
-/// padded layout (zeros at padding).
-pub(super) fn forward(layers: &[FusedLayer], hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// padded layout (zeros at padding). `position`: a relative position bias for every layer.
+/// Sequences are taken to be right-padded (their tokens first), as Tidings builds them.
+pub(super) fn forward(
+    layers: &[FusedLayer],
+    hidden: &Tensor,
+    mask: &Tensor,
+    position: Option<&PositionBias>,
+) -> Result<Tensor> {
     let (b, s, h) = hidden.dims3()?;
     let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
     let mask = mask
@@ -431,13 +522,98 @@ pub(super) fn forward(layers: &[FusedLayer], hidden: &Tensor, mask: &Tensor) -> 
         x.extend_from_slice(&flat[p * h..(p + 1) * h]);
     }
     drop(flat);
+    let longest = segments.iter().map(|&(_, len)| len).max().unwrap_or(0);
+    let position = position.map(|p| ExpandedBias {
+        len: longest.max(1),
+        values: p.expand(longest),
+    });
     let mut scratch = Scratch::default();
     for layer in layers {
-        layer.forward(&mut x, &segments, &mut scratch);
+        layer.forward(&mut x, &segments, position.as_ref(), &mut scratch);
     }
     let mut out = vec![0f32; b * s * h];
     for (i, &p) in kept.iter().enumerate() {
         out[p * h..(p + 1) * h].copy_from_slice(&x[i * h..(i + 1) * h]);
     }
     Tensor::from_vec(out, (b, s, h), hidden.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where `MPNetEncoder.relative_position_bucket` (transformers 5.24, 32 buckets, distance
+    /// 128) changes bucket over relative positions -600..=600: (first position, bucket).
+    const TORCH_BUCKETS: &[(i64, usize)] = &[
+        (-600, 15),
+        (-90, 14),
+        (-63, 13),
+        (-45, 12),
+        (-31, 11),
+        (-22, 10),
+        (-15, 9),
+        (-11, 8),
+        (-7, 7),
+        (-6, 6),
+        (-5, 5),
+        (-4, 4),
+        (-3, 3),
+        (-2, 2),
+        (-1, 1),
+        (0, 0),
+        (1, 17),
+        (2, 18),
+        (3, 19),
+        (4, 20),
+        (5, 21),
+        (6, 22),
+        (7, 23),
+        (8, 24),
+        (12, 25),
+        (16, 26),
+        (23, 27),
+        (32, 28),
+        (46, 29),
+        (64, 30),
+        (91, 31),
+    ];
+
+    #[test]
+    fn relative_buckets_match_transformers() {
+        let bias = PositionBias::new(vec![0.0; 32], 1, 32, 128);
+        for rel in -600..=600i64 {
+            let want = TORCH_BUCKETS
+                .iter()
+                .rev()
+                .find(|&&(from, _)| from <= rel)
+                .map(|&(_, b)| b)
+                .unwrap();
+            assert_eq!(bias.bucket(rel), want, "relative position {rel}");
+        }
+    }
+
+    #[test]
+    fn expanded_bias_reads_key_minus_query() {
+        // Two heads; bucket b's value is 10 b + head.
+        let table: Vec<f32> = (0..32)
+            .flat_map(|b| (0..2).map(move |h| (10 * b + h) as f32))
+            .collect();
+        let bias = PositionBias::new(table, 2, 32, 128);
+        let longest = 5;
+        let expanded = ExpandedBias {
+            len: longest,
+            values: bias.expand(longest),
+        };
+        let len = 3;
+        for hd in 0..2 {
+            let mut scores = vec![0f32; len * len];
+            expanded.add(&mut scores, len, hd);
+            for i in 0..len {
+                for j in 0..len {
+                    let b = bias.bucket(j as i64 - i as i64);
+                    assert_eq!(scores[i * len + j], (10 * b + hd) as f32);
+                }
+            }
+        }
+    }
 }

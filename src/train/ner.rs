@@ -459,6 +459,16 @@ pub fn evaluate(
     Ok(scorer)
 }
 
+/// Where a token-classification checkpoint of this architecture keeps its encoder, and the
+/// class transformers loads it with: a model Tidings trains is read by transformers too.
+fn hf_layout(model_type: &str) -> (&'static str, &'static str) {
+    match model_type {
+        "mpnet" => ("mpnet", "MPNetForTokenClassification"),
+        // The BERT-named layout, which every other family Tidings reads shares.
+        _ => ("bert", "BertForTokenClassification"),
+    }
+}
+
 /// Writes an HF-format model directory: config.json, tokenizer.json, model.safetensors.
 fn save_model(
     varmap: &VarMap,
@@ -478,7 +488,7 @@ fn save_model(
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, out.join("model.safetensors"))?;
     let mut json = serde_json::to_value(cfg)?;
-    json["architectures"] = serde_json::json!(["BertForTokenClassification"]);
+    json["architectures"] = serde_json::json!([hf_layout(&cfg.model_type).1]);
     json["torch_dtype"] = serde_json::json!(if f16 { "float16" } else { "float32" });
     let label2id: serde_json::Map<String, serde_json::Value> = cfg
         .labels()
@@ -565,7 +575,8 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     seed_dropout(cfg.seed);
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let model = TokenClassifier::from_var_builder(vb, "bert", &model_cfg)?;
+    let (enc_prefix, _) = hf_layout(&model_cfg.model_type);
+    let model = TokenClassifier::from_var_builder(vb, enc_prefix, &model_cfg)?;
     // The frozen base encoder, on the fused inference path: the distillation targets.
     let teacher = if cfg.distill > 0.0 {
         Some(SentenceEmbedder::load_with(&base, &device, Precision::F32)?)
@@ -594,7 +605,7 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
                     None => continue,
                 }
             };
-            let target = format!("bert.{bare}");
+            let target = format!("{enc_prefix}.{bare}");
             if varmap
                 .data()
                 .lock()
@@ -606,11 +617,11 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             }
         }
         if cfg.casing {
-            let name = "bert.embeddings.casing_embeddings.weight";
-            let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[name]
+            let name = format!("{enc_prefix}.embeddings.casing_embeddings.weight");
+            let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[&name]
                 .shape()
                 .clone();
-            varmap.set_one(name, Tensor::zeros(shape, DType::F32, &device)?)?;
+            varmap.set_one(&name, Tensor::zeros(shape, DType::F32, &device)?)?;
         }
         // Small random head, seeded.
         let n = names.len();
@@ -713,7 +724,7 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     let window = pipeline::WindowSpec::default().fit(model_cfg.max_tokens());
     let eval_model = TokenClassifier::from_var_builder(
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        "bert",
+        enc_prefix,
         &model_cfg,
     )?;
     eprintln!(
