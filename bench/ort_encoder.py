@@ -7,7 +7,12 @@ Builds ONNX graphs of the two encoders Tidings serves straight from their safete
 - `models/ner`: BertForTokenClassification + Tidings' casing embedding (a row per casing id,
   added to the word embedding); inputs input_ids, attention_mask, casing_ids; output logits
   [B, S, labels];
-- `models/minilm`: BertModel, mean pooling over the mask, L2 normalisation; output [B, H].
+- `models/minilm`: BertModel, mean pooling over the mask, L2 normalisation; output [B, H];
+- `models/mpnet` (`--minilm models/mpnet`, or any `model_type: mpnet` dir): MPNetModel the
+  same way. Its weights are renamed to BERT's names at load; positions start at pad + 1 (2);
+  no token types; its relative position bias (32 buckets, transformers'
+  `relative_position_bucket`, computed here in numpy once) is a constant [1, heads, 512, 512]
+  sliced to [1, heads, S, S] and added to every layer's scores before the mask.
 
 token_type_ids are implicitly 0; positions are 0..S-1; the attention mask is additive,
 (1 - mask) * -10000. Standard op patterns (MatMul+Add, Reshape/Transpose heads, Softmax,
@@ -77,20 +82,62 @@ class Bert:
     def heads(self) -> int:
         return int(self.cfg["num_attention_heads"])
 
+    @property
+    def mpnet(self) -> bool:
+        return self.cfg.get("model_type") == "mpnet"
+
+    @property
+    def position_offset(self) -> int:
+        """Position ids start here (RoBERTa-style: pad + 1)."""
+        return int(self.cfg.get("pad_token_id", 1)) + 1 if self.mpnet else 0
+
+
+# MPNet's tensor names -> BERT's (after the encoder prefix is stripped).
+MPNET_NAMES = [("attention.attn.q.", "attention.self.query."), ("attention.attn.k.", "attention.self.key."),
+               ("attention.attn.v.", "attention.self.value."), ("attention.attn.o.", "attention.output.dense."),
+               ("attention.LayerNorm.", "attention.output.LayerNorm.")]
+
+
+def relative_buckets(rel: np.ndarray, buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+    """transformers' MPNet relative_position_bucket, in float32 as there."""
+    half = buckets // 2
+    n = -rel
+    ret = (n < 0).astype(np.int64) * half
+    n = np.abs(n)
+    exact = half // 2
+    with np.errstate(divide="ignore"):  # n < exact takes the exact branch below
+        large = exact + (np.log(np.maximum(n, 1).astype(np.float32) / np.float32(exact)) / np.float32(math.log(max_distance / exact))
+                         * np.float32(half - exact)).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return ret + np.where(n < exact, n, large)
+
+
+def position_bias(m: "Bert", s: int) -> np.ndarray:
+    """MPNet's relative position bias [1, heads, s, s]."""
+    pos = np.arange(s)
+    b = relative_buckets(pos[None, :] - pos[:, None], int(m.cfg.get("relative_attention_num_buckets", 32)))
+    return m.w["encoder.relative_attention_bias.weight"][b].transpose(2, 0, 1)[None]
+
 
 def load_bert(name: str, model_dir: Path) -> Bert:
     cfg = json.loads((model_dir / "config.json").read_text())
     if cfg.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{model_dir}: hidden_act {cfg['hidden_act']!r}, only exact gelu is built")
     raw = load_file(str(model_dir / "model.safetensors"))
-    w = {(k[5:] if k.startswith("bert.") else k): v.astype(np.float32)
+    prefix = "mpnet." if cfg.get("model_type") == "mpnet" else "bert."
+    w = {(k[len(prefix):] if k.startswith(prefix) else k): v.astype(np.float32)
          for k, v in raw.items() if np.issubdtype(v.dtype, np.floating)}
+    if cfg.get("model_type") == "mpnet":
+        for old, new in MPNET_NAMES:
+            w = {k.replace(old, new): v for k, v in w.items()}
     casing = bool(cfg.get("tidings_casing"))
     if casing and "embeddings.casing_embeddings.weight" not in w:
         raise ValueError(f"{model_dir}: tidings_casing is set but the casing table is missing")
     labels = w["classifier.weight"].shape[0] if name == "ner" else 0
-    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
-    return Bert(name, model_dir, cfg, w, casing, labels, vocab["[CLS]"], vocab["[SEP]"])
+    sys.path.insert(0, str(ROOT / "tools"))
+    from tidings_ref import load_tokenizer, special_ids  # tokenizers only, no torch
+    cls_id, sep_id, _ = special_ids(load_tokenizer(model_dir))
+    return Bert(name, model_dir, cfg, w, casing, labels, cls_id, sep_id)
 
 
 class GraphBuilder:
@@ -143,15 +190,16 @@ def build_graph(m: Bert) -> onnx.ModelProto:
     # Embeddings: word + token type 0 (+ casing) + position, then LayerNorm.
     x = g.op("Gather", g.const("embeddings.word_embeddings.weight", m.w["embeddings.word_embeddings.weight"]),
              "input_ids")
-    x = g.op("Add", x, g.const("token_type_0", m.w["embeddings.token_type_embeddings.weight"][0]))
+    if "embeddings.token_type_embeddings.weight" in m.w:
+        x = g.op("Add", x, g.const("token_type_0", m.w["embeddings.token_type_embeddings.weight"][0]))
     if m.casing:
         inputs.append(helper.make_tensor_value_info("casing_ids", TensorProto.INT64, dyn))
         cas = g.const("embeddings.casing_embeddings.weight", m.w["embeddings.casing_embeddings.weight"])
         x = g.op("Add", x, g.op("Gather", cas, "casing_ids"))
     seq = g.op("Shape", "input_ids", start=1, end=2)
     zero, one = g.const("i64_0", [0]), g.const("i64_1", [1])
-    pos = g.op("Slice", g.const("embeddings.position_embeddings.weight", m.w["embeddings.position_embeddings.weight"]),
-               zero, seq, zero)
+    pos_table = m.w["embeddings.position_embeddings.weight"][m.position_offset:]
+    pos = g.op("Slice", g.const("embeddings.position_embeddings.weight", pos_table), zero, seq, zero)
     x = g.layer_norm(g.op("Add", x, pos), m, "embeddings.LayerNorm")
     # Additive mask [B, 1, 1, S], the pattern the BERT optimizer's attention fusion expects.
     mask = g.op("Cast", g.op("Unsqueeze", g.op("Unsqueeze", "attention_mask", one), g.const("i64_2", [2])),
@@ -160,6 +208,11 @@ def build_graph(m: Bert) -> onnx.ModelProto:
     split = g.const("heads_shape", [0, 0, heads, head])
     merge = g.const("merge_shape", [0, 0, hidden])
     scale = g.const("f_sqrt_head", np.float32(math.sqrt(head)))
+    if m.mpnet:  # [1, heads, S, S] of a constant [1, heads, 512, 512]
+        full = g.const("relative_bias", position_bias(m, int(m.cfg["max_position_embeddings"]) - m.position_offset))
+        two, three = g.const("i64_2", [2]), g.const("i64_3", [3])
+        rel = g.op("Slice", g.op("Slice", full, zero, seq, two), zero, seq, three)
+        mask = g.op("Add", rel, mask)
     for i in range(int(m.cfg["num_hidden_layers"])):
         p = f"encoder.layer.{i}."
         q = g.op("Transpose", g.op("Reshape", g.linear(x, m, p + "attention.self.query"), split), perm=[0, 2, 1, 3])
@@ -212,11 +265,16 @@ def numpy_forward(m: Bert, feeds: dict[str, np.ndarray]) -> np.ndarray:
     def split(x: np.ndarray) -> np.ndarray:
         return x.reshape(b, s, heads, hidden // heads).transpose(0, 2, 1, 3)
 
-    x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.token_type_embeddings.weight"][0]
+    x = w["embeddings.word_embeddings.weight"][ids]
+    if "embeddings.token_type_embeddings.weight" in w:
+        x = x + w["embeddings.token_type_embeddings.weight"][0]
     if m.casing:
         x = x + w["embeddings.casing_embeddings.weight"][feeds["casing_ids"]]
-    x = ln(x + w["embeddings.position_embeddings.weight"][:s], "embeddings.LayerNorm")
+    off = m.position_offset
+    x = ln(x + w["embeddings.position_embeddings.weight"][off:off + s], "embeddings.LayerNorm")
     add_mask = (1.0 - mask[:, None, None, :]) * MASK_VALUE
+    if m.mpnet:
+        add_mask = add_mask + position_bias(m, s).astype(np.float64)
     for i in range(int(m.cfg["num_hidden_layers"])):
         p = f"encoder.layer.{i}."
         q, k, v = (split(lin(x, p + "attention.self." + n)) for n in ("query", "key", "value"))

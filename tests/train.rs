@@ -52,6 +52,7 @@ fn config(dir: &std::path::Path, epochs: usize, resume: bool) -> NerTrainConfig 
         limit_docs: 0,
         casing: true,
         resume,
+        checkpoint_minutes: 0.0,
         f16: false,
         distill: 1.0,
         case_augment: 0.5,
@@ -96,7 +97,7 @@ fn loss_goes_down_output_loads_and_checkpoint_resumes() {
     assert!(resumed.epochs.iter().all(|e| e.ema_dev_f1.is_some()));
     assert!(tmp
         .path()
-        .join("model/checkpoints/ema.safetensors")
+        .join("model/checkpoints/current/ema.safetensors")
         .is_file());
 
     // An average kept with another decay is not silently carried on.

@@ -19,8 +19,16 @@ the check would catch a missing one). `--task ner` ignores the projection.
 With `--compare FILE` (the same JSON written by Tidings), prints the max absolute difference
 per sentence and overall instead, and exits 1 if ids differ or the difference exceeds --tol.
 
+With `--min-cosine C` (for Tidings' int8 outputs), each sentence's embedding (or each token's
+logits row) must instead have a cosine of at least C with the reference; the max difference is
+still printed. `--text-file F` reads the sentences from F, one per line (each must fit one
+window); for MPNet (or any model transformers' AutoModel knows) the same commands apply:
+
   python3 tools/parity.py --task ner --model models/ner > /tmp/ref.json
   python3 tools/parity.py --task embed --model models/minilm --compare /tmp/tidings.json
+  python3 tools/parity.py --task embed --model models/mpnet --out /tmp/ref.json > /dev/null
+  tidings eval parity --task embed --model models/mpnet --sentences /tmp/ref.json --precision int8 > /tmp/q.json
+  python3 tools/parity.py --task embed --model models/mpnet --compare /tmp/q.json --min-cosine 0.99
 """
 import argparse
 import json
@@ -61,9 +69,9 @@ def run(model_dir: str, task: str, texts: list[str], project: bool = True) -> di
     return out
 
 
-def compare(mine: dict, theirs: dict, tol: float) -> int:
+def compare(mine: dict, theirs: dict, tol: float, min_cosine: float | None = None) -> int:
     """Prints the differences; returns the exit code (1 on any problem)."""
-    problems, worst = 0, 0.0
+    problems, worst, worst_cos = 0, 0.0, 1.0
     a_rows, b_rows = mine["sentences"], theirs["sentences"]
     if len(a_rows) != len(b_rows):
         print(f"sentence count differs: reference {len(a_rows)}, other {len(b_rows)}")
@@ -90,14 +98,22 @@ def compare(mine: dict, theirs: dict, tol: float) -> int:
             else:
                 diff = (x - y).abs().max().item()
                 worst = max(worst, diff)
+                cos = torch.nn.functional.cosine_similarity(x, y, dim=-1).min().item()
+                worst_cos = min(worst_cos, cos)
+                info.append(f"min cosine {cos:.5f}")
                 if key == "logits":
                     info.append(f"argmax agreement {(x.argmax(-1) == y.argmax(-1)).float().mean().item():.3f}")
-                if diff > tol:
+                if min_cosine is not None:
+                    if cos < min_cosine:
+                        errors.append(f"cosine under {min_cosine:g}")
+                elif diff > tol:
                     errors.append(f"over tol {tol:g}")
         problems += bool(errors)
         notes = "; ".join([f"FAIL: {e}" for e in errors] + info)
         print(f"[{i}] max|diff| {diff:.3e}  {notes}  {a['text'][:50]!r}")
-    print(f"overall max|diff| = {worst:.3e}: {'OK' if not problems else f'{problems} problem(s)'} (tol {tol:g})")
+    rule = f"min cosine {min_cosine:g}" if min_cosine is not None else f"tol {tol:g}"
+    print(f"overall max|diff| = {worst:.3e}, min cosine {worst_cos:.5f}: "
+          f"{'OK' if not problems else f'{problems} problem(s)'} ({rule})")
     return 1 if problems else 0
 
 
@@ -108,12 +124,17 @@ def main():
     ap.add_argument("--compare", metavar="FILE", help="JSON written by Tidings in the same format")
     ap.add_argument("--tol", type=float, default=1e-3, help="max abs difference accepted (default 1e-3)")
     ap.add_argument("--text", action="append", help="use these sentences instead of the fixed ones")
+    ap.add_argument("--text-file", help="read the sentences from this file, one per line")
+    ap.add_argument("--min-cosine", type=float,
+                    help="accept a sentence when its cosine to the reference is at least this (int8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", help="also write the reference JSON here")
     ap.add_argument("--no-projection", action="store_true",
                     help="embed: leave out the model's topic projection (a negative control)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.text_file:
+        args.text = [t.strip() for t in Path(args.text_file).read_text().splitlines() if t.strip()]
     texts = args.text or SENTENCES
     if args.compare:
         theirs = json.loads(Path(args.compare).read_text())
@@ -122,7 +143,7 @@ def main():
     if args.out:
         Path(args.out).write_text(json.dumps(result))
     if args.compare:
-        sys.exit(compare(result, theirs, args.tol))
+        sys.exit(compare(result, theirs, args.tol, args.min_cosine))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
 

@@ -65,6 +65,10 @@ pub enum EvalCommand {
         /// JSON written by tools/parity.py (its sentences are recomputed).
         #[arg(long)]
         sentences: PathBuf,
+        /// Arithmetic of the products: `f32` (the parity reference) or `int8` (compare with
+        /// `tools/parity.py --min-cosine`).
+        #[arg(long, default_value = "f32")]
+        precision: tidings::model::Precision,
     },
 }
 
@@ -94,7 +98,8 @@ pub fn run(c: EvalCommand) -> Result<()> {
             task,
             model,
             sentences,
-        } => parity(&task, &model, &sentences),
+            precision,
+        } => parity(&task, &model, &sentences, precision),
         EvalCommand::Topics {
             file,
             labels,
@@ -220,7 +225,12 @@ pub fn run(c: EvalCommand) -> Result<()> {
     }
 }
 
-fn parity(task: &str, model: &std::path::Path, sentences: &std::path::Path) -> Result<()> {
+fn parity(
+    task: &str,
+    model: &std::path::Path,
+    sentences: &std::path::Path,
+    precision: tidings::model::Precision,
+) -> Result<()> {
     use tidings::model::{SentenceEmbedder, TokenClassifier};
     use tidings::pipeline::{batch, tokens};
     let reference: serde_json::Value = serde_json::from_slice(
@@ -231,10 +241,10 @@ fn parity(task: &str, model: &std::path::Path, sentences: &std::path::Path) -> R
     let pad = dir.config.pad_token_id as u32;
     let device = candle_core::Device::Cpu;
     let ner_model = (task == "ner")
-        .then(|| TokenClassifier::load(&dir, &device))
+        .then(|| TokenClassifier::load_with(&dir, &device, precision))
         .transpose()?;
     let embedder = (task == "embed")
-        .then(|| SentenceEmbedder::load(&dir, &device))
+        .then(|| SentenceEmbedder::load_with(&dir, &device, precision))
         .transpose()?;
     if ner_model.is_none() && embedder.is_none() {
         anyhow::bail!("--task must be ner or embed");

@@ -141,9 +141,12 @@ pub struct TrainNerArgs {
     /// Do not add the word-shape (casing) embedding.
     #[arg(long)]
     no_casing: bool,
-    /// Continue from OUT/checkpoints.
+    /// Continue from OUT/checkpoints (mid-epoch too).
     #[arg(long)]
     resume: bool,
+    /// Minutes between checkpoints within an epoch (0 = at epoch ends only).
+    #[arg(long, default_value_t = 10.0)]
+    checkpoint_minutes: f64,
     /// Save weights in f32 instead of f16.
     #[arg(long)]
     f32: bool,
@@ -207,6 +210,7 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 limit_docs: a.limit_docs,
                 casing: !a.no_casing,
                 resume: a.resume,
+                checkpoint_minutes: a.checkpoint_minutes,
                 f16: !a.f32,
                 distill: a.distill,
                 case_augment: a.case_augment,

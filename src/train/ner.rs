@@ -63,8 +63,12 @@ pub struct NerTrainConfig {
     pub limit_docs: usize,
     /// Add a word-shape embedding so the uncased encoder sees capitals.
     pub casing: bool,
-    /// Continue from `out/checkpoints` if present.
+    /// Continue from `out/checkpoints` if present, mid-epoch included.
     pub resume: bool,
+    /// Minutes between checkpoints within an epoch (one is always written at each epoch's
+    /// end); 0 = at epoch ends only.
+    #[serde(default = "default_checkpoint_minutes")]
+    pub checkpoint_minutes: f64,
     /// Save the shipped weights in f16 (half the size) instead of f32.
     pub f16: bool,
     /// Weight of the distillation loss that keeps the encoder's mean-pooled states close to
@@ -129,11 +133,22 @@ pub struct EpochReport {
     pub kept_ema: bool,
 }
 
+fn default_checkpoint_minutes() -> f64 {
+    10.0
+}
+
 /// Checkpoint bookkeeping, saved beside the checkpoint weights.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct CheckpointState {
     epochs_done: usize,
     step: usize,
+    /// Batches of epoch `epochs_done + 1` already trained (a checkpoint within an epoch).
+    #[serde(default)]
+    batches_done: usize,
+    /// That partial epoch's running figures: loss sum, steps, pieces, distillation cosine
+    /// sum, and seconds of training.
+    #[serde(default)]
+    partial: (f64, usize, usize, f64, f64),
     best_f1: f64,
     best_epoch: usize,
     history: Vec<EpochReport>,
@@ -515,7 +530,70 @@ fn global_norm(grads: &candle_core::backprop::GradStore, vars: &[Var]) -> Result
     Ok(sum.sqrt())
 }
 
-/// Runs a training job; returns its report. Prints a progress bar to stderr.
+/// Where a checkpoint lives: `OUT/checkpoints/current/` holds the weights
+/// (`model.safetensors`), the weight average (`ema.safetensors`) and `state.json` together.
+/// A new checkpoint is written whole into `next.tmp/` and then renamed into place, so a crash
+/// at any moment leaves a complete checkpoint (`current/`, or `old/` between the two
+/// renames).
+struct Checkpoints {
+    dir: PathBuf,
+}
+
+impl Checkpoints {
+    /// The newest complete checkpoint, if any (checkpoints of earlier Tidings versions, with
+    /// the files directly in `dir`, included).
+    fn latest(&self) -> Option<PathBuf> {
+        [
+            self.dir.join("current"),
+            self.dir.join("old"),
+            self.dir.clone(),
+        ]
+        .into_iter()
+        .find(|d| d.join("state.json").is_file() && d.join("model.safetensors").is_file())
+    }
+
+    /// Writes a checkpoint atomically (see the type's doc).
+    fn write(
+        &self,
+        varmap: &VarMap,
+        ema: Option<(&Ema, &[String])>,
+        state: &CheckpointState,
+    ) -> Result<()> {
+        let next = self.dir.join("next.tmp");
+        let (current, old) = (self.dir.join("current"), self.dir.join("old"));
+        if next.exists() {
+            std::fs::remove_dir_all(&next)
+                .with_context(|| format!("removing {}", next.display()))?;
+        }
+        std::fs::create_dir_all(&next).with_context(|| format!("creating {}", next.display()))?;
+        varmap.save(next.join("model.safetensors"))?;
+        if let Some((ema, names)) = ema {
+            let avg: std::collections::HashMap<String, Tensor> =
+                names.iter().cloned().zip(ema.avg.iter().cloned()).collect();
+            candle_core::safetensors::save(&avg, next.join("ema.safetensors"))?;
+        }
+        std::fs::write(next.join("state.json"), serde_json::to_vec_pretty(state)?)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        if current.exists() {
+            std::fs::rename(&current, &old)?;
+        }
+        std::fs::rename(&next, &current)
+            .with_context(|| format!("renaming {} into place", next.display()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        // Files of the layout before `current/`, now stale.
+        for f in ["model.safetensors", "ema.safetensors", "state.json"] {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
+        Ok(())
+    }
+}
+
+/// Runs a training job; returns its report. Prints a progress bar to stderr (a line a
+/// minute when stderr is not a terminal, e.g. a run in the background).
 pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     let started = Instant::now();
     if !(0.0..1.0).contains(&cfg.ema) {
@@ -583,14 +661,22 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     } else {
         None
     };
-    let ckpt_dir = cfg.out.join("checkpoints");
+    let checkpoints = Checkpoints {
+        dir: cfg.out.join("checkpoints"),
+    };
+    let resume_from = cfg.resume.then(|| checkpoints.latest()).flatten();
     let mut state = CheckpointState::default();
-    if cfg.resume && ckpt_dir.join("state.json").is_file() {
+    if let Some(ckpt_dir) = &resume_from {
         varmap.load(ckpt_dir.join("model.safetensors"))?;
         state = serde_json::from_slice(&std::fs::read(ckpt_dir.join("state.json"))?)?;
         eprintln!(
-            "resuming after epoch {} (step {}, best dev F1 {:.4})",
-            state.epochs_done, state.step, state.best_f1
+            "resuming from {} after epoch {} and {} batches of the next (step {}, best dev F1 \
+             {:.4})",
+            ckpt_dir.display(),
+            state.epochs_done,
+            state.batches_done,
+            state.step,
+            state.best_f1
         );
     } else {
         let weights = candle_core::safetensors::load(base.weights_path(), &device)?;
@@ -661,8 +747,11 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     let all_vars: Vec<Var> = enc_vars.iter().chain(head_vars.iter()).cloned().collect();
     let mut ema = if cfg.ema > 0.0 {
         let mut ema = Ema::new(cfg.ema, &all_vars)?;
+        let ckpt_dir = resume_from
+            .clone()
+            .unwrap_or_else(|| checkpoints.dir.clone());
         let path = ckpt_dir.join("ema.safetensors");
-        if cfg.resume && state.epochs_done > 0 {
+        if resume_from.is_some() && state.step > 0 {
             if state.ema != cfg.ema || !path.is_file() {
                 bail!(
                     "{}: the checkpoint kept a weight average with decay {} (0 = none), this run \
@@ -763,10 +852,23 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             .progress_chars("=> "),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
-        let (mut loss_sum, mut loss_n, mut pieces_seen) = (0f64, 0usize, 0usize);
-        let mut cos_sum = 0f64;
+        // A checkpoint within this epoch: its batches are skipped (the order is drawn from the
+        // epoch's seed, so it is the same; the random draws after the skip are not).
+        let (skip, partial) = if epoch == state.epochs_done && state.batches_done > 0 {
+            (state.batches_done, state.partial)
+        } else {
+            (0, (0.0, 0, 0, 0.0, 0.0))
+        };
+        let (mut loss_sum, mut loss_n, mut pieces_seen, mut cos_sum, earlier_seconds) = partial;
+        bar.set_position(skip as u64);
         let train_started = Instant::now();
-        for batch in all.chunks(cfg.batch.max(1)) {
+        let trained_for = || earlier_seconds + train_started.elapsed().as_secs_f64();
+        let (mut last_checkpoint, mut last_log) = (Instant::now(), Instant::now());
+        let n_batches = all.len().div_ceil(cfg.batch.max(1));
+        for (b, batch) in all.chunks(cfg.batch.max(1)).enumerate() {
+            if b < skip {
+                continue;
+            }
             if cfg.max_steps > 0 && step >= cfg.max_steps {
                 break;
             }
@@ -864,7 +966,7 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             loss_sum += l;
             loss_n += 1;
             pieces_seen += n_pos;
-            let tps = pieces_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9);
+            let tps = pieces_seen as f64 / trained_for().max(1e-9);
             let cos = if teacher.is_some() {
                 format!(" cos {:.4}", cos_sum / loss_n as f64)
             } else {
@@ -876,9 +978,42 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
                 tps
             ));
             bar.inc(1);
+            if bar.is_hidden() && last_log.elapsed().as_secs() >= 60 {
+                last_log = Instant::now();
+                let per_batch = train_started.elapsed().as_secs_f64() / (b + 1 - skip) as f64;
+                let left = (n_batches - b - 1) as f64 * per_batch;
+                let later_epochs = (cfg.epochs - epoch - 1) as f64 * n_batches as f64 * per_batch;
+                eprintln!(
+                    "epoch {}/{} batch {}/{n_batches} step {step}: loss {:.4}{cos}, {:.0} tok/s; \
+                     epoch ends in {:.0} min, the run in {:.0} min (dev scoring not counted)",
+                    epoch + 1,
+                    cfg.epochs,
+                    b + 1,
+                    loss_sum / loss_n as f64,
+                    tps,
+                    left / 60.0,
+                    (left + later_epochs) / 60.0
+                );
+            }
+            let due = cfg.checkpoint_minutes > 0.0
+                && last_checkpoint.elapsed().as_secs_f64() >= cfg.checkpoint_minutes * 60.0;
+            if due && b + 1 < n_batches {
+                last_checkpoint = Instant::now();
+                state.step = step;
+                state.batches_done = b + 1;
+                state.partial = (loss_sum, loss_n, pieces_seen, cos_sum, trained_for());
+                state.ema = cfg.ema;
+                let names = var_names.as_slice();
+                checkpoints.write(&varmap, ema.as_ref().map(|e| (e, names)), &state)?;
+                bar.println(format!(
+                    "checkpoint: epoch {} batch {}/{n_batches}, step {step}",
+                    epoch + 1,
+                    b + 1
+                ));
+            }
         }
         bar.finish();
-        let tokens_per_s = pieces_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9);
+        let tokens_per_s = pieces_seen as f64 / trained_for().max(1e-9);
         let score_dev = || -> Result<Option<f64>> {
             if dev_docs.is_empty() {
                 return Ok(None);
@@ -933,24 +1068,12 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         }
         state.history.push(report);
         state.epochs_done = epoch + 1;
+        state.batches_done = 0;
+        state.partial = Default::default();
         state.step = step;
         state.ema = cfg.ema;
-        std::fs::create_dir_all(&ckpt_dir)?;
-        varmap.save(ckpt_dir.join("model.safetensors"))?;
-        if let Some(ema) = &ema {
-            let avg: std::collections::HashMap<String, Tensor> = var_names
-                .iter()
-                .cloned()
-                .zip(ema.avg.iter().cloned())
-                .collect();
-            candle_core::safetensors::save(&avg, ckpt_dir.join("ema.safetensors"))?;
-        } else {
-            let _ = std::fs::remove_file(ckpt_dir.join("ema.safetensors"));
-        }
-        std::fs::write(
-            ckpt_dir.join("state.json"),
-            serde_json::to_vec_pretty(&state)?,
-        )?;
+        let names = var_names.as_slice();
+        checkpoints.write(&varmap, ema.as_ref().map(|e| (e, names)), &state)?;
     }
     let report = NerTrainReport {
         config: cfg.clone(),
@@ -1017,6 +1140,45 @@ mod tests {
         }
         let cut = replace_entities(&p, (0, 7), &mentions, 1.0, 3, begin, &mut rng);
         assert_eq!(cut.ids.len(), 3);
+    }
+
+    #[test]
+    fn checkpoints_are_replaced_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ck = Checkpoints {
+            dir: tmp.path().join("checkpoints"),
+        };
+        assert!(ck.latest().is_none());
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        vb.get_with_hints(3, "w", candle_nn::Init::Const(1.0))
+            .unwrap();
+        let mut state = CheckpointState {
+            step: 1,
+            ..Default::default()
+        };
+        ck.write(&varmap, None, &state).unwrap();
+        state.step = 2;
+        state.batches_done = 7;
+        ck.write(&varmap, None, &state).unwrap();
+        let read = |d: &std::path::Path| -> CheckpointState {
+            serde_json::from_slice(&std::fs::read(d.join("state.json")).unwrap()).unwrap()
+        };
+        let latest = ck.latest().unwrap();
+        assert_eq!(latest, ck.dir.join("current"));
+        assert_eq!((read(&latest).step, read(&latest).batches_done), (2, 7));
+        assert!(!ck.dir.join("next.tmp").exists() && !ck.dir.join("old").exists());
+        // A crash while the next one is written leaves a partial next.tmp: ignored.
+        std::fs::create_dir_all(ck.dir.join("next.tmp")).unwrap();
+        std::fs::write(ck.dir.join("next.tmp/state.json"), b"{").unwrap();
+        assert_eq!(ck.latest().unwrap(), ck.dir.join("current"));
+        // A crash between the two renames: the previous one, in old/, is found.
+        std::fs::rename(ck.dir.join("current"), ck.dir.join("old")).unwrap();
+        assert_eq!(read(&ck.latest().unwrap()).step, 2);
+        // And the next write cleans up after both.
+        ck.write(&varmap, None, &state).unwrap();
+        assert_eq!(ck.latest().unwrap(), ck.dir.join("current"));
+        assert!(!ck.dir.join("next.tmp").exists() && !ck.dir.join("old").exists());
     }
 
     #[test]
