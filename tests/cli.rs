@@ -571,3 +571,78 @@ fn analyze_prints_json_for_a_file() {
         .iter()
         .any(|e| e["text"] == "Vladimir Putin"));
 }
+
+/// Runs `tidings batch` with `args`; returns whether it succeeded and its stderr.
+fn batch(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).arg("batch").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue #30: `--output` naming the input (or any input file) used to be taken for a
+/// previous run's results and its unfinished last line cut off: the last article deleted, and
+/// exit 0. Both are refused now, and the file is left as it was.
+#[test]
+fn batch_refuses_to_write_over_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("a.jsonl");
+    write_input(&input, 3);
+    // No final newline, as many editors leave a file.
+    let mut text = std::fs::read_to_string(&input).unwrap();
+    text.pop();
+    std::fs::write(&input, &text).unwrap();
+    let path = input.to_str().unwrap();
+    let (ok, err) = batch(&["--input", path, "--output", path, "--server", "127.0.0.1:9"]);
+    assert!(!ok && err.contains("is the --input file"), "{err}");
+    assert_eq!(std::fs::read_to_string(&input).unwrap(), text);
+    // Another file that holds articles, not results.
+    let copy = dir.path().join("b.jsonl");
+    std::fs::write(&copy, &text).unwrap();
+    let out = copy.to_str().unwrap();
+    let (ok, err) = batch(&["--input", path, "--output", out, "--server", "127.0.0.1:9"]);
+    assert!(!ok && err.contains("input line"), "{err}");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), text);
+}
+
+/// Issue #30: `--server host:port` (the form `serve --addr` takes) reaches the server, and a
+/// server that cannot be reached is named with what was tried.
+#[test]
+fn batch_takes_host_and_port_and_names_what_it_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    write_input(&input, 3);
+    let (i, o) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let dead = free_port();
+    let (ok, err) = batch(&[
+        "--input",
+        i,
+        "--output",
+        o,
+        "--server",
+        &format!("127.0.0.1:{dead}"),
+        "--retries",
+        "0",
+    ]);
+    assert!(!ok, "a job with no server succeeded");
+    assert!(
+        err.contains(&format!("http://127.0.0.1:{dead}")) && err.contains("refused"),
+        "{err}"
+    );
+    let port = free_port();
+    let mut server = serve(port, &[]);
+    let (ok, err) = batch(&[
+        "--input",
+        i,
+        "--output",
+        o,
+        "--server",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    sigterm(&server);
+    server.wait().unwrap();
+    assert!(ok, "{err}");
+    assert_each_id_once(&output_ids(&output), 3);
+}

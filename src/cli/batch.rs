@@ -121,10 +121,19 @@ fn done_ids(output: &Path) -> Result<HashSet<String>> {
     let mut good_len = 0usize;
     for (i, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
         let complete = line.ends_with(b"\n");
-        let id = std::str::from_utf8(line)
+        let value = std::str::from_utf8(line)
             .ok()
-            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        // A line with a top-level "text" is an input line: results never carry it.
+        if value.as_ref().is_some_and(|v| v.get("text").is_some()) {
+            bail!(
+                "{}: line {} has a \"text\": it is an input line, not a result of tidings \
+                 batch; not touching the file. Use another --output",
+                output.display(),
+                i + 1
+            );
+        }
+        let id = value.and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
         match (id, complete) {
             (Some(id), true) => {
                 done.insert(id);
@@ -150,6 +159,22 @@ fn done_ids(output: &Path) -> Result<HashSet<String>> {
         file.set_len(good_len as u64)?;
     }
     Ok(done)
+}
+
+/// Whether two paths name one file (the same file system object, links followed); false when
+/// either does not exist.
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    matches!(
+        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+        (Ok(x), Ok(y)) if x == y
+    )
 }
 
 /// One input item: its index in the job is its wire id.
@@ -199,6 +224,13 @@ pub fn run(a: BatchArgs) -> Result<()> {
     }
     if a.server.is_empty() {
         bail!("--server: name at least one server");
+    }
+    if same_file(&a.input, &a.output) {
+        bail!(
+            "--output {} is the --input file: results would overwrite the articles. Write them \
+             to another file",
+            a.output.display()
+        );
     }
     let done = done_ids(&a.output)?;
     let reader = BufReader::new(
@@ -397,12 +429,17 @@ async fn drive(
 }
 
 /// The endpoints `specs` stand for now: `dns:///name:port` (or `dns://name:port`) resolved
-/// to one `http://ip:port` per address, anything else as it is.
+/// to one `http://ip:port` per address, a bare `host:port` (as `serve --addr` and grpcurl
+/// take it) as `http://host:port`, anything else as it is.
 async fn endpoints(specs: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for spec in specs {
         let Some(rest) = spec.strip_prefix("dns:") else {
-            out.push(spec.clone());
+            if spec.contains("://") {
+                out.push(spec.clone());
+            } else {
+                out.push(format!("http://{spec}"));
+            }
             continue;
         };
         let host = rest.trim_start_matches('/');
@@ -499,9 +536,18 @@ impl Lane {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
-        let channel = endpoint.connect().await.map_err(|e| StreamError::Retry {
-            why: format!("cannot connect: {e}"),
-            progress: false,
+        let channel = endpoint.connect().await.map_err(|e| {
+            // The transport error alone says "transport error"; its sources say why.
+            let mut why = format!("cannot connect to {}: {e}", self.url);
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                why.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            StreamError::Retry {
+                why,
+                progress: false,
+            }
         })?;
         let mut client = TidingsClient::new(channel)
             .max_decoding_message_size(64 << 20)
