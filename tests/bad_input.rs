@@ -180,3 +180,23 @@ async fn streams_that_misbehave_do_not_hurt_the_server() {
     drop(stream);
     still_serving().await;
 }
+
+/// Issue #30: a stream item whose invalid id is huge gets INVALID_ARGUMENT that names the id by
+/// its first bytes and size, not the whole id echoed into the trailers (megabytes of
+/// `grpc-message` and `tidings-item-id` that clients reject as a protocol error).
+#[tokio::test]
+async fn a_huge_invalid_stream_id_gets_a_readable_status() {
+    let srv = server();
+    let mut c = client(srv).await;
+    let huge = "x".repeat(2 << 20);
+    let reqs = vec![request(&huge, "Tokyo and Osaka are in Japan.")];
+    let got = match c.analyze_stream(futures::stream::iter(reqs)).await {
+        Ok(r) => r.into_inner().next().await.expect("an answer").unwrap_err(),
+        Err(s) => s,
+    };
+    assert_eq!(got.code(), Code::InvalidArgument, "{got:?}");
+    assert!(got.message().contains("bytes"), "{}", got.message());
+    assert!(got.message().len() < 1_000, "{} bytes", got.message().len());
+    assert!(got.metadata().get("tidings-item-id").is_none());
+    still_serving().await;
+}

@@ -8,6 +8,7 @@ use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -213,17 +214,29 @@ fn record(rpc: &'static str, code: Code, started: Instant) {
 
 /// Names the item a stream status belongs to: in the message, and in the `tidings-item-id`
 /// metadata for clients (such as `tidings batch`) that act on it. Code and details are kept.
-fn with_id(status: Status, id: &str) -> Status {
+/// An id over `max_id_bytes` (itself the item's error) is named by its first bytes and size
+/// in the message only: echoing it whole would put a multi-megabyte value in the trailers,
+/// which clients reject as a protocol error instead of reading the status.
+fn with_id(status: Status, id: &str, max_id_bytes: usize) -> Status {
     if id.is_empty() {
         return status;
     }
     let mut metadata = tonic::metadata::MetadataMap::new();
-    if let Ok(v) = id.parse() {
-        metadata.insert("tidings-item-id", v);
-    }
+    let named = if id.len() <= max_id_bytes {
+        if let Ok(v) = id.parse() {
+            metadata.insert("tidings-item-id", v);
+        }
+        format!("{id:?}")
+    } else {
+        let mut cut = 32.min(id.len());
+        while !id.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{:?}... ({} bytes)", &id[..cut], id.len())
+    };
     Status::with_details_and_metadata(
         status.code(),
-        format!("item {id:?}: {}", status.message()),
+        format!("item {named}: {}", status.message()),
         status.details().to_vec().into(),
         metadata,
     )
@@ -262,7 +275,8 @@ pub type AnalyzeStreamItemsOut =
 
 /// How a stream RPC answers one request: `Ok` to send, or `Err` with the status that ends
 /// the stream (once everything read before it has been answered).
-type Answer<T> = fn(Result<proto::AnalyzeResponse, Status>, String) -> Result<T, Status>;
+type Answer<T> =
+    Arc<dyn Fn(Result<proto::AnalyzeResponse, Status>, String) -> Result<T, Status> + Send + Sync>;
 
 impl TidingsService {
     /// Runs a stream of requests as one batch caller and returns its answers.
@@ -441,10 +455,11 @@ impl TidingsService {
         timeout: Option<Duration>,
         input: impl Stream<Item = Result<Incoming, Status>> + Send + Unpin + 'static,
     ) -> AnalyzeStreamItemsOut {
-        self.run_stream("AnalyzeStreamItems", timeout, input, |res, id| match res {
+        let answer: Answer<_> = Arc::new(|res, id| match res {
             Err(s) if ends_the_stream(s.code()) => Err(s),
             res => Ok(batch_item(res, id)),
-        })
+        });
+        self.run_stream("AnalyzeStreamItems", timeout, input, answer)
     }
 }
 
@@ -476,11 +491,12 @@ impl Tidings for TidingsService {
     ) -> Result<Response<Self::AnalyzeStreamStream>, Status> {
         let timeout = grpc_timeout(request.metadata());
         let input = request.into_inner().map(|r| r.map(Incoming::Request));
+        let max_id_bytes = self.cfg.limits.max_id_bytes;
         Ok(Response::new(self.run_stream(
             "AnalyzeStream",
             timeout,
             input,
-            |res, id| res.map_err(|s| with_id(s, &id)),
+            Arc::new(move |res, id| res.map_err(|s| with_id(s, &id, max_id_bytes))),
         )))
     }
 
@@ -508,8 +524,10 @@ impl Tidings for TidingsService {
                 architecture: n.dir.config.model_type.clone(),
                 labels: n.model.labels().to_vec(),
                 max_tokens: (n.window.size + 2) as u32,
-                dtype: "f32".into(),
+                dtype: n.model.precision().to_string(),
                 shared_encoder: models.shared_encoder,
+                kernel: n.model.kernel().into(),
+                engine: n.model.engine().into(),
             });
         }
         if let Some(t) = &models.topics {
@@ -519,8 +537,10 @@ impl Tidings for TidingsService {
                 architecture: t.dir.config.model_type.clone(),
                 labels: Vec::new(),
                 max_tokens: (t.window.size + 2) as u32,
-                dtype: "f32".into(),
+                dtype: t.model.precision().to_string(),
                 shared_encoder: models.shared_encoder,
+                kernel: t.model.kernel().into(),
+                engine: t.model.engine().into(),
             });
         }
         let cfg = self.engine.config();
