@@ -160,6 +160,16 @@ pub struct EngineStats {
     pub label_texts_embedded: AtomicU64,
 }
 
+/// The label-embedding cache: `capacity` texts, least recently used evicted first. moka's
+/// default policy (TinyLFU) may refuse a new text when the cache is full of texts asked for
+/// more often, so a busy server would recompute a new label set on every request.
+fn label_cache(capacity: usize) -> moka::future::Cache<String, Arc<Vec<f32>>> {
+    moka::future::Cache::builder()
+        .max_capacity(capacity as u64)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+        .build()
+}
+
 /// Handle to the engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -255,7 +265,7 @@ impl Engine {
             tx,
             pools: Arc::new(Pools::new(cfg.max_queue_tokens)),
             cfg,
-            labels: moka::future::Cache::new(cfg.label_cache as u64),
+            labels: label_cache(cfg.label_cache),
             default_labels: Arc::new(Mutex::new(None)),
             next_caller: Arc::new(AtomicU64::new(1)),
             stats,
@@ -648,5 +658,31 @@ impl Engine {
                 .map_err(|e| EngineError::Model(e.to_string()))?;
         self.remember(&analysis.embedding);
         Ok((analysis, timing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #30: a full cache of often-used texts still takes a new one (LRU, as documented),
+    /// where TinyLFU refused it.
+    #[tokio::test]
+    async fn a_full_label_cache_takes_new_texts() {
+        let cache = label_cache(4);
+        let v = Arc::new(vec![0f32; 4]);
+        for k in 0..4 {
+            cache.insert(format!("old {k}"), v.clone()).await;
+        }
+        for _ in 0..5 {
+            for k in 0..4 {
+                assert!(cache.get(&format!("old {k}")).await.is_some());
+            }
+        }
+        cache.run_pending_tasks().await;
+        cache.insert("new".to_string(), v.clone()).await;
+        cache.run_pending_tasks().await;
+        assert!(cache.get("new").await.is_some(), "the new text was refused");
+        assert!(cache.entry_count() <= 4);
     }
 }
