@@ -283,10 +283,11 @@ impl<'a> CharCounter<'a> {
 
 /// Groups mentions of the same entity, in order of first mention.
 ///
-/// Mentions with the same text (up to case and spacing) form one group, whose type is the
-/// type most of them got (the model may tag one mention of "Kim Jong Un" ORG among four PER).
-/// A person mentioned by part of a name ("Putin") joins the one person group whose full name
-/// contains those words ("Vladimir Putin"); when several would fit, it stays on its own.
+/// Mentions with the same text (up to case and spacing) and the same type form one group,
+/// named by its first mention: "Jordan" the person and "Jordan" the country are two groups,
+/// as they are two entities in the mention list. A person mentioned by part of a name
+/// ("Putin") joins the one person group whose full name contains those words ("Vladimir
+/// Putin"), which keeps its own (fuller) text; when several would fit, it stays on its own.
 pub fn group(mentions: &[Mention]) -> Vec<Group> {
     struct Acc {
         text: String,
@@ -304,11 +305,12 @@ pub fn group(mentions: &[Mention]) -> Vec<Group> {
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut groups: Vec<Acc> = Vec::new();
     for m in mentions {
-        let key = norm(&m.text);
-        let g = *index.entry(key.clone()).or_insert_with(|| {
+        let words = norm(&m.text);
+        let key = format!("{}\u{0}{words}", m.label);
+        let g = *index.entry(key).or_insert_with(|| {
             groups.push(Acc {
                 text: m.text.clone(),
-                words: key.split(' ').map(str::to_string).collect(),
+                words: words.split(' ').map(str::to_string).collect(),
                 labels: Vec::new(),
                 mentions: 0,
                 score: 0.0,
@@ -517,8 +519,10 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("Kim Jong Un", "PER", 4),
-                ("Russia", "LOC", 2),
+                ("Kim Jong Un", "PER", 3),
+                ("Russia", "LOC", 1),
+                ("Russia", "ORG", 1),
+                ("Kim Jong Un", "ORG", 1),
                 ("Vladimir Putin", "PER", 3),
                 ("Lee", "PER", 1),
                 ("Lee Ann", "PER", 1),
@@ -526,5 +530,31 @@ mod tests {
             ]
         );
         assert_eq!(g[0].score, 0.95);
+    }
+
+    /// Issue #30: one text with two types is two entities (it used to be one group with the
+    /// majority type), and a group is named by its first mention's spelling.
+    #[test]
+    fn same_text_of_two_types_is_two_groups() {
+        let m = |t: &str, l: &str| Mention {
+            text: t.into(),
+            label: l.into(),
+            score: 0.9,
+            start: 0,
+            end: 0,
+            byte_start: 0,
+            byte_end: 0,
+        };
+        let g = group(&[
+            m("Jordan", "PER"),
+            m("JORDAN", "LOC"),
+            m("jordan", "LOC"),
+            m("Jordan", "PER"),
+        ]);
+        let got: Vec<(&str, &str, u32)> = g
+            .iter()
+            .map(|g| (g.text.as_str(), g.label.as_str(), g.mentions))
+            .collect();
+        assert_eq!(got, vec![("Jordan", "PER", 2), ("JORDAN", "LOC", 2)]);
     }
 }
