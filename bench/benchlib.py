@@ -38,11 +38,39 @@ def ag_news_texts(dev: Path):
             yield f"{r['title'].strip()}. {r['description'].strip()}"
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def own_texts():
+    """The project's own texts, for a clone without ../shared: the documents of
+    models/ner/ood/*.txt (news and encyclopedic text written and annotated for Tidings, CoNLL
+    columns), each joined back into one article."""
+    for path in sorted((REPO / "models/ner/ood").glob("*.txt")):
+        words: list[str] = []
+        for line in path.read_text(encoding="utf-8").splitlines() + ["-DOCSTART-"]:
+            if line.startswith("-DOCSTART-"):
+                if words:
+                    yield " ".join(words)
+                words = []
+            elif line.strip():
+                words.append(line.split()[0])
+
+
 def load_articles(seed: Path, dev: Path, n: int) -> list[str]:
-    """The seed article (when `seed` exists) followed by AG News rows of `dev`, up to `n`
-    articles in all (the seed article is kept even when n is 0)."""
+    """The seed article (when `seed` exists, else the project's own fixture article) followed by
+    AG News rows of `dev`, up to `n` articles in all (the seed article is kept even when n is
+    0). Without `dev` (a fresh clone has no ../shared), the project's own texts (`own_texts`)
+    stand in for the AG News rows, and stderr says so."""
+    if not seed.exists():
+        seed = REPO / "tests/fixtures/summit-article.txt"
     out = [seed.read_text().strip()] if seed.exists() else []
-    for text in ag_news_texts(dev):
+    rows = ag_news_texts(dev)
+    if not dev.exists():
+        print(f"bench: {dev} is not here (../shared is not part of a clone): sending the seed "
+              "article and the documents of models/ner/ood/ instead; --dev-csv FILE (AG News "
+              "CSV: label,title,description) gives the published mix", file=sys.stderr)
+        rows = own_texts()
+    for text in rows:
         if len(out) >= n:
             break
         out.append(text)
