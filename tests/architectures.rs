@@ -72,30 +72,56 @@ fn encoders(f: &Fixture, precision: Precision) -> (Encoder, Encoder) {
     let vb = vb.pp(prefix);
     let graph = Encoder::load_graph(vb.clone(), &f.dir.config).unwrap();
     let fused = Encoder::load_with(vb, &f.dir.config, precision).unwrap();
-    assert!(fused.is_fused() && !graph.is_fused());
     (graph, fused)
+}
+
+/// The fixture `name` through Tidings: hidden states on both of its paths and the
+/// token-classification logits as served, against transformers' (f32, real tokens).
+fn check(name: &str, engine: &str) {
+    let f = fixture(name);
+    let (graph, served) = encoders(&f, Precision::F32);
+    assert_eq!(served.engine(), engine, "{name}");
+    for enc in [&graph, &served] {
+        let x = enc.forward(&f.input, Mode::INFERENCE).unwrap();
+        let d = max_diff(&x, &f.hidden, &f.lens);
+        eprintln!("{name}: {} path, max |diff| {d:.2e}", enc.engine());
+        assert!(
+            d < 1e-4,
+            "{name}: {} path differs from transformers by {d}",
+            enc.engine()
+        );
+    }
+    let tc = TokenClassifier::load(&f.dir, &Device::Cpu).unwrap();
+    assert_eq!(tc.labels(), ["O", "B-PER", "I-PER"]);
+    assert_eq!(tc.engine(), engine);
+    let logits = tc.forward(&f.input, Mode::INFERENCE).unwrap();
+    let d = max_diff(&logits, &f.logits, &f.lens);
+    assert!(
+        d < 1e-4,
+        "{name}: token-classification logits differ by {d}"
+    );
 }
 
 #[test]
 fn mpnet_matches_transformers() {
     let f = fixture("tiny-mpnet");
     assert_eq!(f.dir.special_ids().unwrap(), (0, 2), "<s> ... </s>");
-    let (graph, fused) = encoders(&f, Precision::F32);
-    let g = graph.forward(&f.input, Mode::INFERENCE).unwrap();
-    let d = max_diff(&g, &f.hidden, &f.lens);
-    assert!(d < 1e-4, "graph path differs from transformers by {d}");
-    let x = fused.forward(&f.input, Mode::INFERENCE).unwrap();
-    let d = max_diff(&x, &f.hidden, &f.lens);
-    assert!(d < 1e-4, "fused path differs from transformers by {d}");
-    // The head, as served.
-    let tc = TokenClassifier::load(&f.dir, &Device::Cpu).unwrap();
-    assert_eq!(tc.labels(), ["O", "B-PER", "I-PER"]);
-    let logits = tc.forward(&f.input, Mode::INFERENCE).unwrap();
-    let d = max_diff(&logits, &f.logits, &f.lens);
-    assert!(
-        d < 1e-4,
-        "token-classification logits differ from transformers by {d}"
-    );
+    check("tiny-mpnet", "fused");
+}
+
+#[test]
+fn xlm_roberta_matches_transformers() {
+    check("tiny-xlm-roberta", "fused");
+}
+
+#[test]
+fn deberta_v2_matches_transformers() {
+    check("tiny-deberta-v2", "candle-transformers");
+}
+
+#[test]
+fn modernbert_matches_transformers() {
+    check("tiny-modernbert", "candle-transformers");
 }
 
 #[test]
@@ -123,6 +149,7 @@ fn mpnet_int8_follows_transformers() {
     let f = fixture("tiny-mpnet");
     let (_, int8) = encoders(&f, Precision::Int8);
     assert_eq!(int8.precision(), Precision::Int8);
+    assert_eq!(int8.engine(), "fused");
     let x = int8.forward(&f.input, Mode::INFERENCE).unwrap();
     let h = int8.hidden_size();
     let mut worst = 1f32;

@@ -34,6 +34,15 @@ async fn the_multitask_model_reads_the_summit_article_from_one_encoder() {
         .into_inner();
     assert_eq!(info.models.len(), 2);
     assert!(info.models.iter().all(|m| m.shared_encoder), "{info:?}");
+    // The arithmetic in effect, not the weights' file dtype: the servers of these tests run
+    // int8, the serving default, where the CPU has a kernel for it (issue #30: GetInfo said
+    // "f32" while int8 ran).
+    let int8 = tidings::model::qgemm::available();
+    for m in &info.models {
+        assert_eq!(m.dtype, if int8 { "int8" } else { "f32" }, "{m:?}");
+        assert_eq!(m.engine, "fused", "{m:?}");
+        assert!(!m.kernel.is_empty() && m.kernel != "candle", "{m:?}");
+    }
     summit_read_right(&srv).await;
 }
 

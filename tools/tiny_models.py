@@ -46,22 +46,20 @@ def batch(vocab_size: int, pad: int):
     return ids, mask
 
 
-def mpnet():
-    from transformers import MPNetConfig, MPNetForTokenClassification
+def save(name: str, cfg, model_cls, tweak=None):
+    """Builds `model_cls(cfg)` with seeded random weights (`tweak(model)` may change some),
+    runs the fixed batch through it and writes tests/fixtures/<name>/."""
     torch.manual_seed(0)
-    cfg = MPNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=514, pad_token_id=1,
-                      relative_attention_num_buckets=32, layer_norm_eps=1e-5,
-                      id2label={0: "O", 1: "B-PER", 2: "I-PER"},
-                      label2id={"O": 0, "B-PER": 1, "I-PER": 2})
-    model = MPNetForTokenClassification(cfg).eval()
-    # Random init leaves the relative bias small; make it matter.
-    with torch.no_grad():
-        model.mpnet.encoder.relative_attention_bias.weight.normal_(0.0, 1.0)
-    out = ROOT / "tiny-mpnet"
+    model = model_cls(cfg).eval()
+    if tweak is not None:
+        with torch.no_grad():
+            tweak(model)
+    out = ROOT / name
     out.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(out)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if "position_ids" not in k}
+    # Buffers transformers rebuilds itself are left out, as in a real checkpoint.
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()
+          if not k.endswith(("position_ids", "token_type_ids"))}
     save_file(sd, out / "model.safetensors")
     tokenizer(cfg.vocab_size).save(str(out / "tokenizer.json"))
     ids, mask = batch(cfg.vocab_size, cfg.pad_token_id)
@@ -73,5 +71,49 @@ def mpnet():
     print(f"wrote {out}", file=sys.stderr)
 
 
+LABELS = dict(id2label={0: "O", 1: "B-PER", 2: "I-PER"}, label2id={"O": 0, "B-PER": 1, "I-PER": 2})
+SMALL = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+
+
+def mpnet():
+    from transformers import MPNetConfig, MPNetForTokenClassification
+    cfg = MPNetConfig(**SMALL, num_hidden_layers=2, max_position_embeddings=514, pad_token_id=1,
+                      relative_attention_num_buckets=32, layer_norm_eps=1e-5, **LABELS)
+
+    def tweak(model):  # random init leaves the relative bias small; make it matter
+        model.mpnet.encoder.relative_attention_bias.weight.normal_(0.0, 1.0)
+    save("tiny-mpnet", cfg, MPNetForTokenClassification, tweak)
+
+
+def xlm_roberta():
+    from transformers import XLMRobertaConfig, XLMRobertaForTokenClassification
+    cfg = XLMRobertaConfig(**SMALL, num_hidden_layers=2, max_position_embeddings=514, pad_token_id=1,
+                           type_vocab_size=1, layer_norm_eps=1e-5, **LABELS)
+    save("tiny-xlm-roberta", cfg, XLMRobertaForTokenClassification)
+
+
+def deberta_v2():
+    from transformers import DebertaV2Config, DebertaV2ForTokenClassification
+    # DeBERTa-v3's settings: relative attention with log buckets, shared keys, no absolute
+    # positions in the input.
+    cfg = DebertaV2Config(**SMALL, num_hidden_layers=2, max_position_embeddings=512, pad_token_id=0,
+                          relative_attention=True, position_buckets=64, max_relative_positions=-1,
+                          pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                          norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0,
+                          layer_norm_eps=1e-7, hidden_act="gelu", **LABELS)
+    save("tiny-deberta-v2", cfg, DebertaV2ForTokenClassification)
+
+
+def modernbert():
+    from transformers import ModernBertConfig, ModernBertForTokenClassification
+    # Local attention (window 16) in two of three layers, as ModernBERT interleaves them.
+    cfg = ModernBertConfig(**SMALL, num_hidden_layers=3, max_position_embeddings=512, pad_token_id=1,
+                           global_attn_every_n_layers=3, local_attention=16, bos_token_id=0,
+                           eos_token_id=2, cls_token_id=0, sep_token_id=2,
+                           attn_implementation="eager", **LABELS)
+    save("tiny-modernbert", cfg, ModernBertForTokenClassification)
+
+
 if __name__ == "__main__":
-    mpnet()
+    for build in (mpnet, xlm_roberta, deberta_v2, modernbert):
+        build()

@@ -176,7 +176,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "device: {} (candle's CUDA ops, f32; the CPU's peaks are not measured)",
             a.models.device
         );
-        return time_models(&a, &models, None, None, None);
+        return time_models(&a, &models, None, None, None, None);
     }
     let threads = candle_core::utils::get_num_threads();
     let peak = matmul_peak(2048)?;
@@ -234,7 +234,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some((g, how)) => println!("theoretical FMA peak: {g:.1} GFLOP/s ({how})"),
         None => println!("theoretical FMA peak: not computable from /proc/cpuinfo"),
     }
-    time_models(&a, &models, Some(peak), blas, fma.map(|f| f.0))
+    // The rate of the kernel the products run on, for "of kernel".
+    let kernel = match precision.iter().flatten().next() {
+        Some(tidings::model::Precision::Int8) => own_int8,
+        _ => own_f32,
+    };
+    time_models(&a, &models, Some(peak), blas, fma.map(|f| f.0), kernel)
 }
 
 /// Times each loaded model's forward passes on `a`'s batch (or mix) and prints a row per
@@ -246,6 +251,7 @@ fn time_models(
     peak: Option<f64>,
     blas: Option<f64>,
     fma: Option<f64>,
+    kernel: Option<f64>,
 ) -> Result<()> {
     // Window lengths per forward pass, special tokens included.
     let passes = match &a.mix {
@@ -275,7 +281,7 @@ fn time_models(
         None => a.seq.to_string(),
     };
     println!(
-        "{:<8} {:>6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "{:<8} {:>6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "model",
         "batch",
         "seq",
@@ -285,7 +291,8 @@ fn time_models(
         "GFLOP/s",
         "of candle",
         "of BLAS",
-        "of FMA"
+        "of FMA",
+        "of kernel"
     );
     let share = |gflops: f64, of: Option<f64>| {
         of.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * gflops / p))
@@ -298,6 +305,7 @@ fn time_models(
      -> Result<()> {
         let mut times = pool.install(|| -> Result<Vec<f64>> {
             run()?;
+            tidings::model::profile::take();
             let mut times = Vec::with_capacity(a.iters);
             for _ in 0..a.iters {
                 let t = Instant::now();
@@ -325,7 +333,7 @@ fn time_models(
             .sum();
         let gflops = flops / p50 / 1e9;
         println!(
-            "{:<8} {:>6} {:>6} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>9} {:>9} {:>9}",
+            "{:<8} {:>6} {:>6} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>9} {:>9} {:>9} {:>9}",
             name,
             windows,
             seq,
@@ -335,8 +343,25 @@ fn time_models(
             gflops,
             share(gflops, peak),
             share(gflops, blas),
-            share(gflops, fma)
+            share(gflops, fma),
+            share(gflops, kernel)
         );
+        if tidings::model::profile::enabled() {
+            let phases = tidings::model::profile::take();
+            let total: f64 = times.iter().sum();
+            let layers: f64 = phases.iter().sum();
+            for (phase, secs) in tidings::model::profile::PHASES.iter().zip(phases) {
+                println!(
+                    "  {name}: {phase:<38} {:>5.1}% of the passes",
+                    100.0 * secs / total
+                );
+            }
+            println!(
+                "  {name}: {:<38} {:>5.1}% of the passes",
+                "outside the layers (embeddings, pooling, copies)",
+                100.0 * (total - layers).max(0.0) / total
+            );
+        }
         Ok(())
     };
     if let Some(n) = &models.ner {

@@ -12,6 +12,7 @@
 //!   relative position bias ([`RelativeBias`]) to every layer's attention scores.
 
 use super::config::ModelConfig;
+use super::external::External;
 use super::fused::{FusedActivation, FusedLayer, FusedLinear, FusedNorm, PositionBias};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
@@ -420,6 +421,9 @@ enum Stack {
     /// The fused f32 CPU kernels of [`super::fused`]: inference only. Shared, so that a
     /// clone of the encoder (one model serving two heads) holds the weights once.
     Fused(std::sync::Arc<[FusedLayer]>),
+    /// A whole candle-transformers model (embeddings included), for architectures Tidings
+    /// has no layers of its own for ([`super::external`]): inference only, f32.
+    External(std::sync::Arc<External>),
 }
 
 /// Arithmetic of the fused CPU path's matrix products (the four per layer; attention,
@@ -499,7 +503,8 @@ impl RelativeBias {
 /// The transformer body: embeddings and layers, no head.
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    embeddings: Embeddings,
+    /// Tidings' own embeddings; `None` on the candle-transformers path, whose model embeds.
+    embeddings: Option<Embeddings>,
     stack: Stack,
     relative: Option<RelativeBias>,
     dtype: DType,
@@ -521,11 +526,13 @@ impl Encoder {
     /// says which is in effect. Each layer is quantized as it is fused, from its tensors.
     pub fn load_with(vb: VarBuilder, cfg: &ModelConfig, precision: Precision) -> Result<Self> {
         let enc = Self::load_graph(vb, cfg)?;
-        let frozen = match &enc.stack {
-            Stack::Graph(layers) => layers.iter().all(|l| !l.query.weight.is_variable()),
-            Stack::Fused(_) => true,
+        let (frozen, cpu) = match (&enc.stack, &enc.embeddings) {
+            (Stack::Graph(layers), Some(emb)) => (
+                layers.iter().all(|l| !l.query.weight.is_variable()),
+                emb.word.embeddings().device().is_cpu(),
+            ),
+            _ => return Ok(enc),
         };
-        let cpu = enc.embeddings.word.embeddings().device().is_cpu();
         if frozen && cpu && enc.dtype == DType::F32 {
             enc.fused(precision)
         } else {
@@ -557,6 +564,32 @@ impl Encoder {
         matches!(self.stack, Stack::Fused(_))
     }
 
+    /// The kernel of the matrix products in effect: the int8 or f32 tile of this CPU
+    /// ([`super::qgemm::Kernel`], [`super::sgemm::Kernel`]), `gemm` where none of Tidings'
+    /// serves, `candle` off the fused path.
+    pub fn kernel(&self) -> &'static str {
+        match (&self.stack, self.precision()) {
+            (Stack::Fused(_), Precision::Int8) => {
+                super::qgemm::kernel().map_or("gemm", |k| k.name())
+            }
+            (Stack::Fused(_), Precision::F32) => {
+                super::sgemm::kernel().map_or("gemm", |k| k.name())
+            }
+            _ => "candle",
+        }
+    }
+
+    /// Which implementation runs the model: `fused` (Tidings' kernels), `candle` (Tidings'
+    /// layers as candle ops: training, GPUs, other dtypes) or `candle-transformers`
+    /// (DeBERTa-v2, ModernBERT).
+    pub fn engine(&self) -> &'static str {
+        match self.stack {
+            Stack::Fused(_) => "fused",
+            Stack::Graph(_) => "candle",
+            Stack::External(_) => "candle-transformers",
+        }
+    }
+
     /// The precision of the matrix products.
     pub fn precision(&self) -> Precision {
         match &self.stack {
@@ -569,15 +602,26 @@ impl Encoder {
         }
     }
 
-    /// Like [`Encoder::load`], but always as candle ops (the differentiable path).
+    /// Like [`Encoder::load`], but always as candle ops (the differentiable path; for
+    /// DeBERTa-v2 and ModernBERT, candle-transformers' model, inference only).
     pub fn load_graph(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        if External::handles(&cfg.model_type) {
+            return Ok(Self {
+                embeddings: None,
+                dtype: vb.dtype(),
+                stack: Stack::External(External::load(vb, cfg)?.into()),
+                relative: None,
+                hidden_size: cfg.hidden_size,
+            });
+        }
         let layout = match cfg.model_type.as_str() {
             "distilbert" => Layout::DistilBert,
             "bert" | "roberta" | "xlm-roberta" | "camembert" => Layout::Bert,
             "mpnet" => Layout::MpNet,
             other => candle_core::bail!(
-                "model_type {other:?} is not supported (bert, roberta, xlm-roberta, distilbert, \
-                 mpnet)"
+                "model_type {other:?} is not supported (bert, roberta, xlm-roberta, \
+                 camembert, distilbert, mpnet; deberta-v2 and modernbert through \
+                 candle-transformers)"
             ),
         };
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
@@ -598,7 +642,7 @@ impl Encoder {
             .map(|i| Layer::load(stack.pp(i), cfg, layout))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            embeddings: Embeddings::load(vb.pp("embeddings"), cfg)?,
+            embeddings: Some(Embeddings::load(vb.pp("embeddings"), cfg)?),
             stack: Stack::Graph(layers),
             relative,
             dtype: vb.dtype(),
@@ -619,12 +663,18 @@ impl Encoder {
     /// Runs the encoder; returns the last hidden states `[batch, seq, hidden]`.
     pub fn forward(&self, input: &EncoderInput, mode: Mode) -> Result<Tensor> {
         let mask = input.attention_mask.to_dtype(self.dtype)?;
+        if mode.train && !matches!(self.stack, Stack::Graph(_)) {
+            candle_core::bail!("this encoder was loaded for inference and cannot train");
+        }
+        let embeddings = match (&self.stack, &self.embeddings) {
+            (Stack::External(model), _) => return model.forward(input),
+            (_, Some(embeddings)) => embeddings,
+            (_, None) => candle_core::bail!("an encoder without embeddings"),
+        };
         let layers = match &self.stack {
+            Stack::External(_) => unreachable!("returned above"),
             Stack::Fused(layers) => {
-                if mode.train {
-                    candle_core::bail!("this encoder was loaded for inference and cannot train");
-                }
-                let x = self.embeddings.forward(input, mode)?;
+                let x = embeddings.forward(input, mode)?;
                 let position = self.relative.as_ref().map(|r| &r.fused);
                 return super::fused::forward(layers, &x, &mask, position);
             }
@@ -636,7 +686,7 @@ impl Encoder {
         if let Some(rel) = &self.relative {
             bias = bias.broadcast_add(&rel.forward(s, bias.device())?.to_dtype(self.dtype)?)?;
         }
-        let mut x = self.embeddings.forward(input, mode)?;
+        let mut x = embeddings.forward(input, mode)?;
         for layer in layers {
             x = layer.forward(&x, &bias, mode)?;
         }

@@ -153,14 +153,26 @@ impl ModelDir {
     /// The prefix under which the encoder's tensors sit (`bert`, `roberta`, `distilbert`,
     /// `mpnet`, or none for a bare encoder such as all-MiniLM-L6-v2).
     pub fn encoder_prefix(&self, vb: &VarBuilder) -> Result<String, ModelError> {
-        for prefix in ["", "bert", "roberta", "distilbert", "mpnet", "model"] {
-            let name = if prefix.is_empty() {
-                "embeddings.word_embeddings.weight".to_string()
-            } else {
-                format!("{prefix}.embeddings.word_embeddings.weight")
-            };
-            if vb.contains_tensor(&name) {
-                return Ok(prefix.to_string());
+        let prefixes = [
+            "",
+            "bert",
+            "roberta",
+            "distilbert",
+            "mpnet",
+            "deberta",
+            "model",
+        ];
+        for prefix in prefixes {
+            // ModernBERT calls its word embedding `tok_embeddings`.
+            for table in ["word_embeddings", "tok_embeddings"] {
+                let name = if prefix.is_empty() {
+                    format!("embeddings.{table}.weight")
+                } else {
+                    format!("{prefix}.embeddings.{table}.weight")
+                };
+                if vb.contains_tensor(&name) {
+                    return Ok(prefix.to_string());
+                }
             }
         }
         Err(ModelError::Unfit {

@@ -347,6 +347,56 @@ impl ExpandedBias {
     }
 }
 
+/// Where fused passes spend their time, by phase of a layer, summed over every layer run
+/// while profiling is on (`TIDINGS_PROFILE` set; `tidings bench` prints it). Off, a layer
+/// reads no clock.
+pub mod profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+
+    /// The phases of a layer, in the order they run.
+    pub const PHASES: [&str; 8] = [
+        "QKV product",
+        "attention (scores, softmax, context)",
+        "attention output product",
+        "layer norm 1",
+        "feed-forward in product",
+        "GELU",
+        "feed-forward out product",
+        "layer norm 2",
+    ];
+    static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+
+    /// Whether profiling is on (read once).
+    pub fn enabled() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("TIDINGS_PROFILE").is_some())
+    }
+
+    /// Seconds per phase since the last call, and resets them.
+    pub fn take() -> [f64; 8] {
+        std::array::from_fn(|i| NANOS[i].swap(0, Ordering::Relaxed) as f64 * 1e-9)
+    }
+
+    /// Marks phase ends within one layer run.
+    pub(super) struct Clock(Option<Instant>);
+
+    impl Clock {
+        pub(super) fn start() -> Self {
+            Self(enabled().then(Instant::now))
+        }
+
+        /// Ends phase `i` (started at the previous mark).
+        pub(super) fn mark(&mut self, i: usize) {
+            if let Some(t) = &mut self.0 {
+                let now = Instant::now();
+                NANOS[i].fetch_add((now - *t).as_nanos() as u64, Ordering::Relaxed);
+                *t = now;
+            }
+        }
+    }
+}
+
 /// Buffers of one forward pass, sized for its token count and reused by every layer.
 #[derive(Debug, Default)]
 pub(super) struct Scratch {
@@ -388,9 +438,11 @@ impl FusedLayer {
         scratch.mid.resize(n * h, 0.0);
         scratch.ffn.resize(n * self.ffn_in.out, 0.0);
         scratch.out.resize(n * h, 0.0);
+        let mut clock = profile::Clock::start();
 
         self.qkv
             .forward(x, n, None, &mut scratch.qkv, &mut scratch.qrows);
+        clock.mark(0);
 
         // Attention, one task per (sequence, head).
         let qkv = &scratch.qkv;
@@ -454,6 +506,8 @@ impl FusedLayer {
             },
         );
 
+        clock.mark(1);
+
         // Output projection + residual, then layer norm.
         self.attn_out.forward(
             &scratch.ctx,
@@ -462,17 +516,21 @@ impl FusedLayer {
             &mut scratch.mid,
             &mut scratch.qrows,
         );
+        clock.mark(2);
         self.attn_norm.forward(&mut scratch.mid);
+        clock.mark(3);
 
         // Feed-forward + residual, then layer norm.
         self.ffn_in
             .forward(&scratch.mid, n, None, &mut scratch.ffn, &mut scratch.qrows);
+        clock.mark(4);
         let act = self.act;
         rows_in_parallel(&mut scratch.ffn, self.ffn_in.out, |rows| match act {
             FusedActivation::GeluErf => kernels::gelu_erf(rows),
             FusedActivation::GeluTanh => kernels::gelu_tanh(rows),
             FusedActivation::Relu => kernels::relu(rows),
         });
+        clock.mark(5);
         self.ffn_out.forward(
             &scratch.ffn,
             n,
@@ -480,7 +538,9 @@ impl FusedLayer {
             &mut scratch.out,
             &mut scratch.qrows,
         );
+        clock.mark(6);
         self.out_norm.forward(&mut scratch.out);
+        clock.mark(7);
         std::mem::swap(x, &mut scratch.out);
     }
 }

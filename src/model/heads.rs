@@ -12,6 +12,8 @@ use candle_nn::{linear, Linear, VarBuilder};
 #[derive(Debug, Clone)]
 pub struct TokenClassifier {
     encoder: Encoder,
+    /// A transform between the states and the classifier (ModernBERT's `head`), if any.
+    head: Option<super::external::PredictionHead>,
     classifier: Linear,
     labels: Vec<String>,
     pooler: Pooler,
@@ -42,6 +44,7 @@ impl TokenClassifier {
         };
         Ok(Self {
             encoder: Encoder::load_with(enc_vb, cfg, precision)?,
+            head: super::external::PredictionHead::load(vb.pp("head"), cfg)?,
             classifier: linear(cfg.hidden_size, labels.len(), vb.pp("classifier"))?,
             labels,
             pooler: Pooler::load(&vb, cfg)?,
@@ -78,6 +81,16 @@ impl TokenClassifier {
         self.encoder.precision()
     }
 
+    /// Which implementation runs the encoder ([`Encoder::engine`]).
+    pub fn engine(&self) -> &'static str {
+        self.encoder.engine()
+    }
+
+    /// The kernel of the encoder's products ([`Encoder::kernel`]).
+    pub fn kernel(&self) -> &'static str {
+        self.encoder.kernel()
+    }
+
     /// Tag names by output index (e.g. `O`, `B-PER`, ...).
     pub fn labels(&self) -> &[String] {
         &self.labels
@@ -97,7 +110,11 @@ impl TokenClassifier {
         mode: Mode,
     ) -> Result<(Tensor, Tensor)> {
         let hidden = self.encoder.forward(input, mode)?;
-        let logits = self.classifier.forward(&mode.drop(hidden.clone())?)?;
+        let states = match &self.head {
+            Some(head) => head.forward(&hidden)?,
+            None => hidden.clone(),
+        };
+        let logits = self.classifier.forward(&mode.drop(states)?)?;
         Ok((logits, hidden))
     }
 
@@ -210,6 +227,16 @@ impl SentenceEmbedder {
     /// The precision of the encoder's matrix products.
     pub fn precision(&self) -> Precision {
         self.encoder.precision()
+    }
+
+    /// Which implementation runs the encoder ([`Encoder::engine`]).
+    pub fn engine(&self) -> &'static str {
+        self.encoder.engine()
+    }
+
+    /// The kernel of the encoder's products ([`Encoder::kernel`]).
+    pub fn kernel(&self) -> &'static str {
+        self.encoder.kernel()
     }
 
     /// Width of the embeddings.

@@ -1,7 +1,8 @@
 //! The model layer: Hugging Face-format model directories loaded into candle.
 //!
 //! - [`config`] — `config.json`.
-//! - [`encoder`] — the BERT-family transformer body (BERT, RoBERTa/XLM-R, DistilBERT).
+//! - [`encoder`] — the transformer body: Tidings' own for the BERT family (BERT, RoBERTa/XLM-R,
+//!   DistilBERT) and MPNet; candle-transformers' for DeBERTa-v2 and ModernBERT (`external`).
 //! - [`fused`] and [`kernels`] — the fused, unpadded f32 CPU inference path of the layers.
 //! - [`sgemm`] — weights packed once at load for an AVX2+FMA microkernel (the fused path's
 //!   linear layers).
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod device;
 pub mod encoder;
+mod external;
 pub mod files;
 mod fused;
 pub mod heads;
@@ -27,4 +29,5 @@ pub use config::ModelConfig;
 pub use device::{DeviceError, DeviceSpec};
 pub use encoder::{Encoder, EncoderInput, Mode, Precision};
 pub use files::{ModelDir, ModelError};
+pub use fused::profile;
 pub use heads::{SentenceEmbedder, TokenClassifier};
