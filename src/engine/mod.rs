@@ -414,9 +414,14 @@ impl Engine {
         budget: &Budget,
         caller: Caller,
     ) -> Result<Arc<Vec<f32>>, EngineError> {
-        let toks = self
-            .models
-            .tokenize_texts(&[text.to_string()])
+        // Off the async runtime, like articles: a label text may be 2,000 characters, and a
+        // request may bring over a thousand of them (issue #30: they blocked a runtime worker
+        // that also answers health probes).
+        let models = self.models.clone();
+        let owned = text.to_string();
+        let toks = tokio::task::spawn_blocking(move || models.tokenize_texts(&[owned]))
+            .await
+            .map_err(|e| EngineError::Model(format!("label tokenizer task: {e}")))?
             .map_err(|e| EngineError::Tokenize(e.to_string()))?;
         let cost = toks.iter().map(|t| t.len() + 2).sum();
         // Never waits: other requests may be waiting on this text (see take_available).
