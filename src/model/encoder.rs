@@ -32,6 +32,45 @@ enum Layout {
     MpNet,
 }
 
+impl Layout {
+    /// A layer's tensors under `...layer.N`: query, key, value, attention output, its norm,
+    /// feed-forward in and out, output norm.
+    fn layer_tensors(self) -> [&'static str; 8] {
+        match self {
+            Layout::Bert => [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "attention.output.LayerNorm",
+                "intermediate.dense",
+                "output.dense",
+                "output.LayerNorm",
+            ],
+            Layout::MpNet => [
+                "attention.attn.q",
+                "attention.attn.k",
+                "attention.attn.v",
+                "attention.attn.o",
+                "attention.LayerNorm",
+                "intermediate.dense",
+                "output.dense",
+                "output.LayerNorm",
+            ],
+            Layout::DistilBert => [
+                "attention.q_lin",
+                "attention.k_lin",
+                "attention.v_lin",
+                "attention.out_lin",
+                "sa_layer_norm",
+                "ffn.lin1",
+                "ffn.lin2",
+                "output_layer_norm",
+            ],
+        }
+    }
+}
+
 /// A linear layer `x W^T + b`. For inference the weight is transposed once at load time into
 /// a contiguous `[in, out]` matrix: gemm then packs its right-hand side from contiguous rows,
 /// which for the short rows of small batches costs as much as the multiplication itself when
@@ -290,56 +329,20 @@ impl Layer {
         let act = Activation::parse(&cfg.hidden_act)?;
         let heads = cfg.num_attention_heads;
         let head_dim = h / heads;
-        match layout {
-            Layout::Bert => {
-                let att = vb.pp("attention");
-                Ok(Self {
-                    query: linear(h, h, att.pp("self").pp("query"))?,
-                    key: linear(h, h, att.pp("self").pp("key"))?,
-                    value: linear(h, h, att.pp("self").pp("value"))?,
-                    attn_out: linear(h, h, att.pp("output").pp("dense"))?,
-                    attn_norm: Norm::load(att.pp("output").pp("LayerNorm"), h, eps)?,
-                    ffn_in: linear(h, i, vb.pp("intermediate").pp("dense"))?,
-                    ffn_out: linear(i, h, vb.pp("output").pp("dense"))?,
-                    out_norm: Norm::load(vb.pp("output").pp("LayerNorm"), h, eps)?,
-                    heads,
-                    head_dim,
-                    act,
-                })
-            }
-            Layout::MpNet => {
-                let att = vb.pp("attention");
-                Ok(Self {
-                    query: linear(h, h, att.pp("attn").pp("q"))?,
-                    key: linear(h, h, att.pp("attn").pp("k"))?,
-                    value: linear(h, h, att.pp("attn").pp("v"))?,
-                    attn_out: linear(h, h, att.pp("attn").pp("o"))?,
-                    attn_norm: Norm::load(att.pp("LayerNorm"), h, eps)?,
-                    ffn_in: linear(h, i, vb.pp("intermediate").pp("dense"))?,
-                    ffn_out: linear(i, h, vb.pp("output").pp("dense"))?,
-                    out_norm: Norm::load(vb.pp("output").pp("LayerNorm"), h, eps)?,
-                    heads,
-                    head_dim,
-                    act,
-                })
-            }
-            Layout::DistilBert => {
-                let att = vb.pp("attention");
-                Ok(Self {
-                    query: linear(h, h, att.pp("q_lin"))?,
-                    key: linear(h, h, att.pp("k_lin"))?,
-                    value: linear(h, h, att.pp("v_lin"))?,
-                    attn_out: linear(h, h, att.pp("out_lin"))?,
-                    attn_norm: Norm::load(vb.pp("sa_layer_norm"), h, eps)?,
-                    ffn_in: linear(h, i, vb.pp("ffn").pp("lin1"))?,
-                    ffn_out: linear(i, h, vb.pp("ffn").pp("lin2"))?,
-                    out_norm: Norm::load(vb.pp("output_layer_norm"), h, eps)?,
-                    heads,
-                    head_dim,
-                    act,
-                })
-            }
-        }
+        let [q, k, v, o, attn_norm, ffn_in, ffn_out, out_norm] = layout.layer_tensors();
+        Ok(Self {
+            query: linear(h, h, vb.pp(q))?,
+            key: linear(h, h, vb.pp(k))?,
+            value: linear(h, h, vb.pp(v))?,
+            attn_out: linear(h, h, vb.pp(o))?,
+            attn_norm: Norm::load(vb.pp(attn_norm), h, eps)?,
+            ffn_in: linear(h, i, vb.pp(ffn_in))?,
+            ffn_out: linear(i, h, vb.pp(ffn_out))?,
+            out_norm: Norm::load(vb.pp(out_norm), h, eps)?,
+            heads,
+            head_dim,
+            act,
+        })
     }
 
     /// `x`: `[b, s, h]`; `bias`: additive attention bias, `[b, 1, 1, s]` (padding) or
