@@ -265,3 +265,86 @@ async fn bearer_token_is_required_when_set() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// Issue #30: `tidings batch` reaches a server that asks for TLS, a client certificate and a
+/// bearer token (`--ca-cert`, `--client-cert`/`--client-key`, `--token-file`; it had no such
+/// options, and `dns:///` forced plaintext), and says why when one of them is missing.
+#[test]
+fn batch_reaches_a_secured_server() {
+    let (server_ca, server_cert, server_key) = pki("localhost");
+    let (client_ca, client_cert, client_key) = pki("tidings-batch");
+    let srv = start(
+        EngineConfig::default(),
+        ServerConfig {
+            tls: Some(TlsConfig {
+                cert: server_cert.into_bytes(),
+                key: server_key.into_bytes(),
+                client_ca: Some(client_ca.into_bytes()),
+            }),
+            auth_token: Some("correct horse".into()),
+            ..ServerConfig::default()
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let ca = file("ca.pem", &server_ca);
+    let cert = file("client.pem", &client_cert);
+    let key = file("client.key", &client_key);
+    let token = file("token", "correct horse\n");
+    let input = file(
+        "in.jsonl",
+        "{\"id\":\"a\",\"text\":\"Oslo is in Norway.\"}\n{\"id\":\"b\",\"text\":\"Rome.\"}\n",
+    );
+    let output = dir.path().join("out.jsonl");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(common::process::BIN)
+            .args(["batch", "--input", &input, "--output"])
+            .arg(&output)
+            .args(["--server", &format!("127.0.0.1:{}", srv.addr.port())])
+            .args(["--tls-domain", "localhost", "--retries", "0"])
+            .args(extra)
+            .env_remove("TIDINGS_AUTH_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Without the token: refused, and the job says so.
+    let (ok, err) = run(&[
+        "--ca-cert",
+        &ca,
+        "--client-cert",
+        &cert,
+        "--client-key",
+        &key,
+    ]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    // Without the client certificate: no connection.
+    let (ok, err) = run(&["--ca-cert", &ca, "--token-file", &token]);
+    assert!(!ok, "{err}");
+    // With all three: every article answered.
+    let (ok, err) = run(&[
+        "--ca-cert",
+        &ca,
+        "--client-cert",
+        &cert,
+        "--client-key",
+        &key,
+        "--token-file",
+        &token,
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&output).unwrap();
+    let mut ids: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["\"a\"", "\"b\""], "{text}");
+}

@@ -66,6 +66,85 @@ pub struct BatchArgs {
     /// Seconds between resolutions of `dns:///` servers.
     #[arg(long, default_value_t = 30)]
     resolve_every_s: u64,
+    /// File holding the bearer token the servers ask for (`serve --auth-token-file`); sent as
+    /// `authorization: Bearer <token>`. TIDINGS_AUTH_TOKEN sets the token itself.
+    #[arg(long, env = "TIDINGS_AUTH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the servers' certificates: talk TLS (`https://`) to
+    /// every server, bare `host:port` and `dns:///` ones included.
+    #[arg(long, env = "TIDINGS_TLS_CA")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate chain (PEM), for servers that require one (`serve --tls-client-ca`).
+    #[arg(long, env = "TIDINGS_TLS_CLIENT_CERT", requires_all = ["client_key", "ca_cert"])]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "TIDINGS_TLS_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Name the servers' certificates are checked against; default: the host of each
+    /// `--server` (the name of a `dns:///` one, not its addresses).
+    #[arg(long, env = "TIDINGS_TLS_DOMAIN", requires = "ca_cert")]
+    tls_domain: Option<String>,
+}
+
+/// How the job reaches secured servers: TLS settings and the bearer token.
+#[derive(Clone, Default)]
+struct Access {
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    domain: Option<String>,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Access {
+    /// From the command line (files read, and checked, once).
+    fn from_args(a: &BatchArgs) -> Result<Self> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |p: &Path, what: &str| {
+            std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
+        };
+        let tls = match &a.ca_cert {
+            Some(ca) => {
+                let mut tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?));
+                if let (Some(c), Some(k)) = (&a.client_cert, &a.client_key) {
+                    tls = tls.identity(Identity::from_pem(
+                        read(c, "client certificate")?,
+                        read(k, "client key")?,
+                    ));
+                }
+                Some(tls)
+            }
+            None => None,
+        };
+        let token = match (&a.token_file, std::env::var("TIDINGS_AUTH_TOKEN").ok()) {
+            (Some(p), _) => {
+                Some(String::from_utf8(read(p, "token file")?).context("the token is not UTF-8")?)
+            }
+            (None, t) => t,
+        };
+        let token = match token.map(|t| t.trim().to_string()) {
+            Some(t) if t.is_empty() => bail!("the bearer token is empty"),
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .context("the bearer token is not a valid header value")?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            tls,
+            domain: a.tls_domain.clone(),
+            token,
+        })
+    }
+
+    /// `msg` as a request carrying the token, if any.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        req
+    }
 }
 
 /// A task on the command line.
@@ -232,6 +311,7 @@ pub fn run(a: BatchArgs) -> Result<()> {
             a.output.display()
         );
     }
+    let access = Access::from_args(&a)?;
     let done = done_ids(&a.output)?;
     let reader = BufReader::new(
         std::fs::File::open(&a.input).with_context(|| format!("opening {}", a.input.display()))?,
@@ -301,7 +381,7 @@ pub fn run(a: BatchArgs) -> Result<()> {
     );
     bar.set_position((total - items.len()) as u64);
     let rt = super::runtime()?;
-    let result = rt.block_on(drive(&a, items, &mut out, &bar));
+    let result = rt.block_on(drive(&a, &access, items, &mut out, &bar));
     out.flush()?;
     let failed = result?;
     bar.finish();
@@ -314,6 +394,9 @@ pub fn run(a: BatchArgs) -> Result<()> {
 /// Everything a server's stream needs.
 struct Lane {
     url: String,
+    /// The name its certificate is checked against, when not the URL's host.
+    name: Option<String>,
+    access: Access,
     concurrency: usize,
     retries: u32,
     items: Arc<Vec<Item>>,
@@ -339,6 +422,7 @@ enum LaneEvent {
 /// as errors.
 async fn drive(
     a: &BatchArgs,
+    access: &Access,
     items: Vec<Item>,
     out: &mut impl Write,
     bar: &indicatif::ProgressBar,
@@ -362,12 +446,14 @@ async fn drive(
     let result = loop {
         tokio::select! {
             _ = resolve.tick() => {
-                for url in endpoints(&a.server).await {
+                for (url, name) in endpoints(&a.server, access.tls.is_some()).await {
                     if lanes.get(&url).is_some_and(|h| !h.is_finished()) || given_up.contains(&url) {
                         continue;
                     }
                     let lane = Lane {
                         url: url.clone(),
+                        name,
+                        access: access.clone(),
                         concurrency: a.concurrency,
                         retries: a.retries,
                         items: items.clone(),
@@ -428,27 +514,35 @@ async fn drive(
     result
 }
 
-/// The endpoints `specs` stand for now: `dns:///name:port` (or `dns://name:port`) resolved
-/// to one `http://ip:port` per address, a bare `host:port` (as `serve --addr` and grpcurl
-/// take it) as `http://host:port`, anything else as it is.
-async fn endpoints(specs: &[String]) -> Vec<String> {
+/// The endpoints `specs` stand for now, each with the name its certificate is checked
+/// against when that is not the URL's host: `dns:///name:port` (or `dns://name:port`)
+/// resolved to one `http://ip:port` per address (checked against `name`), a bare `host:port`
+/// (as `serve --addr` and grpcurl take it) as `http://host:port`, anything else as it is.
+/// With `tls`, the schemes they are given are `https`.
+async fn endpoints(specs: &[String], tls: bool) -> Vec<(String, Option<String>)> {
+    let scheme = if tls { "https" } else { "http" };
     let mut out = Vec::new();
     for spec in specs {
         let Some(rest) = spec.strip_prefix("dns:") else {
             if spec.contains("://") {
-                out.push(spec.clone());
+                out.push((spec.clone(), None));
             } else {
-                out.push(format!("http://{spec}"));
+                out.push((format!("{scheme}://{spec}"), None));
             }
             continue;
         };
         let host = rest.trim_start_matches('/');
+        let name = host.rsplit_once(':').map_or(host, |(n, _)| n).to_string();
         match tokio::net::lookup_host(host).await {
             Ok(addrs) => {
                 let mut addrs: Vec<_> = addrs.collect();
                 addrs.sort();
                 addrs.dedup();
-                out.extend(addrs.into_iter().map(|a| format!("http://{a}")));
+                out.extend(
+                    addrs
+                        .into_iter()
+                        .map(|a| (format!("{scheme}://{a}"), Some(name.clone()))),
+                );
             }
             Err(e) => eprintln!("batch: cannot resolve {host}: {e}"),
         }
@@ -530,8 +624,18 @@ impl Lane {
     /// Connects, and checks the server has the models the job needs; returns the client and
     /// the server's `max_text_chars`.
     async fn connect(&self) -> Result<(TidingsClient<Channel>, usize), StreamError> {
-        let endpoint = Endpoint::from_shared(self.url.clone())
-            .map_err(|e| StreamError::Fatal(anyhow::anyhow!("server URL {}: {e}", self.url)))?
+        let mut endpoint = Endpoint::from_shared(self.url.clone())
+            .map_err(|e| StreamError::Fatal(anyhow::anyhow!("server URL {}: {e}", self.url)))?;
+        if let Some(tls) = &self.access.tls {
+            let mut tls = tls.clone();
+            if let Some(name) = self.access.domain.as_ref().or(self.name.as_ref()) {
+                tls = tls.domain_name(name.clone());
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                StreamError::Fatal(anyhow::anyhow!("TLS settings for {}: {e}", self.url))
+            })?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -555,7 +659,7 @@ impl Lane {
         // A server that lacks a model the job needs is an error about the server: say so
         // before sending anything.
         let info = client
-            .get_info(GetInfoRequest {})
+            .get_info(self.access.request(GetInfoRequest {}))
             .await
             .map_err(|s| classify(s, false))?
             .into_inner();
@@ -616,7 +720,8 @@ impl Lane {
         };
         fill(&mut tx, &mut in_flight, &mut refused);
         progress |= self.refuse(&mut refused, max_chars).await;
-        let mut responses = match client.analyze_stream_items(ReceiverStream::new(rx)).await {
+        let requests = self.access.request(ReceiverStream::new(rx));
+        let mut responses = match client.analyze_stream_items(requests).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 self.queue.give_back(in_flight.into_keys());

@@ -1005,11 +1005,17 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
                 state.ema = cfg.ema;
                 let names = var_names.as_slice();
                 checkpoints.write(&varmap, ema.as_ref().map(|e| (e, names)), &state)?;
-                bar.println(format!(
+                let line = format!(
                     "checkpoint: epoch {} batch {}/{n_batches}, step {step}",
                     epoch + 1,
                     b + 1
-                ));
+                );
+                // A hidden bar (no terminal) prints nothing of its own.
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
             }
         }
         bar.finish();
