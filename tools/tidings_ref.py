@@ -218,7 +218,7 @@ class NerModel:
         raw = json.loads((Path(model_dir) / "config.json").read_text())
         self.config = AutoConfig.from_pretrained(self.dir)
         self.labels = [self.config.id2label[i] for i in range(len(self.config.id2label))]
-        self.model = AutoModelForTokenClassification.from_config(self.config).eval()
+        self.model = AutoModelForTokenClassification.from_config(self.config).float().eval()  # f32 whatever torch_dtype says
         self.base = getattr(self.model, self.model.base_model_prefix)
         sd = _read_weights(model_dir)
         casing = sd.pop(f"{self.model.base_model_prefix}.embeddings.casing_embeddings.weight", None)
@@ -256,7 +256,7 @@ class EmbedModel:
         self.dir = str(model_dir)
         raw = json.loads((Path(model_dir) / "config.json").read_text())
         self.config = AutoConfig.from_pretrained(self.dir)
-        self.model = AutoModel.from_config(self.config, add_pooling_layer=False).eval()
+        self.model = AutoModel.from_config(self.config, add_pooling_layer=False).float().eval()
         sd = _read_weights(model_dir)
         # Top level of the checkpoint, beside the `bert.` (`mpnet.`) encoder if there is one.
         self.projection = _pop_projection(sd, raw, self.dir, self.config.hidden_size)
