@@ -325,6 +325,11 @@ fn batch_reaches_a_secured_server() {
         &key,
     ]);
     assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    // Never in the clear: an http:// server with TLS asked for, or a token without TLS.
+    let (ok, err) = run(&["--ca-cert", &ca, "--server", "http://127.0.0.1:9"]);
+    assert!(!ok && err.contains("plaintext"), "{err}");
+    let (ok, err) = run(&["--token-file", &token]);
+    assert!(!ok && err.contains("--ca-cert"), "{err}");
     // Without the client certificate: no connection.
     let (ok, err) = run(&["--ca-cert", &ca, "--token-file", &token]);
     assert!(!ok, "{err}");

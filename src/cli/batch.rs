@@ -121,6 +121,19 @@ impl Access {
             }
             (None, t) => t,
         };
+        // TLS applies to `https://` URLs only: an explicit `http://` one would carry the
+        // articles (and a token) in the clear while the flags promise otherwise.
+        if let Some(plain) = a.server.iter().find(|s| s.starts_with("http://")) {
+            if tls.is_some() {
+                bail!("--server {plain} is plaintext while --ca-cert asks for TLS: use https:// or host:port");
+            }
+        }
+        if (a.token_file.is_some() || token.is_some()) && tls.is_none() {
+            bail!(
+                "a bearer token is only sent over TLS (as serve only takes one with TLS): give \
+                 --ca-cert"
+            );
+        }
         let token = match token.map(|t| t.trim().to_string()) {
             Some(t) if t.is_empty() => bail!("the bearer token is empty"),
             Some(t) => Some(

@@ -127,14 +127,33 @@ impl PredictionHead {
             return Ok(None);
         }
         let h = cfg.hidden_size;
-        let dense = candle_nn::linear_no_bias(h, h, vb.pp("dense"))?;
+        let flag = |key: &str| cfg.extra.get(key).and_then(serde_json::Value::as_bool);
+        match cfg
+            .extra
+            .get("classifier_activation")
+            .and_then(|v| v.as_str())
+        {
+            None | Some("gelu") => {}
+            Some(other) => {
+                candle_core::bail!("classifier_activation {other:?} is not supported (gelu)")
+            }
+        }
+        let dense = if flag("classifier_bias") == Some(true) {
+            candle_nn::linear(h, h, vb.pp("dense"))?
+        } else {
+            candle_nn::linear_no_bias(h, h, vb.pp("dense"))?
+        };
         // ModernBERT's epsilon is `norm_eps`.
         let eps = cfg
             .extra
             .get("norm_eps")
             .and_then(serde_json::Value::as_f64)
             .unwrap_or(cfg.layer_norm_eps);
-        let norm = candle_nn::layer_norm_no_bias(h, eps, vb.pp("norm"))?;
+        let norm = if flag("norm_bias") == Some(true) {
+            candle_nn::layer_norm(h, eps, vb.pp("norm"))?
+        } else {
+            candle_nn::layer_norm_no_bias(h, eps, vb.pp("norm"))?
+        };
         Ok(Some(Self { dense, norm }))
     }
 

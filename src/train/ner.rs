@@ -573,14 +573,24 @@ impl Checkpoints {
             candle_core::safetensors::save(&avg, next.join("ema.safetensors"))?;
         }
         std::fs::write(next.join("state.json"), serde_json::to_vec_pretty(state)?)?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old)?;
+        // On disk before the renames make them the checkpoint (a power loss must not leave a
+        // `current/` of truncated files).
+        for entry in std::fs::read_dir(&next)? {
+            std::fs::File::open(entry?.path())?.sync_all()?;
         }
+        // `old/` goes only while `current/` is there: after a crash between the two renames
+        // below, `old/` is the only complete checkpoint until `next.tmp/` takes its place.
         if current.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old)?;
+            }
             std::fs::rename(&current, &old)?;
         }
         std::fs::rename(&next, &current)
             .with_context(|| format!("renaming {} into place", next.display()))?;
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
         if old.exists() {
             std::fs::remove_dir_all(&old)?;
         }
