@@ -127,8 +127,9 @@ async fn tls_serves_tls_clients_only() {
     );
 }
 
-#[tokio::test]
-async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+/// A server for `localhost` that requires a client certificate (and `token`, if given):
+/// the server, its CA (PEM), and a client certificate and key its client CA signed.
+fn mutual_tls_server(token: Option<&str>) -> (common::TestServer, String, String, String) {
     let (server_ca, server_cert, server_key) = pki("localhost");
     let (client_ca, client_cert, client_key) = pki("tidings-client");
     let srv = start(
@@ -139,9 +140,16 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
                 key: server_key.into_bytes(),
                 client_ca: Some(client_ca.into_bytes()),
             }),
+            auth_token: token.map(str::to_string),
             ..ServerConfig::default()
         },
     );
+    (srv, server_ca, client_cert, client_key)
+}
+
+#[tokio::test]
+async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+    let (srv, server_ca, client_cert, client_key) = mutual_tls_server(None);
     let port = srv.addr.port();
     let with_cert = tls_channel(port, &server_ca, Some((&client_cert, &client_key)))
         .await
@@ -271,20 +279,7 @@ async fn bearer_token_is_required_when_set() {
 /// options, and `dns:///` forced plaintext), and says why when one of them is missing.
 #[test]
 fn batch_reaches_a_secured_server() {
-    let (server_ca, server_cert, server_key) = pki("localhost");
-    let (client_ca, client_cert, client_key) = pki("tidings-batch");
-    let srv = start(
-        EngineConfig::default(),
-        ServerConfig {
-            tls: Some(TlsConfig {
-                cert: server_cert.into_bytes(),
-                key: server_key.into_bytes(),
-                client_ca: Some(client_ca.into_bytes()),
-            }),
-            auth_token: Some("correct horse".into()),
-            ..ServerConfig::default()
-        },
-    );
+    let (srv, server_ca, client_cert, client_key) = mutual_tls_server(Some("correct horse"));
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, text: &str| {
         let p = dir.path().join(name);
@@ -315,15 +310,16 @@ fn batch_reaches_a_secured_server() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    // Without the token: refused, and the job says so.
-    let (ok, err) = run(&[
+    let mutual = [
         "--ca-cert",
-        &ca,
+        ca.as_str(),
         "--client-cert",
-        &cert,
+        cert.as_str(),
         "--client-key",
-        &key,
-    ]);
+        key.as_str(),
+    ];
+    // Without the token: refused, and the job says so.
+    let (ok, err) = run(&mutual);
     assert!(!ok && err.contains("Unauthenticated"), "{err}");
     // Never in the clear: an http:// server with TLS asked for, or a token without TLS.
     let (ok, err) = run(&["--ca-cert", &ca, "--server", "http://127.0.0.1:9"]);
@@ -334,16 +330,7 @@ fn batch_reaches_a_secured_server() {
     let (ok, err) = run(&["--ca-cert", &ca, "--token-file", &token]);
     assert!(!ok, "{err}");
     // With all three: every article answered.
-    let (ok, err) = run(&[
-        "--ca-cert",
-        &ca,
-        "--client-cert",
-        &cert,
-        "--client-key",
-        &key,
-        "--token-file",
-        &token,
-    ]);
+    let (ok, err) = run(&[&mutual[..], &["--token-file", token.as_str()]].concat());
     assert!(ok, "{err}");
     let text = std::fs::read_to_string(&output).unwrap();
     let mut ids: Vec<String> = text
