@@ -347,20 +347,7 @@ fn time_models(
             share(gflops, kernel)
         );
         if tidings::model::profile::enabled() {
-            let phases = tidings::model::profile::take();
-            let total: f64 = times.iter().sum();
-            let layers: f64 = phases.iter().sum();
-            for (phase, secs) in tidings::model::profile::PHASES.iter().zip(phases) {
-                println!(
-                    "  {name}: {phase:<38} {:>5.1}% of the passes",
-                    100.0 * secs / total
-                );
-            }
-            println!(
-                "  {name}: {:<38} {:>5.1}% of the passes",
-                "outside the layers (embeddings, pooling, copies)",
-                100.0 * (total - layers).max(0.0) / total
-            );
+            print_profile(name, times.iter().sum());
         }
         Ok(())
     };
@@ -382,6 +369,24 @@ fn time_models(
     }
     println!("peak RSS {:.0} MB", peak_rss_mb());
     Ok(())
+}
+
+/// With `TIDINGS_PROFILE` set: each phase of the fused layers as a share of `total` seconds of
+/// timed passes of model `name`, and what the layers leave.
+fn print_profile(name: &str, total: f64) {
+    let phases = tidings::model::profile::take();
+    let layers: f64 = phases.iter().sum();
+    for (phase, secs) in tidings::model::profile::PHASES.iter().zip(phases) {
+        println!(
+            "  {name}: {phase:<38} {:>5.1}% of the passes",
+            100.0 * secs / total
+        );
+    }
+    println!(
+        "  {name}: {:<38} {:>5.1}% of the passes",
+        "outside the layers (embeddings, pooling, copies)",
+        100.0 * (total - layers).max(0.0) / total
+    );
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@
 
 use super::config::ModelConfig;
 use super::external::External;
-use super::fused::{FusedActivation, FusedLayer, FusedLinear, FusedNorm, PositionBias};
+use super::fused::{
+    relative_bucket, FusedActivation, FusedLayer, FusedLinear, FusedNorm, PositionBias,
+};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use rand::{Rng, SeedableRng};
@@ -470,8 +472,8 @@ impl std::fmt::Display for Precision {
 pub struct RelativeBias {
     /// `[buckets, heads]`.
     table: Embedding,
-    /// The table as the fused path reads it.
-    fused: PositionBias,
+    heads: usize,
+    buckets: usize,
 }
 
 impl RelativeBias {
@@ -479,24 +481,36 @@ impl RelativeBias {
     pub const MAX_DISTANCE: usize = 128;
 
     fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        let buckets = cfg.relative_attention_num_buckets;
-        let table = embedding(buckets, cfg.num_attention_heads, vb)?;
-        let values = table.embeddings().to_dtype(DType::F32)?.flatten_all()?;
-        let fused = PositionBias::new(
-            values.to_vec1::<f32>()?,
-            cfg.num_attention_heads,
+        let (heads, buckets) = (cfg.num_attention_heads, cfg.relative_attention_num_buckets);
+        Ok(Self {
+            table: embedding(buckets, heads, vb)?,
+            heads,
             buckets,
+        })
+    }
+
+    /// The table as the fused path reads it: its values now (a few hundred floats, read per
+    /// pass, so that weights trained or loaded after the encoder was built are the ones used).
+    fn position_bias(&self) -> Result<PositionBias> {
+        let values = self
+            .table
+            .embeddings()
+            .to_dtype(DType::F32)?
+            .flatten_all()?;
+        Ok(PositionBias::new(
+            values.to_vec1::<f32>()?,
+            self.heads,
+            self.buckets,
             Self::MAX_DISTANCE,
-        );
-        Ok(Self { table, fused })
+        ))
     }
 
     /// `[1, heads, s, s]`: the bias of query position `i` to key position `j` for each head
     /// (differentiable in the table).
     fn forward(&self, s: usize, device: &candle_core::Device) -> Result<Tensor> {
+        let bucket = |rel: i64| relative_bucket(rel, self.buckets, Self::MAX_DISTANCE) as u32;
         let buckets: Vec<u32> = (0..s)
-            .flat_map(|i| (0..s).map(move |j| (i, j)))
-            .map(|(i, j)| self.fused.bucket(j as i64 - i as i64) as u32)
+            .flat_map(|i| (0..s).map(move |j| bucket(j as i64 - i as i64)))
             .collect();
         let ids = Tensor::from_vec(buckets, (s, s), device)?;
         self.table.forward(&ids)?.permute((2, 0, 1))?.unsqueeze(0)
@@ -678,8 +692,12 @@ impl Encoder {
             Stack::External(_) => unreachable!("returned above"),
             Stack::Fused(layers) => {
                 let x = embeddings.forward(input, mode)?;
-                let position = self.relative.as_ref().map(|r| &r.fused);
-                return super::fused::forward(layers, &x, &mask, position);
+                let position = self
+                    .relative
+                    .as_ref()
+                    .map(|r| r.position_bias())
+                    .transpose()?;
+                return super::fused::forward(layers, &x, &mask, position.as_ref());
             }
             Stack::Graph(layers) => layers,
         };

@@ -292,23 +292,9 @@ impl PositionBias {
         }
     }
 
-    /// The bucket of a key `rel` positions after its query (before it when negative), as
-    /// transformers' `MPNetAttention.relative_position_bucket` computes it, in f32 as there:
-    /// half the buckets for each direction, exact below a quarter, then logarithmic up to
-    /// `max_distance`.
-    pub(crate) fn bucket(&self, rel: i64) -> usize {
-        let half = self.buckets / 2;
-        let n = -rel;
-        let base = if n < 0 { half } else { 0 };
-        let n = n.unsigned_abs() as usize;
-        let exact = half / 2;
-        if n < exact {
-            return base + n;
-        }
-        let log_ratio = (n as f32 / exact as f32).ln()
-            / ((self.max_distance as f64 / exact as f64).ln() as f32);
-        let large = exact + (log_ratio * (half - exact) as f32) as usize;
-        base + large.min(half - 1)
+    /// The bucket of a key `rel` positions after its query ([`relative_bucket`]).
+    fn bucket(&self, rel: i64) -> usize {
+        relative_bucket(rel, self.buckets, self.max_distance)
     }
 
     /// For sequences up to `len` long: per head, the `2 len - 1` biases of `key - query` from
@@ -324,6 +310,25 @@ impl PositionBias {
         }
         out
     }
+}
+
+/// The bucket of a key `rel` positions after its query (before it when negative), as
+/// transformers' `MPNetAttention.relative_position_bucket` computes it, in f32 as there: half
+/// the `buckets` for each direction, exact below a quarter, then logarithmic up to
+/// `max_distance`.
+pub(crate) fn relative_bucket(rel: i64, buckets: usize, max_distance: usize) -> usize {
+    let half = buckets / 2;
+    let n = -rel;
+    let base = if n < 0 { half } else { 0 };
+    let n = n.unsigned_abs() as usize;
+    let exact = half / 2;
+    if n < exact {
+        return base + n;
+    }
+    let log_ratio =
+        (n as f32 / exact as f32).ln() / ((max_distance as f64 / exact as f64).ln() as f32);
+    let large = exact + (log_ratio * (half - exact) as f32) as usize;
+    base + large.min(half - 1)
 }
 
 /// [`PositionBias::expand`]ed for a forward pass: its longest sequence and the values.
@@ -345,6 +350,21 @@ impl ExpandedBias {
             }
         }
     }
+}
+
+/// The softmax's exponentials of one head's `len x len` scores, after the head's relative
+/// position bias where the model has one; the rows' 1/sums go to `inv_sums`.
+fn exp_scores(
+    scores: &mut [f32],
+    len: usize,
+    hd: usize,
+    position: Option<&ExpandedBias>,
+    inv_sums: &mut [f32],
+) {
+    if let Some(p) = position {
+        p.add(scores, len, hd);
+    }
+    kernels::exp_rows(scores, len, inv_sums);
 }
 
 /// Where fused passes spend their time, by phase of a layer, summed over every layer run
@@ -474,10 +494,7 @@ impl FusedLayer {
                         // len x len x d multiply-adds per product).
                         packed.repack(k, d, len, 1, three_h);
                         packed.matmul_into(q, three_h, len, scores.as_mut_ptr(), len);
-                        if let Some(p) = position {
-                            p.add(scores, len, hd);
-                        }
-                        kernels::exp_rows(scores, len, inv_sums);
+                        exp_scores(scores, len, hd, position, inv_sums);
                         packed.repack(v, len, d, three_h, 1);
                         packed.matmul_into(scores.as_ptr(), len, len, dst, h);
                     } else {
@@ -492,10 +509,7 @@ impl FusedLayer {
                         let one = Parallelism::None;
                         let q = View::rows(q, three_h);
                         matmul(seq, scores.as_mut_ptr(), len, false, q, k_t, one);
-                        if let Some(p) = position {
-                            p.add(scores, len, hd);
-                        }
-                        kernels::exp_rows(scores, len, inv_sums);
+                        exp_scores(scores, len, hd, position, inv_sums);
                         let p = View::rows(scores.as_ptr(), len);
                         let v = View::rows(v, three_h);
                         matmul((len, d, len), dst, h, false, p, v, one);

@@ -292,7 +292,7 @@ pub fn group(mentions: &[Mention]) -> Vec<Group> {
     struct Acc {
         text: String,
         words: Vec<String>,
-        labels: Vec<(String, u32, f32)>,
+        label: String,
         mentions: u32,
         score: f32,
     }
@@ -311,7 +311,7 @@ pub fn group(mentions: &[Mention]) -> Vec<Group> {
             groups.push(Acc {
                 text: m.text.clone(),
                 words: words.split(' ').map(str::to_string).collect(),
-                labels: Vec::new(),
+                label: m.label.clone(),
                 mentions: 0,
                 score: 0.0,
             });
@@ -320,32 +320,17 @@ pub fn group(mentions: &[Mention]) -> Vec<Group> {
         let acc = &mut groups[g];
         acc.mentions += 1;
         acc.score = acc.score.max(m.score);
-        match acc.labels.iter_mut().find(|(l, _, _)| *l == m.label) {
-            Some(entry) => {
-                entry.1 += 1;
-                entry.2 = entry.2.max(m.score);
-            }
-            None => acc.labels.push((m.label.clone(), 1, m.score)),
-        }
     }
-    let label_of = |a: &Acc| -> String {
-        a.labels
-            .iter()
-            .max_by(|x, y| x.1.cmp(&y.1).then(x.2.total_cmp(&y.2)))
-            .map(|l| l.0.clone())
-            .unwrap_or_default()
-    };
-    let labels: Vec<String> = groups.iter().map(label_of).collect();
     // Partial person names join the one longer person name that contains them.
     let mut target: Vec<Option<usize>> = vec![None; groups.len()];
     for (i, g) in groups.iter().enumerate() {
-        if labels[i] != "PER" {
+        if g.label != "PER" {
             continue;
         }
         let fits: Vec<usize> = (0..groups.len())
             .filter(|&j| {
                 j != i
-                    && labels[j] == "PER"
+                    && groups[j].label == "PER"
                     && groups[j].words.len() > g.words.len()
                     && g.words.iter().all(|w| groups[j].words.contains(w))
             })
@@ -356,11 +341,10 @@ pub fn group(mentions: &[Mention]) -> Vec<Group> {
     }
     let mut out: Vec<Option<Group>> = groups
         .iter()
-        .zip(&labels)
-        .map(|(a, l)| {
+        .map(|a| {
             Some(Group {
                 text: a.text.clone(),
-                label: l.clone(),
+                label: a.label.clone(),
                 mentions: a.mentions,
                 score: a.score,
             })
