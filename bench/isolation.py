@@ -59,12 +59,16 @@ MIN_BATCH_RATIO = 0.70
 JOBS = []  # batch jobs started, stopped on every exit path
 
 
-def load_texts(dev: Path) -> list[str]:
+def load_texts(dev: Path, join: int = 1) -> list[str]:
+    """AG News rows, or with `join` > 1 long articles of `join` consecutive rows each (24
+    rows are ~1,300 tokens: several windows per article, the case issue #30 measured)."""
     if not dev.exists():
         raise HarnessError(f"{dev} not found (give --dev)")
     texts = list(ag_news_texts(dev))
     if not texts:
         raise HarnessError(f"{dev} has no rows")
+    if join > 1:
+        texts = ["\n\n".join(texts[i:i + join]) for i in range(0, len(texts) - join + 1, join)]
     return texts
 
 
@@ -193,11 +197,13 @@ async def batch_window(job, seconds):
 # --------------------------------------------------------------------------------------- phases
 
 async def amain(args, tmp: Path):
-    texts = load_texts(Path(args.dev))
+    texts = load_texts(Path(args.dev), args.join)
     require_executable(args.tidings_bin)
     if args.pid and not Path(f"/proc/{args.pid}").exists():
         raise HarnessError(f"no process {args.pid} (--pid)")
     rows = args.batch_rows or max(4000, math.ceil(500 * (args.warmup + args.seconds + 60)))
+    if args.join > 1 and not args.batch_rows:
+        rows = max(400, rows // args.join)
     batch_input = tmp / "batch-input.jsonl"
     write_batch_input(batch_input, texts, rows)
     try:
@@ -211,6 +217,7 @@ async def amain(args, tmp: Path):
         info = await stub.GetInfo(pb.GetInfoRequest(), timeout=10)
         res = dict(addr=args.addr, version=info.version, cpu=cpu_model(), cpus=os.cpu_count(),
                    seconds=args.seconds, warmup=args.warmup, dev_rows=len(texts),
+                   join=args.join,
                    batch_rows=rows, unary_concurrency=args.unary_concurrency,
                    batch_concurrency=args.batch_concurrency,
                    limits={f.name: v for f, v in info.limits.ListFields()})
@@ -327,6 +334,9 @@ def main():
                     help="the tidings binary whose `batch` runs the job (target/release/tidings)")
     ap.add_argument("--dev", default=str(REPO.parent / "shared/data/ag_news/dev.csv"),
                     help="AG News CSV (label,title,description); default ../shared/data/ag_news/dev.csv")
+    ap.add_argument("--join", type=int, default=1,
+                    help="long-article mode: each article joins this many AG rows (24 is "
+                         "~1,300 tokens, several windows); 1 = AG rows as they are")
     ap.add_argument("--batch-rows", type=int, default=0,
                     help="rows of the batch input (0: 500/s over warm-up + seconds + 60 s)")
     ap.add_argument("--timeout", type=float, default=60, help="deadline of each unary call, s")

@@ -133,8 +133,8 @@ impl Active {
 /// by at most its own cost's worth of time (no starvation).
 pub(crate) fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, stats: &EngineStats) {
     let mut active: Vec<Active> = Vec::new();
-    // Interactive tokens earned and not yet spent (see `plan_slice`).
-    let mut credit = 0usize;
+    // Interactive work's account of tokens (see `plan_shared`).
+    let mut balance = 0i64;
     loop {
         if active.is_empty() {
             let Ok(first) = rx.recv() else { break };
@@ -164,7 +164,7 @@ pub(crate) fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, sta
                 .dropped_jobs
                 .fetch_add(dropped as u64, Ordering::Relaxed);
         }
-        let plan = plan_slice(&active, &cfg, &mut credit);
+        let plan = plan_slice(&active, &cfg, &mut balance);
         run_slice(&models, &mut active, &plan, &cfg, stats);
         // Answer the jobs that are complete.
         let (done, pending): (Vec<Active>, Vec<Active>) =
@@ -212,10 +212,11 @@ fn turn_order(active: &[Active]) -> Vec<usize> {
 
 /// Plans the next slice of at most `slice_tokens` tokens of rows.
 ///
-/// Interactive rows come first, up to `interactive_room` tokens while batch work waits
-/// (always at least one row); batch rows fill what is left; interactive rows then fill any
-/// room batch work left. No job takes more than half a slice, so a long article runs in
-/// parts between shorter work.
+/// Interactive rows come first, up to `interactive_room` tokens while batch work waits (and
+/// then only rows that fit it); batch rows fill what is left (at least one row when the slice
+/// is empty, however long); interactive rows then fill any room batch work left. No job
+/// takes more than half a slice while another job of its class waits, so a long article
+/// runs in parts between shorter work.
 pub fn plan_slice_of(
     jobs: &[(Class, &[usize])],
     order: &[usize],
@@ -233,7 +234,15 @@ pub fn plan_slice_of(
     let mut plan: Vec<Take> = Vec::new();
     let mut used = 0;
     let per_job = slice_tokens / 2;
-    let fill = |class: Class, room: usize, plan: &mut Vec<Take>, used: &mut usize| {
+    // A job may take more than half the slice when no other job of its class waits.
+    let alone = |class: Class| {
+        jobs.iter()
+            .filter(|(c, lens)| *c == class && !lens.is_empty())
+            .count()
+            <= 1
+    };
+    let fill = |class: Class, room: usize, force: bool, plan: &mut Vec<Take>, used: &mut usize| {
+        let per_job = if alone(class) { slice_tokens } else { per_job };
         let mut class_used = 0;
         for &j in order {
             let (c, lens) = jobs[j];
@@ -252,7 +261,7 @@ pub fn plan_slice_of(
                 .min(slice_tokens.saturating_sub(*used))
                 .min(per_job.saturating_sub(had));
             let mut n = fitting(left, budget);
-            if n == 0 && *used == 0 {
+            if n == 0 && *used == 0 && force {
                 n = 1;
             }
             if n == 0 {
@@ -273,53 +282,83 @@ pub fn plan_slice_of(
             }
         }
     };
-    fill(Class::Interactive, interactive_room, &mut plan, &mut used);
-    fill(Class::Batch, slice_tokens, &mut plan, &mut used);
-    fill(Class::Interactive, slice_tokens, &mut plan, &mut used);
+    // While batch work waits, interactive rows take only the room they have earned: no row
+    // is forced in (issue #30: one forced row a slice gave interactive work half of every
+    // slice with 256-token rows, and all of it with 510-token windows).
+    fill(
+        Class::Interactive,
+        interactive_room,
+        !batch_waits,
+        &mut plan,
+        &mut used,
+    );
+    fill(Class::Batch, slice_tokens, true, &mut plan, &mut used);
+    fill(
+        Class::Interactive,
+        slice_tokens,
+        false,
+        &mut plan,
+        &mut used,
+    );
     plan
 }
 
 /// [`plan_slice_of`] over the active jobs; the takes' rows are offsets into each job's rows.
-///
-/// While batch work waits, interactive work earns `1 - batch_share` of every slice as
-/// credit and spends it on its rows (deficit round robin, credit capped at one full slice),
-/// so a few interactive calls arriving together run together instead of one per slice. While
-/// both classes wait, slices are half as long: an interactive call waits less for the slice
-/// already running, and batch work keeps its share.
-fn plan_slice(active: &[Active], cfg: &EngineConfig, credit: &mut usize) -> Vec<Take> {
-    let waits = |class| {
-        active
-            .iter()
-            .any(|a| a.job.caller.class == class && !a.pending().is_empty())
-    };
-    let (batch_waits, interactive_waits) = (waits(Class::Batch), waits(Class::Interactive));
-    let slice = if batch_waits && interactive_waits {
-        cfg.slice_tokens / 2
-    } else {
-        cfg.slice_tokens
-    };
-    if batch_waits {
-        let earned = (slice as f32 * (1.0 - cfg.batch_share.clamp(0.0, 1.0))) as usize;
-        *credit = (*credit + earned).min(cfg.slice_tokens);
-    }
+fn plan_slice(active: &[Active], cfg: &EngineConfig, balance: &mut i64) -> Vec<Take> {
     let jobs: Vec<(Class, &[usize])> = active
         .iter()
         .map(|a| (a.job.caller.class, a.pending()))
         .collect();
     let order = turn_order(active);
-    let plan = plan_slice_of(&jobs, &order, slice, *credit);
-    let spent: usize = plan
-        .iter()
-        .filter(|t| jobs[t.job].0 == Class::Interactive)
-        .map(|t| jobs[t.job].1[t.rows.clone()].iter().sum::<usize>())
-        .sum();
-    *credit = credit.saturating_sub(spent);
-    plan.into_iter()
+    plan_shared(&jobs, &order, cfg.slice_tokens, cfg.batch_share, balance)
+        .into_iter()
         .map(|t| Take {
             job: t.job,
             rows: active[t.job].scheduled + t.rows.start..active[t.job].scheduled + t.rows.end,
         })
         .collect()
+}
+
+/// Plans one slice while sharing the model between the classes by tokens (deficit round
+/// robin). `balance` is interactive work's account: every token of batch rows run while
+/// interactive work waits earns it `(1 - batch_share) / batch_share` tokens, every token of
+/// its own rows run while batch work waits costs one, and its rows take only what the
+/// account holds (it may go into debt by filling room batch work could not use). So over any
+/// stretch where both wait, batch work gets `batch_share` of the tokens run, whatever the
+/// length of the rows (issue #30). While only batch work waits, the account fills up to one
+/// slice, so interactive calls arriving together start at once; it is capped at one slice
+/// each way. While both classes wait, slices are half as long: an interactive call waits
+/// less for the slice already running.
+pub fn plan_shared(
+    jobs: &[(Class, &[usize])],
+    order: &[usize],
+    slice_tokens: usize,
+    batch_share: f32,
+    balance: &mut i64,
+) -> Vec<Take> {
+    let waits = |class| jobs.iter().any(|(c, lens)| *c == class && !lens.is_empty());
+    let (batch_waits, interactive_waits) = (waits(Class::Batch), waits(Class::Interactive));
+    let both = batch_waits && interactive_waits;
+    let slice = if both { slice_tokens / 2 } else { slice_tokens };
+    let room = usize::try_from(*balance).unwrap_or(0);
+    let plan = plan_slice_of(jobs, order, slice, room);
+    let tokens = |class: Class| -> i64 {
+        plan.iter()
+            .filter(|t| jobs[t.job].0 == class)
+            .map(|t| jobs[t.job].1[t.rows.clone()].iter().sum::<usize>() as i64)
+            .sum()
+    };
+    let share = f64::from(batch_share.clamp(0.05, 1.0));
+    let rate = (1.0 - share) / share;
+    let cap = slice_tokens as i64;
+    if both {
+        let earned = (tokens(Class::Batch) as f64 * rate).round() as i64;
+        *balance = (*balance + earned - tokens(Class::Interactive)).clamp(-cap, cap);
+    } else if batch_waits {
+        let earned = (tokens(Class::Batch) as f64 * rate).round() as i64;
+        *balance = (*balance + earned).min(cap);
+    }
+    plan
 }
 
 /// Sends a job its answer. Its queue room is given back first, so that a caller holding its
@@ -525,20 +564,57 @@ mod tests {
             ),
             vec![take(2, 0..2), take(0, 0..5), take(1, 0..3)]
         );
-        // Interactive rows then fill what batch work left.
+        // Interactive rows then fill what batch work left (a lone job, all of it).
         let small: &[usize] = &[50];
         assert_eq!(
             plan(&[(Batch, small), (Interactive, i)], &[1, 0]),
-            vec![take(1, 0..5), take(0, 0..1)]
+            vec![take(1, 0..8), take(0, 0..1)]
         );
-        // An interactive row longer than its share still gets in.
+        // While batch work waits, an interactive row longer than the room it has earned
+        // waits (issue #30); a lone batch job may take the whole slice.
         let long: &[usize] = &[258];
         assert_eq!(
             plan(
                 &[(Interactive, long), (Interactive, long), (Batch, b)],
                 &[0, 1, 2]
             ),
-            vec![take(0, 0..1), take(2, 0..1), take(1, 0..1)]
+            vec![take(2, 0..3)]
         );
+        // Without batch work, it runs however long.
+        assert_eq!(
+            plan_slice_of(&[(Interactive, &[5000])], &[0], 1024, 0),
+            vec![take(0, 0..1)]
+        );
+    }
+
+    /// Issue #30: while both classes wait, batch work gets its share of the tokens run
+    /// whatever the rows' length; before, one interactive row forced into every slice took
+    /// half of them with 256-token windows and all of them with 510-token ones.
+    #[test]
+    fn batch_keeps_its_share_with_long_rows() {
+        for (row, share) in [(57, 0.7f32), (258, 0.7), (512, 0.7), (258, 0.5), (512, 0.9)] {
+            let interactive = vec![row; 1 << 14];
+            let batch = vec![row; 1 << 14];
+            let (mut i_at, mut b_at, mut balance) = (0, 0, 0i64);
+            for _ in 0..400 {
+                let jobs = [
+                    (Class::Interactive, &interactive[i_at..]),
+                    (Class::Batch, &batch[b_at..]),
+                ];
+                for t in plan_shared(&jobs, &[0, 1], 1024, share, &mut balance) {
+                    if t.job == 0 {
+                        i_at += t.rows.end;
+                    } else {
+                        b_at += t.rows.end;
+                    }
+                }
+            }
+            let got = b_at as f32 / (b_at + i_at) as f32;
+            assert!(
+                (got - share).abs() < 0.04 && i_at > 0,
+                "rows of {row}: batch got {got:.3} of the rows, its share is {share} \
+                 ({b_at} batch, {i_at} interactive)"
+            );
+        }
     }
 }
