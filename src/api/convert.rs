@@ -325,6 +325,7 @@ pub fn status_of(e: EngineError) -> Status {
         EngineError::Model(_) => Code::Internal,
         EngineError::NoModel(_) => Code::FailedPrecondition,
         EngineError::UnknownHead { .. } => return invalid("topic_head", e.to_string()),
+        EngineError::LabelsTooLarge { .. } => return invalid("labels", e.to_string()),
     };
     Status::new(code, e.to_string())
 }

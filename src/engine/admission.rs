@@ -86,6 +86,21 @@ impl Pools {
         }
     }
 
+    /// `n` tokens from `class`'s pool at once, or QueueFull, whatever the class.
+    fn try_acquire(&self, class: Class, n: usize) -> Result<OwnedSemaphorePermit, EngineError> {
+        let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        let permit = self
+            .pool(class)
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|e| match e {
+                TryAcquireError::Closed => EngineError::Stopped,
+                TryAcquireError::NoPermits => EngineError::QueueFull { limit: self.limit },
+            });
+        self.publish();
+        permit
+    }
+
     /// `n` tokens from `class`'s pool: at once or QueueFull (interactive), or when there is
     /// room (batch).
     async fn acquire(
@@ -95,19 +110,19 @@ impl Pools {
     ) -> Result<OwnedSemaphorePermit, EngineError> {
         let pool = self.pool(class).clone();
         let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
-        let permit = match class {
-            Class::Interactive => pool.try_acquire_many_owned(n).map_err(|e| match e {
-                TryAcquireError::Closed => EngineError::Stopped,
-                TryAcquireError::NoPermits => EngineError::QueueFull { limit: self.limit },
-            }),
-            Class::Batch => pool
-                .acquire_many_owned(n)
-                .await
-                .map_err(|_| EngineError::Stopped),
-        };
-        // Also after a refusal: room a caller gave back before asking may have changed it.
-        self.publish();
-        permit
+        match class {
+            // Also publishes after a refusal: room a caller gave back before asking may have
+            // changed the gauge.
+            Class::Interactive => self.try_acquire(class, n as usize),
+            Class::Batch => {
+                let permit = pool
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| EngineError::Stopped);
+                self.publish();
+                permit
+            }
+        }
     }
 }
 
@@ -145,14 +160,28 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    /// Admits a request on an `estimate` of its cost (capped at the pool's size): at once or
-    /// refused (interactive), or once there is room (batch).
+    /// Admits a request before any work is done for it: `labels` tokens of label work (an
+    /// upper bound, [`label_tokens`]) that must fit in the pool, or it is refused with
+    /// [`EngineError::TooLarge`], plus an `article` estimate capped at what the pool holds
+    /// beyond the labels (the article's exact cost is taken, and checked against the pool,
+    /// once it is tokenized: [`Budget::take`]). At once or refused (interactive), or once
+    /// there is room (batch).
     pub(crate) async fn admit(
         pools: &Arc<Pools>,
         class: Class,
-        estimate: usize,
+        labels: usize,
+        article: usize,
     ) -> Result<Self, EngineError> {
-        let permit = pools.acquire(class, estimate.min(pools.limit)).await?;
+        let limit = pools.limit;
+        if labels > limit {
+            return Err(EngineError::LabelsTooLarge {
+                cost: labels,
+                limit,
+            });
+        }
+        let permit = pools
+            .acquire(class, labels + article.min(limit - labels))
+            .await?;
         Ok(Self {
             pools: pools.clone(),
             class,
@@ -194,21 +223,34 @@ impl Budget {
         Ok(self.reservation(permit))
     }
 
-    /// Up to `n` tokens of room from what the request holds, without ever waiting or being
-    /// refused: for label texts, whose computation other requests may be waiting on (one
-    /// that waited for room while others held theirs waiting on it could deadlock the pool).
-    /// The admission estimate counted them, so the room is normally all there.
-    pub(crate) fn take_available(&self, n: usize) -> Reservation {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let part = match held.as_mut() {
-            Some(p) if p.num_permits() > n => p.split(n.max(1)),
-            _ => held.take(),
+    /// `n` tokens of room for a label text, without ever waiting: from what the request
+    /// holds (its admission counted an upper bound of its label work, so the room is
+    /// normally there), else topped up from the pool at once or refused with
+    /// [`EngineError::QueueFull`]. A label text's computation may be shared with other
+    /// requests that wait on it, so it must not wait for room while they hold theirs (that
+    /// could deadlock the pool); and it never runs on room the queue did not grant.
+    pub(crate) fn take_now(&self, n: usize) -> Result<Reservation, EngineError> {
+        let n = n.max(1);
+        let held = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(part) = held.as_mut().and_then(|p| p.split(n)) {
+                return Ok(self.reservation(part));
+            }
+            held.take()
         };
-        drop(held);
-        Reservation {
-            permit: part,
-            pools: self.pools.clone(),
+        let have = held.as_ref().map_or(0, |p| p.num_permits());
+        let mut more = match self.pools.try_acquire(self.class, n - have) {
+            Ok(p) => p,
+            Err(e) => {
+                // Keep what the request held for its other work.
+                *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+                return Err(e);
+            }
+        };
+        if let Some(h) = held {
+            more.merge(h);
         }
+        Ok(self.reservation(more))
     }
 
     fn reservation(&self, permit: OwnedSemaphorePermit) -> Reservation {
@@ -246,6 +288,15 @@ pub(crate) fn estimate_tokens(chars: usize, size: usize, overlap: usize) -> usiz
     pieces + (windows - 1) * overlap + 2 * windows
 }
 
+/// Most padded tokens one label text can cost when read as a single row of at most `size`
+/// pieces: no tokenizer makes more pieces than the text has UTF-8 bytes (a WordPiece or BPE
+/// piece covers at least one byte; SentencePiece may add one leading `▁`), plus the two
+/// special tokens. An upper bound, not an estimate: the 3-characters-a-piece estimate of
+/// articles counts 31 pieces for 85 `!` (87 pieces) and far too few for CJK (issue #30).
+pub(crate) fn label_tokens(text: &str, size: usize) -> usize {
+    (text.len() + 1).min(size) + 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,7 +304,9 @@ mod tests {
     #[tokio::test]
     async fn budgets_split_top_up_and_give_back() {
         let pools = Arc::new(Pools::new(100));
-        let b = Budget::admit(&pools, Class::Interactive, 30).await.unwrap();
+        let b = Budget::admit(&pools, Class::Interactive, 0, 30)
+            .await
+            .unwrap();
         assert_eq!(pools.queued(), 30);
         let r1 = b.take(10).await.unwrap();
         // Short of the estimate: topped up from the pool.
@@ -265,14 +318,14 @@ mod tests {
         assert_eq!(pools.queued(), 0);
         // Interactive admission is refused at once when the pool is full; batch is not
         // touched by it.
-        let all = Budget::admit(&pools, Class::Interactive, 100)
+        let all = Budget::admit(&pools, Class::Interactive, 0, 100)
             .await
             .unwrap();
-        let e = Budget::admit(&pools, Class::Interactive, 1)
+        let e = Budget::admit(&pools, Class::Interactive, 0, 1)
             .await
             .unwrap_err();
         assert!(matches!(e, EngineError::QueueFull { limit: 100 }));
-        let batch = Budget::admit(&pools, Class::Batch, 100).await.unwrap();
+        let batch = Budget::admit(&pools, Class::Batch, 0, 100).await.unwrap();
         assert_eq!(pools.queued_in(Class::Batch), 100);
         assert!(matches!(
             all.take(101).await.unwrap_err(),
@@ -280,6 +333,51 @@ mod tests {
         ));
         drop((all, batch));
         assert_eq!(pools.queued(), 0);
+    }
+
+    /// Issue #30: label work over the pool is refused instead of being capped to it, an
+    /// article estimate is capped to what the labels leave, and label texts never run on
+    /// room the pool did not grant.
+    #[tokio::test]
+    async fn label_work_stays_within_what_was_admitted() {
+        let pools = Arc::new(Pools::new(100));
+        for class in [Class::Interactive, Class::Batch] {
+            let e = Budget::admit(&pools, class, 101, 0).await.unwrap_err();
+            assert!(matches!(
+                e,
+                EngineError::LabelsTooLarge {
+                    cost: 101,
+                    limit: 100
+                }
+            ));
+        }
+        assert_eq!(pools.queued(), 0);
+        // 60 of labels and a 500-token article estimate: the estimate takes the other 40.
+        let b = Budget::admit(&pools, Class::Batch, 60, 500).await.unwrap();
+        assert_eq!(pools.queued_in(Class::Batch), 100);
+        let l1 = b.take_now(50).unwrap();
+        let l2 = b.take_now(50).unwrap();
+        // The pool is spent: a label text past it is refused at once, even for batch work,
+        // and the request keeps nothing it did not hold.
+        assert!(matches!(
+            b.take_now(1).unwrap_err(),
+            EngineError::QueueFull { limit: 100 }
+        ));
+        drop(l1);
+        let l3 = b.take_now(30).unwrap();
+        assert_eq!(pools.queued_in(Class::Batch), 80);
+        drop((l2, l3, b));
+        assert_eq!(pools.queued(), 0);
+    }
+
+    #[test]
+    fn label_bounds_count_bytes() {
+        // 85 '!' are 85 pieces (87 padded) for BERT's tokenizer: the bound holds them.
+        assert_eq!(label_tokens(&"!".repeat(85), 254), 88);
+        // Three bytes a CJK character, one piece each at most.
+        assert_eq!(label_tokens("東京都", 254), 12);
+        // A row is cut at the window.
+        assert_eq!(label_tokens(&"a".repeat(2000), 254), 256);
     }
 
     #[test]

@@ -34,8 +34,9 @@ pub struct EngineConfig {
     /// Most tokens of work answered together: the jobs of a batch run in slices of this
     /// size, each job answered as soon as its slice is done.
     pub slice_tokens: usize,
-    /// Share of each slice that batch work gets while it waits; interactive rows take the
-    /// rest first (and all of it when no batch work waits).
+    /// Share of the tokens run that batch work gets while both classes wait; interactive
+    /// rows take the rest first (and all of it when no batch work waits). See
+    /// [`batcher::plan_shared`].
     pub batch_share: f32,
     /// How long the batcher waits for more work after the first job of a batch arrives.
     pub max_wait: Duration,
@@ -79,6 +80,17 @@ pub enum EngineError {
     /// The queue is full (interactive admission).
     #[error("server busy: the queue holds its limit of {limit} tokens; retry later")]
     QueueFull {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A request's label texts alone could need more than the whole queue.
+    #[error(
+        "the request's label texts may need up to {cost} tokens of model work, more than the \
+         queue's {limit}: send fewer or shorter labels, descriptions or examples"
+    )]
+    LabelsTooLarge {
+        /// Upper bound of the label work, in padded tokens.
+        cost: usize,
         /// The configured limit.
         limit: usize,
     },
@@ -406,30 +418,24 @@ impl Engine {
     }
 
     /// The embedding of one label text, computed as a job of its own (the batcher packs the
-    /// concurrent ones together). Label rows run as interactive work whatever the caller:
-    /// they are short, and other callers may be waiting for the same text.
+    /// concurrent ones together). Its rows run in the caller's class, on room from the
+    /// caller's pool: a stream's labels are batch work (issue #30: they ran as interactive
+    /// work and took unary calls' share). `tokens` are the text's, when the request
+    /// tokenized it already.
     async fn embed_text(
         &self,
         text: &str,
+        tokens: Option<crate::pipeline::tokens::Tokens>,
         budget: &Budget,
         caller: Caller,
     ) -> Result<Arc<Vec<f32>>, EngineError> {
-        // Off the async runtime, like articles: a label text may be 2,000 characters, and a
-        // request may bring over a thousand of them (issue #30: they blocked a runtime worker
-        // that also answers health probes).
-        let models = self.models.clone();
-        let owned = text.to_string();
-        let toks = tokio::task::spawn_blocking(move || models.tokenize_texts(&[owned]))
-            .await
-            .map_err(|e| EngineError::Model(format!("label tokenizer task: {e}")))?
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
-        let cost = toks.iter().map(|t| t.len() + 2).sum();
-        // Never waits: other requests may be waiting on this text (see take_available).
-        let room = budget.take_available(cost);
-        let caller = Caller {
-            class: Class::Interactive,
-            ..caller
+        let toks = match tokens {
+            Some(t) => vec![t],
+            None => self.tokenize_labels(vec![text.to_string()]).await?,
         };
+        let cost = toks.iter().map(|t| t.len() + 2).sum();
+        // Never waits: other requests may be waiting on this text (see take_now).
+        let room = budget.take_now(cost)?;
         let (out, _) = self.submit(Work::Texts(toks), cost, room, caller).await?;
         self.stats
             .label_texts_embedded
@@ -439,6 +445,20 @@ impl Engine {
             .next()
             .map(Arc::new)
             .ok_or_else(|| EngineError::Model("no embedding for a label text".into()))
+    }
+
+    /// Tokens of label texts, tokenized off the async runtime in one blocking task: a
+    /// request may bring over a thousand texts of 2,000 characters (issue #30: they were
+    /// tokenized on a runtime worker that also answers health probes).
+    async fn tokenize_labels(
+        &self,
+        texts: Vec<String>,
+    ) -> Result<Vec<crate::pipeline::tokens::Tokens>, EngineError> {
+        let models = self.models.clone();
+        tokio::task::spawn_blocking(move || models.tokenize_texts(&texts))
+            .await
+            .map_err(|e| EngineError::Model(format!("label tokenizer task: {e}")))?
+            .map_err(|e| EngineError::Tokenize(e.to_string()))
     }
 
     /// Embeddings of `texts` through the topic model, from the cache where possible.
@@ -451,9 +471,22 @@ impl Engine {
         let mut unique: Vec<&String> = texts.iter().collect();
         unique.sort();
         unique.dedup();
+        let missing: Vec<String> = unique
+            .iter()
+            .filter(|t| !self.labels.contains_key(t.as_str()))
+            .map(|t| t.to_string())
+            .collect();
+        let mut tokens: std::collections::HashMap<String, crate::pipeline::tokens::Tokens> =
+            if missing.is_empty() {
+                Default::default()
+            } else {
+                let toks = self.tokenize_labels(missing.clone()).await?;
+                missing.into_iter().zip(toks).collect()
+            };
         let got = futures::future::try_join_all(unique.iter().map(|t| {
+            let pre = tokens.remove(t.as_str());
             self.labels
-                .try_get_with_by_ref(t.as_str(), self.embed_text(t, budget, caller))
+                .try_get_with_by_ref(t.as_str(), self.embed_text(t, pre, budget, caller))
         }))
         .await
         .map_err(|e| (*e).clone())?;
@@ -462,19 +495,22 @@ impl Engine {
         Ok(texts.iter().map(|t| by_text[t].clone()).collect())
     }
 
-    /// Estimated queue room for embedding those of `labels`' texts not in the cache.
+    /// Most queue room embedding those of `labels`' texts not in the cache can take (an
+    /// upper bound: [`admission::label_tokens`]).
     fn label_estimate(&self, labels: &[Label]) -> usize {
         let Some(tm) = &self.models.topics else {
             return 0;
         };
-        labels
+        let mut texts: Vec<String> = labels
             .iter()
             .flat_map(Label::prototype_texts)
             .filter(|t| !self.labels.contains_key(t))
-            .map(|t| {
-                admission::estimate_tokens(t.chars().count(), tm.window.size, 0)
-                    .min(tm.window.size + 2)
-            })
+            .collect();
+        texts.sort_unstable();
+        texts.dedup();
+        texts
+            .iter()
+            .map(|t| admission::label_tokens(t, tm.window.size))
             .sum()
     }
 
@@ -543,7 +579,8 @@ impl Engine {
         labels: &[Label],
         caller: Caller,
     ) -> Result<LabelSet, EngineError> {
-        let budget = Budget::admit(&self.pools, caller.class, self.label_estimate(labels)).await?;
+        let budget =
+            Budget::admit(&self.pools, caller.class, self.label_estimate(labels), 0).await?;
         self.label_set_within(labels, &budget, caller).await
     }
 
@@ -620,18 +657,27 @@ impl Engine {
             None => None,
         };
         let custom = labels.filter(|l| article.options.topics && !l.is_empty());
+        // The default labels come before admission: they are admitted on their own (once),
+        // and a request holding room while it waited for them could hold the room they
+        // need (a deadlock when one request's estimate fills the pool).
+        let default_set = match (article.options.topics, custom, head) {
+            (true, None, None) => Some(self.default_label_set().await?),
+            (_, _, head) => head,
+        };
         // Admission comes first: a request the queue cannot take costs no tokenizing and no
         // label embedding.
-        let estimate =
-            self.article_estimate(&article) + custom.map_or(0, |l| self.label_estimate(l));
-        let budget = Budget::admit(&self.pools, caller.class, estimate).await?;
+        let labels_bound = custom.map_or(0, |l| self.label_estimate(l));
+        let budget = Budget::admit(
+            &self.pools,
+            caller.class,
+            labels_bound,
+            self.article_estimate(&article),
+        )
+        .await?;
         let label_set = match (article.options.topics, custom) {
             (false, _) => None,
             (true, Some(l)) => Some(self.label_set_within(l, &budget, caller).await?),
-            (true, None) => match head {
-                Some(h) => Some(h),
-                None => Some(self.default_label_set().await?),
-            },
+            (true, None) => default_set,
         };
         let label_set = match label_set {
             Some(set) => Some(self.refined(set).await),
