@@ -291,3 +291,186 @@ async fn an_oversized_message_is_resource_exhausted_naming_the_limit() {
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     common::assert_still_serving(&srv).await;
 }
+
+/// Issue #30, defect 1: a stream read up to 32 requests ahead of the engine, whatever their
+/// size, with no bound across streams: requests at the size limits waiting for queue room
+/// took a server past its memory limit. Now the process holds at most `max_pending_bytes`
+/// of stream requests read and not yet answered (and one parked per stream): past that it
+/// stops reading (the client's sends stall behind HTTP/2 flow control) until answers free
+/// room, and every request read is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_requests_waiting_for_room_hold_bounded_memory() {
+    // One long article fills the batch pool for seconds: the queue holds exactly its cost.
+    let long = common::summit_article().repeat(40);
+    let long: String = long.chars().take(190_000).collect();
+    let srv = common::start(
+        EngineConfig {
+            max_queue_tokens: common::cost(&long),
+            ..EngineConfig::default()
+        },
+        ServerConfig {
+            max_pending_bytes: 512 * 1024,
+            ..ServerConfig::default()
+        },
+    );
+    let mut c = client(&srv).await;
+    let (long_tx, long_rx) = tokio::sync::mpsc::channel(1);
+    let long_stream = c
+        .analyze_stream(ReceiverStream::new(long_rx))
+        .await
+        .unwrap();
+    long_tx.send(request("long", &long)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 100 kB requests of little model work each (a sentence padded with spaces), which
+    // wait for the long article's room: 5 fit in 512 KiB, one more is parked.
+    let padded = |i: usize| {
+        format!(
+            "Angela Merkel visited Paris on day {i}.{}",
+            " ".repeat(100_000)
+        )
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut c2 = client(&srv).await;
+    let stream = c2.analyze_stream(ReceiverStream::new(rx)).await.unwrap();
+    let mut sent = 0;
+    for i in 0..64 {
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            tx.send(request(&format!("p{i}"), &padded(i))),
+        )
+        .await
+        {
+            Ok(r) => r.unwrap(),
+            Err(_) => break,
+        }
+        sent += 1;
+    }
+    eprintln!("{sent} requests of 100 kB went out before the server stopped reading");
+    // Before the fix the server read 32 (and the client's window held more): 45 went out.
+    // Now 6 are read; HTTP/2 windows and the client's buffer hold about 12 more.
+    assert!(
+        sent <= 24,
+        "{sent} requests of 100 kB sent while the server held 512 KiB of them"
+    );
+    // The long article goes away; every request sent is answered.
+    drop((long_tx, long_stream));
+    drop(tx);
+    let out: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(120),
+        stream.into_inner().collect::<Vec<_>>(),
+    )
+    .await
+    .expect("every answer within 2 minutes");
+    assert_eq!(
+        out.len(),
+        sent,
+        "{:?}",
+        out.iter().filter(|r| r.is_err()).collect::<Vec<_>>()
+    );
+    for r in &out {
+        let r = r.as_ref().unwrap_or_else(|s| panic!("{s:?}"));
+        assert!(r.entities.iter().any(|e| e.text == "Paris"), "{r:?}");
+    }
+    common::assert_still_serving(&srv).await;
+}
+
+/// Labels at every limit: 64 labels, each with a 2,000-character description and 16
+/// examples of 2,000 characters, all distinct (tagged with `tag`).
+fn labels_at_the_limits(tag: &str) -> Vec<proto::TopicLabel> {
+    let text = |k: String| {
+        let mut t = format!("{tag} {k} ");
+        while t.len() < 2_000 {
+            t.push_str("markets rallied as the central bank held rates ");
+        }
+        t.chars().take(2_000).collect::<String>()
+    };
+    (0..64)
+        .map(|j| proto::TopicLabel {
+            name: format!("label {j}"),
+            description: text(format!("d{j}")),
+            examples: (0..16).map(|k| text(format!("e{j}.{k}"))).collect(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Issue #30, defect 3: admission capped a request's estimate at the pool's size, and label
+/// texts took room that was not there, so one request with labels at every limit (~280k
+/// tokens of label work, more than the 262,144 of the queue) took the whole interactive pool
+/// for ~30 s and every other unary call got RESOURCE_EXHAUSTED. Label work is now admitted
+/// on an upper bound of its cost, and a request whose labels cannot fit is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_work_larger_than_the_queue_is_refused_at_once() {
+    let srv = common::server();
+    let mut c = client(srv).await;
+    let mut r = tonic::Request::new(request("labels", "The striker scored twice."));
+    r.get_mut().labels = labels_at_the_limits("refused");
+    r.set_timeout(Duration::from_secs(60));
+    let t0 = std::time::Instant::now();
+    let mut big = c.clone();
+    let call = tokio::spawn(async move { big.analyze(r).await });
+    // Meanwhile other unary calls are answered.
+    for i in 0..5 {
+        let mut u = tonic::Request::new(request(&format!("u{i}"), "Angela Merkel visited Paris."));
+        u.set_timeout(Duration::from_secs(30));
+        c.analyze(u)
+            .await
+            .unwrap_or_else(|s| panic!("unary call {i} beside a request with huge labels: {s:?}"));
+    }
+    let s = call.await.unwrap().unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().starts_with("labels:") && s.message().contains("262144"),
+        "{s:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "refused after {:?}",
+        t0.elapsed()
+    );
+}
+
+/// Issue #30, defect 4: label texts were tokenized on the async runtime, up to 1,152 texts
+/// of 2,000 characters a request, blocking a worker that also answers health probes. Two
+/// such requests at once must leave health checks answered promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_tokenizing_leaves_health_checks_answered() {
+    let srv = common::start(
+        EngineConfig {
+            max_queue_tokens: 1 << 20,
+            ..EngineConfig::default()
+        },
+        ServerConfig::default(),
+    );
+    let mut calls = Vec::new();
+    for k in 0..2 {
+        let mut c = client(&srv).await;
+        let mut r = tonic::Request::new(request(&format!("l{k}"), "The striker scored twice."));
+        r.get_mut().labels = labels_at_the_limits(&format!("health {k}"));
+        r.set_timeout(Duration::from_secs(4));
+        calls.push(tokio::spawn(async move { c.analyze(r).await }));
+    }
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(common::channel(&srv).await);
+    let mut slowest = Duration::ZERO;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        let t = std::time::Instant::now();
+        health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .expect("health check");
+        slowest = slowest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("slowest health check while labels were tokenized: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a health check took {slowest:?}"
+    );
+    for c in calls {
+        // Cut short by their deadline: 2 x 280k tokens of label work is a minute of work.
+        let _ = c.await.unwrap();
+    }
+}

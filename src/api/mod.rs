@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod pending;
 pub mod service;
 mod size_status;
 
@@ -28,6 +29,10 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Largest message decoded or encoded, in bytes.
     pub max_message_bytes: usize,
+    /// Bytes of stream requests (gRPC and NDJSON) the process holds read and not yet
+    /// answered; as many again may wait parked, one per stream, before requests are refused
+    /// with RESOURCE_EXHAUSTED ([`pending::PendingBytes`]).
+    pub max_pending_bytes: usize,
     /// Most requests served at once on one connection.
     pub max_concurrent_per_connection: usize,
     /// Most HTTP/2 streams (calls) a client may open at once on one connection.
@@ -69,6 +74,9 @@ impl Default for ServerConfig {
         Self {
             limits: Limits::default(),
             max_message_bytes: 16 * 1024 * 1024,
+            // With as many again parked: 128 MiB of decoded requests at most, a sixth of the
+            // Deployment's 768Mi.
+            max_pending_bytes: 64 * 1024 * 1024,
             max_concurrent_per_connection: 256,
             max_concurrent_streams: 256,
             request_timeout: Duration::from_secs(300),
@@ -131,6 +139,7 @@ pub async fn serve_with_http(
             request_timeout: cfg.request_timeout,
             stream_idle: cfg.stream_idle,
             max_message_bytes: cfg.max_message_bytes,
+            max_pending_bytes: cfg.max_pending_bytes,
         },
         stop_rx.clone(),
     );

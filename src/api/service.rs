@@ -2,15 +2,17 @@
 //! maps every outcome to a gRPC status.
 
 use super::convert::{analysis_to_proto, article_from_proto, invalid, status_of, Limits};
+use super::pending::{Hold, PendingBytes};
 use crate::engine::{Caller, Class, Engine};
 use crate::proto::{self, tidings_server::Tidings};
+use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, AcquireError, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -44,6 +46,9 @@ pub struct ServiceConfig {
     pub stream_idle: Duration,
     /// Largest request message, in bytes (named in the status of a larger one).
     pub max_message_bytes: usize,
+    /// Bytes of stream requests held across the process, read and not yet answered
+    /// ([`PendingBytes`]); as many again may be parked, one per stream, waiting for room.
+    pub max_pending_bytes: usize,
 }
 
 /// The service implementation; cheap to clone.
@@ -55,17 +60,21 @@ pub struct TidingsService {
     /// Turns `true` when the server drains: streams stop reading, answer what they hold and
     /// end with UNAVAILABLE.
     draining: watch::Receiver<bool>,
+    /// Bytes held by stream requests, shared by every stream.
+    pending: PendingBytes,
 }
 
 impl TidingsService {
     /// A service over `engine` with `cfg`; `draining` turns `true` on shutdown.
     pub fn new(engine: Engine, cfg: ServiceConfig, draining: watch::Receiver<bool>) -> Self {
         let entity_types = engine.models().entity_types();
+        let pending = PendingBytes::new(cfg.max_pending_bytes);
         Self {
             engine,
             cfg,
             entity_types,
             draining,
+            pending,
         }
     }
 
@@ -306,6 +315,12 @@ impl TidingsService {
             let mut draining = svc.draining.clone();
             let mut drain_open = true;
             let mut in_flight = FuturesUnordered::new();
+            // A request read while the process held its budget of request bytes: it waits
+            // for room, and the stream reads nothing more meanwhile (see `PendingBytes`).
+            let mut parked: Option<(Incoming, OwnedSemaphorePermit)> = None;
+            let mut room_for_parked: Option<
+                BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>,
+            > = None;
             let mut ready: VecDeque<T> = VecDeque::new();
             let mut reading = true;
             let mut input_done = false;
@@ -348,7 +363,7 @@ impl TidingsService {
                         }
                     }
                     _ = tokio::time::sleep_until(idle_at) => {
-                        if in_flight.is_empty() || !ready.is_empty() {
+                        if (in_flight.is_empty() && parked.is_none()) || !ready.is_empty() {
                             ending = Some(Status::unavailable(format!(
                                 "the stream made no progress for {:?} (no request sent, no \
                                  answer read): closed; send unanswered requests again",
@@ -359,21 +374,30 @@ impl TidingsService {
                         // The server itself is busy with this stream's work.
                         progress = tokio::time::Instant::now();
                     }
-                    msg = input.next(), if reading && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
+                    msg = input.next(), if reading && parked.is_none() && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
                         progress = tokio::time::Instant::now();
                         match msg {
                             Some(Ok(incoming)) => {
-                                let svc = svc.clone();
-                                in_flight.push(async move {
-                                    match incoming {
-                                        // Streams wait for queue room instead of failing.
-                                        Incoming::Request(req) => {
-                                            let id = req.id.clone();
-                                            (svc.analyze_one(req, caller).await, id)
-                                        }
-                                        Incoming::Invalid { id, status } => (Err(status), id),
+                                let bytes = incoming.bytes();
+                                match svc.pending.try_hold(bytes) {
+                                    Hold::Room(room) => {
+                                        in_flight.push(svc.clone().answer_one(incoming, caller, room));
                                     }
-                                });
+                                    Hold::Parked(waiting) => {
+                                        room_for_parked = Some(Box::pin(svc.pending.clone().hold(bytes)));
+                                        parked = Some((incoming, waiting));
+                                    }
+                                    Hold::Refused => {
+                                        let status = Status::resource_exhausted(format!(
+                                            "server busy: it holds its limit of {} bytes of stream \
+                                             requests, read and not yet answered; send this one \
+                                             again later",
+                                            svc.pending.limit()
+                                        ));
+                                        let id = incoming.id().to_string();
+                                        in_flight.push(Box::pin(async move { (Err(status), id) }));
+                                    }
+                                }
                             }
                             None => {
                                 input_done = true;
@@ -385,6 +409,18 @@ impl TidingsService {
                                     status,
                                     svc.cfg.max_message_bytes,
                                 ));
+                            }
+                        }
+                    }
+                    Some(room) = OptionFuture::from(room_for_parked.as_mut()), if room_for_parked.is_some() => {
+                        room_for_parked = None;
+                        match (room, parked.take()) {
+                            (Ok(room), Some((incoming, _parked))) => {
+                                in_flight.push(svc.clone().answer_one(incoming, caller, room));
+                            }
+                            _ => {
+                                ending.get_or_insert_with(|| Status::unavailable("the server is shutting down"));
+                                break;
                             }
                         }
                     }
@@ -446,7 +482,49 @@ pub enum Incoming {
     },
 }
 
+impl Incoming {
+    /// The id its answer carries.
+    fn id(&self) -> &str {
+        match self {
+            Incoming::Request(r) => &r.id,
+            Incoming::Invalid { id, .. } => id,
+        }
+    }
+
+    /// Bytes it holds while it waits and runs: its size as sent.
+    fn bytes(&self) -> usize {
+        match self {
+            Incoming::Request(r) => prost::Message::encoded_len(r),
+            Incoming::Invalid { id, .. } => id.len(),
+        }
+    }
+}
+
+/// One stream request's outcome and the id its answer carries.
+type Outcome = (Result<proto::AnalyzeResponse, Status>, String);
+
 impl TidingsService {
+    /// Analyzes one stream request (waiting for queue room rather than failing), holding
+    /// `room`, its bytes of [`PendingBytes`], until it is answered.
+    fn answer_one(
+        self,
+        incoming: Incoming,
+        caller: Caller,
+        room: OwnedSemaphorePermit,
+    ) -> BoxFuture<'static, Outcome> {
+        Box::pin(async move {
+            let outcome = match incoming {
+                Incoming::Request(req) => {
+                    let id = req.id.clone();
+                    (self.analyze_one(req, caller).await, id)
+                }
+                Incoming::Invalid { id, status } => (Err(status), id),
+            };
+            drop(room);
+            outcome
+        })
+    }
+
     /// AnalyzeStreamItems over any stream of requests (gRPC, or HTTP's NDJSON lines): each
     /// request is answered by an item, a stream-level `Err` ends the stream after the answers.
     /// `timeout` bounds the whole stream.

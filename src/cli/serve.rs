@@ -29,6 +29,11 @@ pub struct ServeArgs {
     /// Largest gRPC message decoded or encoded, in bytes.
     #[arg(long, env = "TIDINGS_MAX_MESSAGE_BYTES", default_value_t = ServerConfig::default().max_message_bytes)]
     max_message_bytes: usize,
+    /// Bytes of stream requests (gRPC and NDJSON) held read and not yet answered, across
+    /// every stream; as many again may wait, one per stream, and past that a request is
+    /// answered RESOURCE_EXHAUSTED. Bounds the memory of streams waiting for queue room.
+    #[arg(long, env = "TIDINGS_MAX_PENDING_BYTES", default_value_t = ServerConfig::default().max_pending_bytes)]
+    max_pending_bytes: usize,
     /// Most calls served at once per connection.
     #[arg(long, env = "TIDINGS_MAX_CONCURRENT", default_value_t = ServerConfig::default().max_concurrent_per_connection)]
     max_concurrent: usize,
@@ -128,6 +133,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let cfg = ServerConfig {
             limits: a.limits.limits(),
             max_message_bytes: a.max_message_bytes,
+            max_pending_bytes: a.max_pending_bytes,
             max_concurrent_per_connection: a.max_concurrent,
             request_timeout: Duration::from_secs(a.request_timeout_s),
             stream_idle: Duration::from_secs(a.stream_idle_timeout_s),
