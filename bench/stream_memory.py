@@ -38,9 +38,9 @@ MAX_P99_RATIO = 3.0
 FOUR_BYTE = "\U0001F600"  # one character, four UTF-8 bytes
 
 
-def big_request(i: int, text_chars: int, lim) -> "pb.AnalyzeRequest":
+def big_request(i: int, text_chars: int, lim, labels: int = 64) -> "pb.AnalyzeRequest":
     chars = min(text_chars, lim.max_text_chars or text_chars)
-    n_labels = lim.max_labels or 64
+    n_labels = min(labels, lim.max_labels or labels)
     n_examples = lim.max_label_examples or 16
     label_chars = lim.max_label_chars or 2000
     tag = f"r{i} "
@@ -83,12 +83,12 @@ async def unary_loop(stub, conc, stop: asyncio.Event, seconds=None):
     return dict(ok=codes["OK"], codes=dict(codes), p50_ms=pct(lat, 50), p99_ms=pct(lat, 99))
 
 
-async def one_stream(stub, s, per_stream, text_chars, lim, timeout):
+async def one_stream(stub, s, per_stream, text_chars, lim, labels, timeout):
     codes = collections.Counter()
 
     def requests():
         for k in range(per_stream):
-            yield big_request(s * per_stream + k, text_chars, lim)
+            yield big_request(s * per_stream + k, text_chars, lim, labels)
 
     call = stub.AnalyzeStreamItems(requests(), timeout=timeout)
     answered = 0
@@ -114,7 +114,7 @@ async def amain(args):
         info = await stub.GetInfo(pb.GetInfoRequest(), timeout=10)
         lim = info.limits
         res = dict(cpu=cpu_model(), streams=args.streams, per_stream=args.per_stream,
-                   size_bytes=big_request(0, args.text_chars, lim).ByteSize())
+                   size_bytes=big_request(0, args.text_chars, lim, args.labels).ByteSize())
         print(f"stream_memory: requests of {res['size_bytes'] / 2**20:.1f} MiB, "
               f"{args.streams} streams x {args.per_stream}", file=sys.stderr)
         res["rss_before_mib"] = peak_rss_mib(args.pid)
@@ -127,7 +127,7 @@ async def amain(args):
         chans = [grpc.aio.insecure_channel(args.addr, options=opts) for _ in range(args.streams)]
         outs = await asyncio.gather(*[
             one_stream(pb_grpc.TidingsStub(c), s, args.per_stream, args.text_chars, lim,
-                       args.stream_timeout)
+                       args.labels, args.stream_timeout)
             for s, c in enumerate(chans)])
         res["streams_s"] = time.perf_counter() - t0
         stop.set()
@@ -154,6 +154,9 @@ def main():
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--per-stream", type=int, default=32)
     ap.add_argument("--text-chars", type=int, default=200_000)
+    ap.add_argument("--labels", type=int, default=64,
+                    help="labels a request (64, the limit: ~280k tokens of label work, more "
+                         "than the default queue, so each is refused INVALID_ARGUMENT; 48 fit)")
     ap.add_argument("--unary-concurrency", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10, help="unary-alone phase, s")
     ap.add_argument("--stream-timeout", type=float, default=600)

@@ -20,6 +20,7 @@ pub mod engine;
 pub mod http;
 pub mod model;
 pub mod pipeline;
+pub mod trace;
 pub mod train;
 
 /// Code generated from `proto/tidings/v1/tidings.proto` (package `tidings.v1`).

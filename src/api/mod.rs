@@ -180,7 +180,8 @@ pub async fn serve_with_http(
             }
         },
     );
-    let service = size_status::SizeStatus::new(service, cfg.max_message_bytes);
+    let service =
+        crate::trace::Traced::new(size_status::SizeStatus::new(service, cfg.max_message_bytes));
 
     let grace = cfg.grace;
     let drain_delay = cfg.drain_delay;

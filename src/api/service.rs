@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, AcquireError, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 /// Requests of one stream being analyzed or waiting to be sent at once; more wait in the
 /// client's send window (back-pressure).
@@ -138,15 +139,37 @@ impl TidingsService {
     ) -> Result<proto::AnalyzeResponse, Status> {
         let started = Instant::now();
         let id = req.id.clone();
-        let (article, labels) = article_from_proto(req, &self.cfg.limits, &self.entity_types)?;
-        let (analysis, timing) = self
-            .engine
-            .analyze(article, labels.as_deref(), caller)
-            .await
-            .map_err(status_of)?;
-        let mut resp = analysis_to_proto(analysis, timing, started.elapsed());
-        resp.id = id;
-        Ok(resp)
+        // Ids are checked below; the span keeps no more of one than the limit allows.
+        let shown: String = id
+            .chars()
+            .take(self.cfg.limits.max_id_bytes.min(256))
+            .collect();
+        let span = crate::trace::item_span(&shown, caller.class.name());
+        async move {
+            let (article, labels) = article_from_proto(req, &self.cfg.limits, &self.entity_types)?;
+            let result = self
+                .engine
+                .analyze(article, labels.as_deref(), caller)
+                .await;
+            let (analysis, timing) = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "refused or failed");
+                    return Err(status_of(e));
+                }
+            };
+            let span = tracing::Span::current();
+            span.record("tokens", analysis.reading.tokens);
+            span.record("windows", analysis.reading.windows);
+            span.record("queue_ms", timing.queue.as_secs_f64() * 1e3);
+            span.record("inference_ms", timing.inference.as_secs_f64() * 1e3);
+            tracing::debug!("analyzed");
+            let mut resp = analysis_to_proto(analysis, timing, started.elapsed());
+            resp.id = id;
+            Ok(resp)
+        }
+        .instrument(span)
+        .await
     }
 }
 
@@ -310,7 +333,9 @@ impl TidingsService {
         let (end_tx, end_rx) = oneshot::channel::<Status>();
         let svc = self.clone();
         let started = Instant::now();
-        let body = tokio::spawn(async move {
+        let span = tracing::Span::current();
+        let body = tokio::spawn(
+            async move {
             let caller = svc.engine.caller(Class::Batch);
             let mut draining = svc.draining.clone();
             let mut drain_open = true;
@@ -448,7 +473,9 @@ impl TidingsService {
                 }
             }
             ending
-        });
+        }
+            .instrument(span.clone()),
+        );
         // The final status, also when the task failed: a stream must never end with OK
         // while answers are missing.
         tokio::spawn(async move {
@@ -458,11 +485,14 @@ impl TidingsService {
                     "the server failed while running this stream",
                 ))
             });
-            record(rpc, ending.as_ref().map_or(Code::Ok, |s| s.code()), started);
+            let code = ending.as_ref().map_or(Code::Ok, |s| s.code());
+            record(rpc, code, started);
+            tracing::debug!(status = ?code, ms = started.elapsed().as_secs_f64() * 1e3, "stream ended");
             if let Some(status) = ending {
                 let _ = end_tx.send(status);
             }
-        });
+        }
+        .instrument(span));
         let end = futures::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
         Box::pin(ReceiverStream::new(rx).chain(end))
     }

@@ -409,6 +409,16 @@ fn run_slice(
             stats.rows_run.fetch_add(rows as u64, Ordering::Relaxed);
             for t in plan {
                 let a = &mut active[t.job];
+                tracing::debug!(
+                    parent: &a.job.span,
+                    rows = t.rows.len(),
+                    row_tokens = a.lens[t.rows.clone()].iter().sum::<usize>(),
+                    slice_tokens = tokens,
+                    slice_jobs = plan.len(),
+                    slice_ms = elapsed.as_secs_f64() * 1e3,
+                    left = a.lens.len() - t.rows.end,
+                    "rows run"
+                );
                 a.scheduled = t.rows.end;
                 a.started.get_or_insert(started);
                 a.inference += elapsed;

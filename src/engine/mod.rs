@@ -157,6 +157,9 @@ pub(crate) struct Job {
     pub(crate) reply: oneshot::Sender<Result<(Outputs, Timing), EngineError>>,
     /// Queue room held until the job is answered.
     pub(crate) room: Reservation,
+    /// The caller's span ([`crate::trace::item_span`]): the batcher's events about the
+    /// job's rows are logged inside it.
+    pub(crate) span: tracing::Span,
 }
 
 /// Running totals of what the engine did.
@@ -412,6 +415,7 @@ impl Engine {
             enqueued: Instant::now(),
             reply,
             room,
+            span: tracing::Span::current(),
         };
         self.tx.send(job).map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
@@ -667,6 +671,7 @@ impl Engine {
         // Admission comes first: a request the queue cannot take costs no tokenizing and no
         // label embedding.
         let labels_bound = custom.map_or(0, |l| self.label_estimate(l));
+        let admitting = Instant::now();
         let budget = Budget::admit(
             &self.pools,
             caller.class,
@@ -674,6 +679,11 @@ impl Engine {
             self.article_estimate(&article),
         )
         .await?;
+        tracing::debug!(
+            wait_ms = admitting.elapsed().as_secs_f64() * 1e3,
+            labels_bound,
+            "admitted"
+        );
         let label_set = match (article.options.topics, custom) {
             (false, _) => None,
             (true, Some(l)) => Some(self.label_set_within(l, &budget, caller).await?),
@@ -684,10 +694,16 @@ impl Engine {
             None => None,
         };
         let models = self.models.clone();
+        let tokenizing = Instant::now();
         let prepared = tokio::task::spawn_blocking(move || models.prepare(article))
             .await
             .map_err(|e| EngineError::Tokenize(e.to_string()))?
             .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+        tracing::debug!(
+            tokenize_ms = tokenizing.elapsed().as_secs_f64() * 1e3,
+            cost = prepared.cost(),
+            "tokenized; queued"
+        );
         self.stats
             .articles_tokenized
             .fetch_add(1, Ordering::Relaxed);

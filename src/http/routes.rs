@@ -156,6 +156,7 @@ pub fn router(state: HttpState) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(axum::middleware::from_fn(track))
+        .layer(axum::middleware::from_fn(crate::trace::http_middleware))
         .with_state(state)
 }
 
