@@ -20,6 +20,7 @@ pub mod engine;
 pub mod http;
 pub mod model;
 pub mod pipeline;
+pub mod server;
 pub mod trace;
 pub mod train;
 

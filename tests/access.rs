@@ -4,7 +4,8 @@ mod common;
 
 use common::{request, start};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use tidings::api::{ServerConfig, TlsConfig};
+use tidings::api::TlsConfig;
+use tidings::server::ServerConfig;
 use tidings::engine::EngineConfig;
 use tidings::proto::tidings_client::TidingsClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};

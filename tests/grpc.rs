@@ -7,9 +7,9 @@ use common::{assert_offsets_slice, client, request, server, summit_article};
 use futures::StreamExt;
 use std::collections::HashSet;
 use std::time::Duration;
-use tidings::api::ServerConfig;
 use tidings::engine::EngineConfig;
 use tidings::proto::{self, analyze_batch_item::Outcome, AnalyzeBatchRequest, TopicLabel};
+use tidings::server::ServerConfig;
 use tonic::Code;
 
 #[tokio::test]

@@ -7,8 +7,8 @@ mod common;
 use common::{get_json, http_url, post_json, server, summit_article};
 use serde_json::{json, Value};
 use std::time::Duration;
-use tidings::api::ServerConfig;
 use tidings::engine::EngineConfig;
+use tidings::server::ServerConfig;
 
 /// Checks an error answer: its HTTP status, gRPC code name, and that its message names
 /// `needle`.

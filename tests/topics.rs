@@ -217,7 +217,7 @@ async fn prototypes_are_refined_with_the_articles_the_server_sees() {
             refine_pool: 1024,
             ..EngineConfig::default()
         },
-        tidings::api::ServerConfig::default(),
+        tidings::server::ServerConfig::default(),
     );
     let mut c = client(&srv).await;
     let labels = vec![

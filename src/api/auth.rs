@@ -37,25 +37,32 @@ fn bearer(value: &str) -> Option<&str> {
         .then(|| token.trim_start_matches(' '))
 }
 
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+impl BearerAuth {
+    /// Checks an `authorization` value (gRPC metadata or HTTP header; `None` when absent).
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), Status> {
         let Some(want) = &self.digest else {
-            return Ok(req);
+            return Ok(());
         };
-        let got = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer);
-        match got {
+        match authorization.and_then(bearer) {
             // Fixed-size digests compared in constant time: the time taken says nothing about
             // the token's length or how much of it matched.
-            Some(g) if bool::from(digest(g).ct_eq(want)) => Ok(req),
+            Some(g) if bool::from(digest(g).ct_eq(want)) => Ok(()),
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
             None => Err(Status::unauthenticated(
                 "missing bearer token: send `authorization: Bearer <token>`",
             )),
         }
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.check(got)?;
+        Ok(req)
     }
 }
 

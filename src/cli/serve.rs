@@ -7,7 +7,8 @@ use clap::Args;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tidings::api::{self, ServerConfig, TlsConfig};
+use tidings::api::TlsConfig;
+use tidings::server::{self, ServerConfig};
 
 fn read(p: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(p).with_context(|| format!("reading {what} {}", p.display()))
@@ -105,9 +106,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let rt = super::runtime()?;
     rt.block_on(async move {
         // Bind first: a port in use fails before minutes of model loading.
-        let listener = api::bind(a.addr).await?;
+        let listener = server::bind(a.addr).await?;
         let http = match a.http_addr {
-            Some(h) => Some(api::bind(h).await?),
+            Some(h) => Some(server::bind(h).await?),
             None => None,
         };
         if let Some(m) = a.metrics_addr {
@@ -143,7 +144,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             auth_token,
             ..ServerConfig::default()
         };
-        api::serve_with_http(listener, http, engine, cfg, api::shutdown_signal()).await?;
+        server::serve_with_http(listener, http, engine, cfg, server::shutdown_signal()).await?;
         tracing::info!("server stopped");
         Ok(())
     })

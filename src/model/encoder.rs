@@ -16,6 +16,8 @@ use super::external::External;
 use super::fused::{
     relative_bucket, FusedActivation, FusedLayer, FusedLinear, FusedNorm, PositionBias,
 };
+pub use super::input::EncoderInput;
+pub use super::precision::Precision;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, VarBuilder};
 use rand::{Rng, SeedableRng};
@@ -203,19 +205,6 @@ static DROPOUT_RNG: std::sync::LazyLock<std::sync::Mutex<rand::rngs::StdRng>> =
 pub fn seed_dropout(seed: u64) {
     *DROPOUT_RNG.lock().unwrap_or_else(|e| e.into_inner()) =
         rand::rngs::StdRng::seed_from_u64(seed);
-}
-
-/// A batch of token windows, all tensors `[batch, seq]` on the model's device.
-#[derive(Debug, Clone)]
-pub struct EncoderInput {
-    /// Token ids (u32).
-    pub input_ids: Tensor,
-    /// Segment ids (u32); zeros when absent.
-    pub type_ids: Option<Tensor>,
-    /// Word-shape classes (u32), read only by models with a casing embedding.
-    pub casing: Option<Tensor>,
-    /// 1 for real tokens, 0 for padding, in the model's float dtype.
-    pub attention_mask: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -429,41 +418,6 @@ enum Stack {
     /// A whole candle-transformers model (embeddings included), for architectures Tidings
     /// has no layers of its own for ([`super::external`]): inference only, f32.
     External(std::sync::Arc<External>),
-}
-
-/// Arithmetic of the fused CPU path's matrix products (the four per layer; attention,
-/// layer norms and activations stay f32). The library's default is f32; `tidings`'
-/// `--precision` flag defaults to int8.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// f32 weights and activations.
-    #[default]
-    F32,
-    /// int8 products: weights per output column (7 bits, quantized at load), activations
-    /// per row (8 bits, at each product), exact integer sums, f32 results:
-    /// [`super::qgemm`].
-    Int8,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" | "fp32" => Ok(Self::F32),
-            "int8" | "i8" => Ok(Self::Int8),
-            other => Err(format!("unknown precision {other:?} (f32 or int8)")),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::Int8 => "int8",
-        })
-    }
 }
 
 /// MPNet's relative position bias: one learned value per (bucket of `key - query` position,

@@ -7,7 +7,7 @@
 //! (`tests/architectures.rs`, fixtures written by `tools/tiny_models.py`).
 
 use super::config::ModelConfig;
-use super::encoder::EncoderInput;
+use super::input::EncoderInput;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::{debertav2, modernbert};

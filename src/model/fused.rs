@@ -4,7 +4,7 @@
 //! allocation and thread fork. Here a layer is five matrix products and a few one-pass kernels
 //! ([`super::kernels`]) over buffers reused for the whole forward pass. The products run on
 //! weights packed once at load for Tidings' microkernel ([`super::sgemm`]), or quantized to
-//! int8 ([`super::qgemm`], [`super::encoder::Precision`]); on CPUs those do not serve, on
+//! int8 ([`super::qgemm`], [`super::precision::Precision`]); on CPUs those do not serve, on
 //! `gemm` (the crate candle itself uses). Attention packs each head's keys and values for the
 //! same microkernel. Around them:
 //! - one product for query, key and value together (their weights side by side, the query's
@@ -18,8 +18,8 @@
 //! work at all, and the result for every real token is the same as the padded, masked
 //! computation (a masked key gets probability `exp(-10000)`, which is 0 in f32).
 
-use super::encoder::Precision;
 use super::kernels;
+use super::precision::Precision;
 use super::qgemm::{QuantizedRows, QuantizedWeights};
 use super::sgemm::{PackedWeights, SharedMut};
 use candle_core::{Result, Tensor};

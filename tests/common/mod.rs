@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tidings::api::{self, ServerConfig};
 use tidings::engine::{Engine, EngineConfig};
 use tidings::model::Precision;
 use tidings::pipeline::analysis::{Article, Models, Options};
 use tidings::pipeline::WindowSpec;
 use tidings::proto::tidings_client::TidingsClient;
+use tidings::server::{self as serving, ServerConfig};
 use tonic::transport::Channel;
 
 /// The repository root (tests run from it, but say so explicitly).
@@ -119,12 +119,12 @@ pub fn start_with(
             .expect("runtime");
         rt.block_on(async move {
             let any = "127.0.0.1:0".parse().unwrap();
-            let listener = api::bind(any).await.expect("bind");
-            let http = api::bind(any).await.expect("bind HTTP");
+            let listener = serving::bind(any).await.expect("bind");
+            let http = serving::bind(any).await.expect("bind HTTP");
             tx.send((listener.local_addr().unwrap(), http.local_addr().unwrap()))
                 .unwrap();
             let engine = Engine::start(models, engine_cfg);
-            api::serve_with_http(
+            serving::serve_with_http(
                 listener,
                 Some(http),
                 engine,
