@@ -25,6 +25,9 @@ Against ONE running server (--pid to read its peak RSS):
 import argparse
 import asyncio
 import collections
+import multiprocessing
+import os
+import signal
 import sys
 import time
 
@@ -41,8 +44,9 @@ FOUR_BYTE = "\U0001F600"  # one character, four UTF-8 bytes
 def big_request(i: int, text_chars: int, lim, labels: int = 64) -> "pb.AnalyzeRequest":
     chars = min(text_chars, lim.max_text_chars or text_chars)
     n_labels = min(labels, lim.max_labels or labels)
-    n_examples = lim.max_label_examples or 16
-    label_chars = lim.max_label_chars or 2000
+    # GetInfo reports these two only in newer servers: the defaults otherwise.
+    n_examples = getattr(lim, "max_label_examples", 0) or 16
+    label_chars = getattr(lim, "max_label_chars", 0) or 2000
     tag = f"r{i} "
 
     def filler(k):
@@ -83,6 +87,27 @@ async def unary_loop(stub, conc, stop: asyncio.Event, seconds=None):
     return dict(ok=codes["OK"], codes=dict(codes), p50_ms=pct(lat, 50), p99_ms=pct(lat, 99))
 
 
+def unary_process(addr, conc, seconds, out):
+    """Runs `unary_loop` in this process until `seconds` pass or SIGUSR1 comes; puts its
+    result on `out`."""
+    async def run():
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stop.set)
+        async with grpc.aio.insecure_channel(addr) as ch:
+            return await unary_loop(pb_grpc.TidingsStub(ch), conc, stop, seconds)
+    out.put(asyncio.run(run()))
+
+
+def unary_in_process(args, seconds):
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=unary_process, args=(args.addr, args.unary_concurrency, seconds, out))
+    p.start()
+    res = out.get(timeout=seconds + 120)
+    p.join()
+    return res
+
+
 async def one_stream(stub, s, per_stream, text_chars, lim, labels, timeout):
     codes = collections.Counter()
 
@@ -103,6 +128,8 @@ async def one_stream(stub, s, per_stream, text_chars, lim, labels, timeout):
         end = "OK"
     except grpc.aio.AioRpcError as e:
         end = e.code().name
+        if end not in ("OK", "DEADLINE_EXCEEDED") and s < 2:
+            print(f"stream_memory: stream {s} ended {end}: {e.details()}", file=sys.stderr)
     return answered, codes, end
 
 
@@ -118,10 +145,13 @@ async def amain(args):
         print(f"stream_memory: requests of {res['size_bytes'] / 2**20:.1f} MiB, "
               f"{args.streams} streams x {args.per_stream}", file=sys.stderr)
         res["rss_before_mib"] = peak_rss_mib(args.pid)
-        res["unary_alone"] = await unary_loop(stub, args.unary_concurrency, asyncio.Event(),
-                                              args.seconds)
-        stop = asyncio.Event()
-        unary = asyncio.create_task(unary_loop(stub, args.unary_concurrency, stop))
+        res["unary_alone"] = unary_in_process(args, args.seconds)
+        # The unary loop runs in a process of its own: the streams' request building would
+        # stall this one's event loop and show up as unary latency.
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        unary = ctx.Process(target=unary_process, args=(args.addr, args.unary_concurrency, None, out))
+        unary.start()
         t0 = time.perf_counter()
         # One channel per stream, as separate clients would be.
         chans = [grpc.aio.insecure_channel(args.addr, options=opts) for _ in range(args.streams)]
@@ -130,8 +160,9 @@ async def amain(args):
                        args.labels, args.stream_timeout)
             for s, c in enumerate(chans)])
         res["streams_s"] = time.perf_counter() - t0
-        stop.set()
-        res["unary_with_streams"] = await unary
+        os.kill(unary.pid, signal.SIGUSR1)
+        res["unary_with_streams"] = out.get(timeout=120)
+        unary.join()
         for c in chans:
             await c.close()
         answered = sum(o[0] for o in outs)

@@ -8,8 +8,10 @@
 //! [`PendingBytes`] until it is answered. When there is none left, the stream stops reading
 //! (back-pressure: the rest wait in the client, behind HTTP/2 flow control) and its one
 //! decoded request is *parked* until room comes back, counted in a second pool of the same
-//! size; with that full too, the request is answered RESOURCE_EXHAUSTED at once and dropped.
-//! So the server never holds more than twice the budget of decoded stream requests.
+//! size; with that full too, the request is answered RESOURCE_EXHAUSTED at once and dropped,
+//! and its stream reads nothing more until a request of that size could be parked. So the
+//! server never holds more than twice the budget of decoded stream requests, and a client
+//! sending faster than the server answers is held back rather than refused in a loop.
 
 use std::sync::Arc;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
@@ -76,6 +78,14 @@ impl PendingBytes {
         let permit = self.held.clone().acquire_many_owned(n).await;
         self.publish();
         permit
+    }
+
+    /// Resolves once `bytes` could be parked (the room is not kept): a stream whose request
+    /// was refused reads its next one only then, instead of decoding and refusing requests
+    /// as fast as its client sends them.
+    pub async fn parking_room(self, bytes: usize) {
+        let n = self.permits(bytes);
+        let _ = self.parked.acquire_many_owned(n).await;
     }
 
     /// Bytes held and parked now.

@@ -346,6 +346,9 @@ impl TidingsService {
             let mut room_for_parked: Option<
                 BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>,
             > = None;
+            // After a refusal: the stream reads again once a request of that size could be
+            // parked.
+            let mut parking_room: Option<BoxFuture<'static, ()>> = None;
             let mut ready: VecDeque<T> = VecDeque::new();
             let mut reading = true;
             let mut input_done = false;
@@ -388,7 +391,9 @@ impl TidingsService {
                         }
                     }
                     _ = tokio::time::sleep_until(idle_at) => {
-                        if (in_flight.is_empty() && parked.is_none()) || !ready.is_empty() {
+                        if (in_flight.is_empty() && parked.is_none() && parking_room.is_none())
+                            || !ready.is_empty()
+                        {
                             ending = Some(Status::unavailable(format!(
                                 "the stream made no progress for {:?} (no request sent, no \
                                  answer read): closed; send unanswered requests again",
@@ -399,7 +404,7 @@ impl TidingsService {
                         // The server itself is busy with this stream's work.
                         progress = tokio::time::Instant::now();
                     }
-                    msg = input.next(), if reading && parked.is_none() && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
+                    msg = input.next(), if reading && parked.is_none() && parking_room.is_none() && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
                         progress = tokio::time::Instant::now();
                         match msg {
                             Some(Ok(incoming)) => {
@@ -421,6 +426,7 @@ impl TidingsService {
                                         ));
                                         let id = incoming.id().to_string();
                                         in_flight.push(Box::pin(async move { (Err(status), id) }));
+                                        parking_room = Some(Box::pin(svc.pending.clone().parking_room(bytes)));
                                     }
                                 }
                             }
@@ -436,6 +442,9 @@ impl TidingsService {
                                 ));
                             }
                         }
+                    }
+                    Some(()) = OptionFuture::from(parking_room.as_mut()), if parking_room.is_some() => {
+                        parking_room = None;
                     }
                     Some(room) = OptionFuture::from(room_for_parked.as_mut()), if room_for_parked.is_some() => {
                         room_for_parked = None;

@@ -327,8 +327,10 @@ fn plan_slice(active: &[Active], cfg: &EngineConfig, balance: &mut i64) -> Vec<T
 /// stretch where both wait, batch work gets `batch_share` of the tokens run, whatever the
 /// length of the rows (issue #30). While only batch work waits, the account fills up to one
 /// slice, so interactive calls arriving together start at once; it is capped at one slice
-/// each way. While both classes wait, slices are half as long: an interactive call waits
-/// less for the slice already running.
+/// each way. Slices keep their length while both wait: halving them (as before) cost ~15% of
+/// the machine's throughput in smaller passes, which both classes then lacked
+/// (`bench/isolation.sh` on a 2-core Xeon, short articles: batch kept 0.58 with half slices,
+/// 0.88 without, unary p99 3.49x and 2.94x its idle p99).
 pub fn plan_shared(
     jobs: &[(Class, &[usize])],
     order: &[usize],
@@ -339,9 +341,8 @@ pub fn plan_shared(
     let waits = |class| jobs.iter().any(|(c, lens)| *c == class && !lens.is_empty());
     let (batch_waits, interactive_waits) = (waits(Class::Batch), waits(Class::Interactive));
     let both = batch_waits && interactive_waits;
-    let slice = if both { slice_tokens / 2 } else { slice_tokens };
     let room = usize::try_from(*balance).unwrap_or(0);
-    let plan = plan_slice_of(jobs, order, slice, room);
+    let plan = plan_slice_of(jobs, order, slice_tokens, room);
     let tokens = |class: Class| -> i64 {
         plan.iter()
             .filter(|t| jobs[t.job].0 == class)
