@@ -5,9 +5,9 @@ mod common;
 use common::{request, start};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tidings::api::TlsConfig;
-use tidings::server::ServerConfig;
 use tidings::engine::EngineConfig;
 use tidings::proto::tidings_client::TidingsClient;
+use tidings::server::ServerConfig;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 

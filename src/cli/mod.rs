@@ -23,6 +23,18 @@ pub struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true, env = "TIDINGS_LOG_JSON")]
     pub log_json: bool,
+    /// The f32 kernel of the fused path: `avx2`, `avx512`, or `gemm` (gemm's own); the CPU's
+    /// fastest by default (gemm's on Intel CPUs with AVX-512). A kernel the CPU does not run
+    /// is warned about and the default used.
+    #[arg(long, global = true, env = "TIDINGS_SGEMM")]
+    pub sgemm: Option<String>,
+    /// The int8 kernel: `avx2`, `avxvnni`, `avx512vnni-ymm`, `avx512vnni` or `amx`; the CPU's
+    /// fastest by default.
+    #[arg(long, global = true, env = "TIDINGS_QGEMM")]
+    pub qgemm: Option<String>,
+    /// Time the phases of each fused layer (`tidings bench` prints where a pass went).
+    #[arg(long, global = true, env = "TIDINGS_PROFILE", value_parser = clap::builder::FalseyValueParser::new())]
+    pub profile: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +60,12 @@ enum Command {
 impl Cli {
     /// Runs the chosen subcommand.
     pub fn run(self) -> Result<()> {
+        tidings::model::choices::set(tidings::model::choices::Choices {
+            sgemm: self.sgemm.clone(),
+            qgemm: self.qgemm.clone(),
+            profile: Some(self.profile),
+        })
+        .map_err(|e| anyhow::anyhow!(e))?;
         match self.command {
             Command::Serve(a) => serve::run(a),
             Command::Analyze(a) => analyze::run(a),
@@ -114,10 +132,10 @@ pub struct ModelArgs {
     #[arg(long, env = "TIDINGS_DEVICE", default_value = "cpu")]
     pub device: tidings::model::DeviceSpec,
     /// Pieces per model window (special tokens excluded).
-    #[arg(long, env = "TIDINGS_WINDOW", default_value_t = 254)]
+    #[arg(long, env = "TIDINGS_WINDOW", default_value_t = tidings::pipeline::WindowSpec::default().size)]
     pub window: usize,
     /// Pieces shared by consecutive windows.
-    #[arg(long, env = "TIDINGS_WINDOW_OVERLAP", default_value_t = 64)]
+    #[arg(long, env = "TIDINGS_WINDOW_OVERLAP", default_value_t = tidings::pipeline::WindowSpec::default().overlap)]
     pub window_overlap: usize,
 }
 
@@ -314,7 +332,7 @@ pub struct LimitArgs {
     #[arg(long, env = "TIDINGS_MAX_QUEUE_TOKENS", default_value_t = EngineConfig::default().max_queue_tokens)]
     pub max_queue_tokens: usize,
     /// Milliseconds the batcher waits to fill a batch.
-    #[arg(long, env = "TIDINGS_MAX_WAIT_MS", default_value_t = 2)]
+    #[arg(long, env = "TIDINGS_MAX_WAIT_MS", default_value_t = EngineConfig::default().max_wait.as_millis() as u64)]
     pub max_wait_ms: u64,
     /// Share of model work that batch streams keep while unary calls also wait (0 to 1);
     /// unary calls get the rest first. Higher favours batch throughput, lower unary latency.
@@ -324,7 +342,7 @@ pub struct LimitArgs {
     /// refined with them, and single-label scores become the votes of each article's nearest
     /// remembered articles: markedly better topics from bare label names, at the cost of
     /// scores that drift with the news the server sees. 0 = off.
-    #[arg(long, env = "TIDINGS_REFINE_TOPICS", default_value_t = 0)]
+    #[arg(long, env = "TIDINGS_REFINE_TOPICS", default_value_t = EngineConfig::default().refine_pool)]
     pub refine_topics: usize,
 }
 

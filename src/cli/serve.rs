@@ -40,17 +40,17 @@ pub struct ServeArgs {
     max_concurrent: usize,
     /// Longest a unary call may run (seconds), whatever deadline the client set. Streams are
     /// bounded by the client's deadline only.
-    #[arg(long, env = "TIDINGS_REQUEST_TIMEOUT_S", default_value_t = 300)]
+    #[arg(long, env = "TIDINGS_REQUEST_TIMEOUT_S", default_value_t = ServerConfig::default().request_timeout.as_secs())]
     request_timeout_s: u64,
     /// A stream that neither sends a request nor reads an answer for this many seconds is
     /// ended with UNAVAILABLE.
-    #[arg(long, env = "TIDINGS_STREAM_IDLE_TIMEOUT_S", default_value_t = 300)]
+    #[arg(long, env = "TIDINGS_STREAM_IDLE_TIMEOUT_S", default_value_t = ServerConfig::default().stream_idle.as_secs())]
     stream_idle_timeout_s: u64,
     /// Seconds in-flight calls get to finish after SIGTERM/SIGINT.
-    #[arg(long, env = "TIDINGS_GRACE_S", default_value_t = 30)]
+    #[arg(long, env = "TIDINGS_GRACE_S", default_value_t = ServerConfig::default().grace.as_secs())]
     grace_s: u64,
     /// Milliseconds health reports NOT_SERVING before the listener closes on shutdown.
-    #[arg(long, env = "TIDINGS_DRAIN_DELAY_MS", default_value_t = 500)]
+    #[arg(long, env = "TIDINGS_DRAIN_DELAY_MS", default_value_t = ServerConfig::default().drain_delay.as_millis() as u64)]
     drain_delay_ms: u64,
     /// TLS certificate chain (PEM); with --tls-key, serves TLS.
     #[arg(long, env = "TIDINGS_TLS_CERT", requires = "tls_key")]

@@ -390,7 +390,7 @@ pub mod profile {
     /// Whether profiling is on (read once).
     pub fn enabled() -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| std::env::var_os("TIDINGS_PROFILE").is_some())
+        *ON.get_or_init(crate::model::choices::profile)
     }
 
     /// Seconds per phase since the last call, and resets them.

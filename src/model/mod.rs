@@ -1,5 +1,6 @@
 //! The model layer: Hugging Face-format model directories loaded into candle.
 //!
+//! - [`choices`] — kernel and profiling choices given as flags.
 //! - [`config`] — `config.json`.
 //! - [`encoder`] — the transformer body: Tidings' own for the BERT family (BERT, RoBERTa/XLM-R,
 //!   DistilBERT) and MPNet; candle-transformers' for DeBERTa-v2 and ModernBERT (`external`).
@@ -13,6 +14,7 @@
 //! - [`heads`] — what sits on the encoder: token classification (NER) and mean-pooled
 //!   sentence embeddings (topics).
 
+pub mod choices;
 pub mod config;
 pub mod device;
 pub mod encoder;

@@ -360,7 +360,7 @@ impl Kernel {
 pub fn kernel() -> Option<Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        if std::env::var("TIDINGS_SGEMM").is_ok_and(|v| v == "gemm") {
+        if super::choices::named("TIDINGS_SGEMM").is_some_and(|v| v == "gemm") {
             return None;
         }
         choose_kernel(
@@ -419,7 +419,7 @@ pub(super) fn choose_kernel<K: Copy>(
         .copied()
         .find(|&k| runs_here(k))
         .filter(|_| fastest_by_default);
-    let Ok(wanted) = std::env::var(var) else {
+    let Some(wanted) = super::choices::named(var) else {
         return default;
     };
     match all.iter().copied().find(|&k| name(k) == wanted) {

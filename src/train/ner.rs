@@ -835,8 +835,9 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         names
     );
 
-    // TIDINGS_PROFILE=1 prints the time of each step's forward, backward and update.
-    let profile = std::env::var_os("TIDINGS_PROFILE").is_some();
+    // --profile (TIDINGS_PROFILE=1) prints the time of each step's forward, backward and
+    // update.
+    let profile = crate::model::choices::profile();
     let mut step = state.step;
     for epoch in state.epochs_done..cfg.epochs {
         if cfg.max_steps > 0 && step >= cfg.max_steps {
