@@ -197,12 +197,9 @@ impl Budget {
             return Err(EngineError::TooLarge { cost: n, limit });
         }
         let n = n.max(1);
-        let held = {
-            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(part) = held.as_mut().and_then(|p| p.split(n)) {
-                return Ok(self.reservation(part));
-            }
-            held.take()
+        let held = match self.split(n) {
+            Ok(part) => return Ok(part),
+            Err(held) => held,
         };
         let permit = match self.class {
             Class::Interactive => {
@@ -231,12 +228,9 @@ impl Budget {
     /// could deadlock the pool); and it never runs on room the queue did not grant.
     pub(crate) fn take_now(&self, n: usize) -> Result<Reservation, EngineError> {
         let n = n.max(1);
-        let held = {
-            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(part) = held.as_mut().and_then(|p| p.split(n)) {
-                return Ok(self.reservation(part));
-            }
-            held.take()
+        let held = match self.split(n) {
+            Ok(part) => return Ok(part),
+            Err(held) => held,
         };
         let have = held.as_ref().map_or(0, |p| p.num_permits());
         let mut more = match self.pools.try_acquire(self.class, n - have) {
@@ -251,6 +245,16 @@ impl Budget {
             more.merge(h);
         }
         Ok(self.reservation(more))
+    }
+
+    /// `n` tokens split from what the request holds, or (when it holds fewer) all it holds,
+    /// taken out of the budget.
+    fn split(&self, n: usize) -> Result<Reservation, Option<OwnedSemaphorePermit>> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.as_mut().and_then(|p| p.split(n)) {
+            Some(part) => Ok(self.reservation(part)),
+            None => Err(held.take()),
+        }
     }
 
     fn reservation(&self, permit: OwnedSemaphorePermit) -> Reservation {
