@@ -606,249 +606,391 @@ impl Checkpoints {
 /// minute when stderr is not a terminal, e.g. a run in the background).
 pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     let started = Instant::now();
-    if !(0.0..1.0).contains(&cfg.ema) {
-        bail!("--ema must be in [0, 1), got {}", cfg.ema);
-    }
-    for (flag, p) in [
-        ("--entity-replace", cfg.entity_replace),
-        ("--case-augment", cfg.case_augment),
-    ] {
-        if !(0.0..=1.0).contains(&p) {
-            bail!("{flag} is a probability, got {p}");
+    let mut t = Trainer::new(cfg)?;
+    for epoch in t.state.epochs_done..cfg.epochs {
+        if t.steps_spent() {
+            break;
         }
+        let totals = t.epoch(epoch)?;
+        t.evaluate_and_checkpoint(epoch, totals)?;
     }
-    let device = Device::Cpu;
-    let base = ModelDir::open(&cfg.base)?;
-    let mut train_docs = conll::read(&cfg.train)?;
-    if cfg.limit_docs > 0 {
-        train_docs.truncate(cfg.limit_docs);
-    }
-    let dev_docs = match &cfg.dev {
-        Some(p) => conll::read(p)?,
-        None => Vec::new(),
+    let report = NerTrainReport {
+        config: cfg.clone(),
+        epochs: t.state.history.clone(),
+        best_epoch: t.state.best_epoch,
+        best_f1: t.state.best_f1,
+        seconds: started.elapsed().as_secs_f64(),
     };
-    let mut types: Vec<String> = train_docs
-        .iter()
-        .flat_map(|d| d.tags())
-        .filter_map(|t| t.split_once('-').map(|(_, ty)| ty.to_string()))
-        .collect();
-    types.sort();
-    types.dedup();
-    if types.is_empty() {
-        bail!("{}: no entity tags found", cfg.train.display());
-    }
-    let names = tag_names(&types);
-    let mut model_cfg = base.config.clone();
-    model_cfg.id2label = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (i.to_string(), n.clone()))
-        .collect();
-    model_cfg.tidings_casing = cfg.casing;
-    model_cfg.tidings_shared_encoder = cfg.distill > 0.0;
-    // A projection belongs to the weights it was fitted on: a model trained from a base that
-    // has one gets none until `tidings train projection` fits its own.
-    model_cfg.tidings_topic_projection = false;
-    model_cfg.extra.remove("label2id");
+    std::fs::write(
+        cfg.out.join("train_report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    Ok(report)
+}
 
-    let max_pieces = cfg.max_pieces.min(model_cfg.max_tokens() - 2);
-    let prepared = train_docs
-        .iter()
-        .map(|d| prepare(d, &base, &names))
-        .collect::<Result<Vec<_>>>()?;
-    let total_pieces: usize = prepared.iter().map(|p| p.ids.len()).sum();
+/// One training run's model, optimizers, data and bookkeeping: built (or resumed) by
+/// [`Trainer::new`], then an [`Trainer::epoch`] of [`Trainer::step`]s and an
+/// [`Trainer::evaluate_and_checkpoint`] at a time.
+struct Trainer<'a> {
+    cfg: &'a NerTrainConfig,
+    device: Device,
+    base: ModelDir,
+    dev_docs: Vec<Document>,
+    /// BIO tag names, by label id.
+    names: Vec<String>,
+    model_cfg: ModelConfig,
+    max_pieces: usize,
+    prepared: Vec<Prepared>,
+    varmap: VarMap,
+    model: TokenClassifier,
+    /// The same vars, for scoring dev.
+    eval_model: TokenClassifier,
+    /// The frozen base encoder, on the fused inference path: the distillation targets.
+    teacher: Option<SentenceEmbedder>,
+    checkpoints: Checkpoints,
+    state: CheckpointState,
+    all_vars: Vec<Var>,
+    var_names: Vec<String>,
+    ema: Option<Ema>,
+    mentions: Mentions,
+    opt_enc: AdamW,
+    opt_head: AdamW,
+    /// `[CLS]`, `[SEP]` and padding ids.
+    specials: (u32, u32, u32),
+    total_steps: usize,
+    warmup_steps: usize,
+    window: pipeline::WindowSpec,
+    step: usize,
+    profile: bool,
+}
 
-    // Model with all weights as trainable vars.
-    let mut varmap = VarMap::new();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    seed_dropout(cfg.seed);
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let (enc_prefix, _) = hf_layout(&model_cfg.model_type);
-    let model = TokenClassifier::from_var_builder(vb, enc_prefix, &model_cfg)?;
-    // The frozen base encoder, on the fused inference path: the distillation targets.
-    let teacher = if cfg.distill > 0.0 {
-        Some(SentenceEmbedder::load_with(&base, &device, Precision::F32)?)
-    } else {
-        None
-    };
-    let checkpoints = Checkpoints {
-        dir: cfg.out.join("checkpoints"),
-    };
-    let resume_from = cfg.resume.then(|| checkpoints.latest()).flatten();
-    let mut state = CheckpointState::default();
-    if let Some(ckpt_dir) = &resume_from {
-        varmap.load(ckpt_dir.join("model.safetensors"))?;
-        state = serde_json::from_slice(&std::fs::read(ckpt_dir.join("state.json"))?)?;
-        eprintln!(
-            "resuming from {} after epoch {} and {} batches of the next (step {}, best dev F1 \
-             {:.4})",
-            ckpt_dir.display(),
-            state.epochs_done,
-            state.batches_done,
-            state.step,
-            state.best_f1
-        );
-    } else {
-        let weights = candle_core::safetensors::load(base.weights_path(), &device)?;
-        let prefix = base.encoder_prefix(&base.var_builder(DType::F32, &device)?)?;
-        let mut loaded = 0;
-        for (name, t) in weights {
-            let bare = if prefix.is_empty() {
-                name.as_str()
-            } else {
-                match name.strip_prefix(&format!("{prefix}.")) {
-                    Some(b) => b,
-                    None => continue,
-                }
-            };
-            let target = format!("{enc_prefix}.{bare}");
-            if varmap
-                .data()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&target)
-            {
-                varmap.set_one(&target, t.to_dtype(DType::F32)?)?;
-                loaded += 1;
-            }
-        }
-        if cfg.casing {
-            let name = format!("{enc_prefix}.embeddings.casing_embeddings.weight");
-            let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[&name]
-                .shape()
-                .clone();
-            varmap.set_one(&name, Tensor::zeros(shape, DType::F32, &device)?)?;
-        }
-        // Small random head, seeded.
-        let n = names.len();
-        let h = model_cfg.hidden_size;
-        let w: Vec<f32> = (0..n * h)
-            .map(|_| (rng.random::<f32>() - 0.5) * 0.04)
-            .collect();
-        varmap.set_one("classifier.weight", Tensor::from_vec(w, (n, h), &device)?)?;
-        varmap.set_one("classifier.bias", Tensor::zeros(n, DType::F32, &device)?)?;
-        let expected = varmap.all_vars().len() - 2 - usize::from(cfg.casing);
-        if loaded != expected {
-            bail!(
-                "loaded {loaded} of {expected} encoder tensors from {}",
-                base.dir.display()
-            );
-        }
+/// One optimizer step's figures.
+struct StepOutcome {
+    /// NER loss.
+    loss: f64,
+    /// Tagged pieces.
+    pieces: usize,
+    /// Cosine to the teacher, when distilling.
+    cosine: f64,
+}
+
+/// An epoch's running totals (carried across a mid-epoch checkpoint).
+struct EpochTotals {
+    loss_sum: f64,
+    loss_n: usize,
+    pieces_seen: usize,
+    cos_sum: f64,
+    /// Seconds of training so far, before this process's share.
+    earlier_seconds: f64,
+    /// When this process started on the epoch.
+    started: Instant,
+}
+
+impl EpochTotals {
+    fn trained_for(&self) -> f64 {
+        self.earlier_seconds + self.started.elapsed().as_secs_f64()
     }
 
-    let (enc_vars, head_vars, var_names): (Vec<Var>, Vec<Var>, Vec<String>) = {
-        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-        let mut enc = Vec::new();
-        let mut head = Vec::new();
-        for (name, var) in data.iter() {
-            if name.starts_with("classifier") || name.contains("casing_embeddings") {
-                head.push((name.clone(), var.clone()));
-            } else {
-                enc.push((name.clone(), var.clone()));
-            }
-        }
-        let names = enc.iter().chain(&head).map(|(n, _)| n.clone()).collect();
+    fn partial(&self) -> (f64, usize, usize, f64, f64) {
         (
-            enc.into_iter().map(|(_, v)| v).collect(),
-            head.into_iter().map(|(_, v)| v).collect(),
-            names,
+            self.loss_sum,
+            self.loss_n,
+            self.pieces_seen,
+            self.cos_sum,
+            self.trained_for(),
         )
-    };
-    let all_vars: Vec<Var> = enc_vars.iter().chain(head_vars.iter()).cloned().collect();
-    let mut ema = if cfg.ema > 0.0 {
-        let mut ema = Ema::new(cfg.ema, &all_vars)?;
-        let ckpt_dir = resume_from
-            .clone()
-            .unwrap_or_else(|| checkpoints.dir.clone());
-        let path = ckpt_dir.join("ema.safetensors");
-        if resume_from.is_some() && state.step > 0 {
-            if state.ema != cfg.ema || !path.is_file() {
+    }
+}
+
+impl<'a> Trainer<'a> {
+    /// Reads the data, builds the model from `cfg.base` (or the last checkpoint with
+    /// `cfg.resume`), its optimizers and the weight average.
+    fn new(cfg: &'a NerTrainConfig) -> Result<Self> {
+        if !(0.0..1.0).contains(&cfg.ema) {
+            bail!("--ema must be in [0, 1), got {}", cfg.ema);
+        }
+        for (flag, p) in [
+            ("--entity-replace", cfg.entity_replace),
+            ("--case-augment", cfg.case_augment),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                bail!("{flag} is a probability, got {p}");
+            }
+        }
+        let device = Device::Cpu;
+        let base = ModelDir::open(&cfg.base)?;
+        let mut train_docs = conll::read(&cfg.train)?;
+        if cfg.limit_docs > 0 {
+            train_docs.truncate(cfg.limit_docs);
+        }
+        let dev_docs = match &cfg.dev {
+            Some(p) => conll::read(p)?,
+            None => Vec::new(),
+        };
+        let mut types: Vec<String> = train_docs
+            .iter()
+            .flat_map(|d| d.tags())
+            .filter_map(|t| t.split_once('-').map(|(_, ty)| ty.to_string()))
+            .collect();
+        types.sort();
+        types.dedup();
+        if types.is_empty() {
+            bail!("{}: no entity tags found", cfg.train.display());
+        }
+        let names = tag_names(&types);
+        let mut model_cfg = base.config.clone();
+        model_cfg.id2label = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i.to_string(), n.clone()))
+            .collect();
+        model_cfg.tidings_casing = cfg.casing;
+        model_cfg.tidings_shared_encoder = cfg.distill > 0.0;
+        // A projection belongs to the weights it was fitted on: a model trained from a base that
+        // has one gets none until `tidings train projection` fits its own.
+        model_cfg.tidings_topic_projection = false;
+        model_cfg.extra.remove("label2id");
+
+        let max_pieces = cfg.max_pieces.min(model_cfg.max_tokens() - 2);
+        let prepared = train_docs
+            .iter()
+            .map(|d| prepare(d, &base, &names))
+            .collect::<Result<Vec<_>>>()?;
+        let total_pieces: usize = prepared.iter().map(|p| p.ids.len()).sum();
+
+        // Model with all weights as trainable vars.
+        let mut varmap = VarMap::new();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        seed_dropout(cfg.seed);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let (enc_prefix, _) = hf_layout(&model_cfg.model_type);
+        let model = TokenClassifier::from_var_builder(vb, enc_prefix, &model_cfg)?;
+        // The frozen base encoder, on the fused inference path: the distillation targets.
+        let teacher = if cfg.distill > 0.0 {
+            Some(SentenceEmbedder::load_with(&base, &device, Precision::F32)?)
+        } else {
+            None
+        };
+        let checkpoints = Checkpoints {
+            dir: cfg.out.join("checkpoints"),
+        };
+        let resume_from = cfg.resume.then(|| checkpoints.latest()).flatten();
+        let mut state = CheckpointState::default();
+        if let Some(ckpt_dir) = &resume_from {
+            varmap.load(ckpt_dir.join("model.safetensors"))?;
+            state = serde_json::from_slice(&std::fs::read(ckpt_dir.join("state.json"))?)?;
+            eprintln!(
+                "resuming from {} after epoch {} and {} batches of the next (step {}, best dev F1 \
+             {:.4})",
+                ckpt_dir.display(),
+                state.epochs_done,
+                state.batches_done,
+                state.step,
+                state.best_f1
+            );
+        } else {
+            let weights = candle_core::safetensors::load(base.weights_path(), &device)?;
+            let prefix = base.encoder_prefix(&base.var_builder(DType::F32, &device)?)?;
+            let mut loaded = 0;
+            for (name, t) in weights {
+                let bare = if prefix.is_empty() {
+                    name.as_str()
+                } else {
+                    match name.strip_prefix(&format!("{prefix}.")) {
+                        Some(b) => b,
+                        None => continue,
+                    }
+                };
+                let target = format!("{enc_prefix}.{bare}");
+                if varmap
+                    .data()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&target)
+                {
+                    varmap.set_one(&target, t.to_dtype(DType::F32)?)?;
+                    loaded += 1;
+                }
+            }
+            if cfg.casing {
+                let name = format!("{enc_prefix}.embeddings.casing_embeddings.weight");
+                let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[&name]
+                    .shape()
+                    .clone();
+                varmap.set_one(&name, Tensor::zeros(shape, DType::F32, &device)?)?;
+            }
+            // Small random head, seeded.
+            let n = names.len();
+            let h = model_cfg.hidden_size;
+            let w: Vec<f32> = (0..n * h)
+                .map(|_| (rng.random::<f32>() - 0.5) * 0.04)
+                .collect();
+            varmap.set_one("classifier.weight", Tensor::from_vec(w, (n, h), &device)?)?;
+            varmap.set_one("classifier.bias", Tensor::zeros(n, DType::F32, &device)?)?;
+            let expected = varmap.all_vars().len() - 2 - usize::from(cfg.casing);
+            if loaded != expected {
                 bail!(
+                    "loaded {loaded} of {expected} encoder tensors from {}",
+                    base.dir.display()
+                );
+            }
+        }
+
+        let (enc_vars, head_vars, var_names): (Vec<Var>, Vec<Var>, Vec<String>) = {
+            let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            let mut enc = Vec::new();
+            let mut head = Vec::new();
+            for (name, var) in data.iter() {
+                if name.starts_with("classifier") || name.contains("casing_embeddings") {
+                    head.push((name.clone(), var.clone()));
+                } else {
+                    enc.push((name.clone(), var.clone()));
+                }
+            }
+            let names = enc.iter().chain(&head).map(|(n, _)| n.clone()).collect();
+            (
+                enc.into_iter().map(|(_, v)| v).collect(),
+                head.into_iter().map(|(_, v)| v).collect(),
+                names,
+            )
+        };
+        let all_vars: Vec<Var> = enc_vars.iter().chain(head_vars.iter()).cloned().collect();
+        let ema = if cfg.ema > 0.0 {
+            let mut ema = Ema::new(cfg.ema, &all_vars)?;
+            let ckpt_dir = resume_from
+                .clone()
+                .unwrap_or_else(|| checkpoints.dir.clone());
+            let path = ckpt_dir.join("ema.safetensors");
+            if resume_from.is_some() && state.step > 0 {
+                if state.ema != cfg.ema || !path.is_file() {
+                    bail!(
                     "{}: the checkpoint kept a weight average with decay {} (0 = none), this run \
                      asks for {}; resume with the same --ema",
                     ckpt_dir.display(),
                     state.ema,
                     cfg.ema
                 );
+                }
+                let mut saved = candle_core::safetensors::load(&path, &device)?;
+                for (a, name) in ema.avg.iter_mut().zip(&var_names) {
+                    *a = saved
+                        .remove(name)
+                        .with_context(|| format!("{}: no {name}", path.display()))?
+                        .detach();
+                }
+                ema.updates = state.step;
             }
-            let mut saved = candle_core::safetensors::load(&path, &device)?;
-            for (a, name) in ema.avg.iter_mut().zip(&var_names) {
-                *a = saved
-                    .remove(name)
-                    .with_context(|| format!("{}: no {name}", path.display()))?
-                    .detach();
-            }
-            ema.updates = state.step;
-        }
-        Some(ema)
-    } else {
-        None
-    };
-    let is_begin = |l: u32| names[l as usize].starts_with("B-");
-    let mentions = if cfg.entity_replace > 0.0 {
-        Mentions::collect(&prepared, is_begin)
-    } else {
-        Mentions::default()
-    };
-    let params = |lr| ParamsAdamW {
-        lr,
-        weight_decay: cfg.weight_decay,
-        ..ParamsAdamW::default()
-    };
-    let mut opt_enc = AdamW::new(enc_vars, params(cfg.lr))?;
-    let mut opt_head = AdamW::new(head_vars, params(cfg.head_lr))?;
-
-    let (cls, sep) = base.special_ids()?;
-    let pad = model_cfg.pad_token_id as u32;
-    let steps_per_epoch = {
-        let est_chunks: usize = prepared
-            .iter()
-            .map(|p| chunks(p, max_pieces, || (max_pieces * 2 / 3).max(1)).len())
-            .sum();
-        est_chunks.div_ceil(cfg.batch.max(1))
-    };
-    let total_steps = if cfg.max_steps > 0 {
-        cfg.max_steps.min(steps_per_epoch * cfg.epochs)
-    } else {
-        steps_per_epoch * cfg.epochs
-    };
-    let warmup_steps = ((total_steps as f64) * cfg.warmup).ceil().max(1.0) as usize;
-    let schedule = |step: usize| -> f64 {
-        if step < warmup_steps {
-            (step + 1) as f64 / warmup_steps as f64
+            Some(ema)
         } else {
-            ((total_steps - step) as f64 / (total_steps - warmup_steps).max(1) as f64).max(0.0)
-        }
-    };
-    let window = pipeline::WindowSpec::default().fit(model_cfg.max_tokens());
-    let eval_model = TokenClassifier::from_var_builder(
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        enc_prefix,
-        &model_cfg,
-    )?;
-    eprintln!(
-        "training on {} documents ({} pieces, ~{} steps/epoch), {} dev documents, tags {:?}",
-        prepared.len(),
-        total_pieces,
-        steps_per_epoch,
-        dev_docs.len(),
-        names
-    );
+            None
+        };
+        let is_begin = |l: u32| names[l as usize].starts_with("B-");
+        let mentions = if cfg.entity_replace > 0.0 {
+            Mentions::collect(&prepared, is_begin)
+        } else {
+            Mentions::default()
+        };
+        let params = |lr| ParamsAdamW {
+            lr,
+            weight_decay: cfg.weight_decay,
+            ..ParamsAdamW::default()
+        };
+        let opt_enc = AdamW::new(enc_vars, params(cfg.lr))?;
+        let opt_head = AdamW::new(head_vars, params(cfg.head_lr))?;
 
-    // --profile (TIDINGS_PROFILE=1) prints the time of each step's forward, backward and
-    // update.
-    let profile = crate::model::choices::profile();
-    let mut step = state.step;
-    for epoch in state.epochs_done..cfg.epochs {
-        if cfg.max_steps > 0 && step >= cfg.max_steps {
-            break;
+        let (cls, sep) = base.special_ids()?;
+        let pad = model_cfg.pad_token_id as u32;
+        let steps_per_epoch = {
+            let est_chunks: usize = prepared
+                .iter()
+                .map(|p| chunks(p, max_pieces, || (max_pieces * 2 / 3).max(1)).len())
+                .sum();
+            est_chunks.div_ceil(cfg.batch.max(1))
+        };
+        let total_steps = if cfg.max_steps > 0 {
+            cfg.max_steps.min(steps_per_epoch * cfg.epochs)
+        } else {
+            steps_per_epoch * cfg.epochs
+        };
+        let warmup_steps = ((total_steps as f64) * cfg.warmup).ceil().max(1.0) as usize;
+        let window = pipeline::WindowSpec::default().fit(model_cfg.max_tokens());
+        let eval_model = TokenClassifier::from_var_builder(
+            VarBuilder::from_varmap(&varmap, DType::F32, &device),
+            enc_prefix,
+            &model_cfg,
+        )?;
+        eprintln!(
+            "training on {} documents ({} pieces, ~{} steps/epoch), {} dev documents, tags {:?}",
+            prepared.len(),
+            total_pieces,
+            steps_per_epoch,
+            dev_docs.len(),
+            names
+        );
+
+        let step = state.step;
+        Ok(Trainer {
+            cfg,
+            device,
+            base,
+            dev_docs,
+            names,
+            model_cfg,
+            max_pieces,
+            prepared,
+            varmap,
+            model,
+            eval_model,
+            teacher,
+            checkpoints,
+            state,
+            all_vars,
+            var_names,
+            ema,
+            mentions,
+            opt_enc,
+            opt_head,
+            specials: (cls, sep, pad),
+            total_steps,
+            warmup_steps,
+            window,
+            step,
+            // --profile (TIDINGS_PROFILE=1) prints the time of each step's forward, backward
+            // and update.
+            profile: crate::model::choices::profile(),
+        })
+    }
+
+    /// Whether `--max-steps` is spent.
+    fn steps_spent(&self) -> bool {
+        self.cfg.max_steps > 0 && self.step >= self.cfg.max_steps
+    }
+
+    /// The learning-rate factor at `step`: linear warm-up, then linear decay to 0.
+    fn schedule(&self, step: usize) -> f64 {
+        let (total, warmup) = (self.total_steps, self.warmup_steps);
+        if step < warmup {
+            (step + 1) as f64 / warmup as f64
+        } else {
+            ((total - step) as f64 / (total - warmup).max(1) as f64).max(0.0)
         }
-        let epoch_started = Instant::now();
+    }
+
+    /// Whether label `l` begins a mention.
+    fn is_begin(names: &[String]) -> impl Fn(u32) -> bool + Copy + '_ {
+        move |l: u32| names[l as usize].starts_with("B-")
+    }
+
+    /// One epoch's passes over the training chunks (from a mid-epoch checkpoint on, when
+    /// resuming), with progress on stderr and a checkpoint every `checkpoint_minutes`.
+    fn epoch(&mut self, epoch: usize) -> Result<EpochTotals> {
+        let cfg = self.cfg;
+        let max_pieces = self.max_pieces;
         // Re-seed per epoch so a resumed run draws the same chunks and masks.
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64 + 1));
         seed_dropout(cfg.seed.wrapping_add(1000 + epoch as u64));
         let mut all: Vec<(usize, usize, usize)> = Vec::new();
-        for (d, p) in prepared.iter().enumerate() {
+        for (d, p) in self.prepared.iter().enumerate() {
             let lo = (max_pieces / 3).max(1);
             let spans = chunks(p, max_pieces, || rng.random_range(lo..=max_pieces));
             all.extend(spans.into_iter().map(|(s, e)| (d, s, e)));
@@ -865,31 +1007,37 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         // A checkpoint within this epoch: its batches are skipped (the order is drawn from the
         // epoch's seed, so it is the same; the random draws after the skip are not).
-        let (skip, partial) = if epoch == state.epochs_done && state.batches_done > 0 {
-            (state.batches_done, state.partial)
+        let (skip, partial) = if epoch == self.state.epochs_done && self.state.batches_done > 0 {
+            (self.state.batches_done, self.state.partial)
         } else {
             (0, (0.0, 0, 0, 0.0, 0.0))
         };
-        let (mut loss_sum, mut loss_n, mut pieces_seen, mut cos_sum, earlier_seconds) = partial;
+        let mut t = EpochTotals {
+            loss_sum: partial.0,
+            loss_n: partial.1,
+            pieces_seen: partial.2,
+            cos_sum: partial.3,
+            earlier_seconds: partial.4,
+            started: Instant::now(),
+        };
         bar.set_position(skip as u64);
-        let train_started = Instant::now();
-        let trained_for = || earlier_seconds + train_started.elapsed().as_secs_f64();
         let (mut last_checkpoint, mut last_log) = (Instant::now(), Instant::now());
         let n_batches = all.len().div_ceil(cfg.batch.max(1));
         for (b, batch) in all.chunks(cfg.batch.max(1)).enumerate() {
             if b < skip {
                 continue;
             }
-            if cfg.max_steps > 0 && step >= cfg.max_steps {
+            if self.steps_spent() {
                 break;
             }
+            let is_begin = Self::is_begin(&self.names);
             let chunks: Vec<Pieces> = batch
                 .iter()
                 .map(|&(d, s, e)| {
                     let mut c = replace_entities(
-                        &prepared[d],
+                        &self.prepared[d],
                         (s, e),
-                        &mentions,
+                        &self.mentions,
                         cfg.entity_replace,
                         max_pieces,
                         is_begin,
@@ -901,106 +1049,36 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
                     c
                 })
                 .collect();
-            let rows: Vec<Row> = chunks
-                .iter()
-                .map(|c| Row {
-                    ids: &c.ids,
-                    casing: &c.casing,
-                })
-                .collect();
-            let input = encode_rows(&rows, cls, sep, pad, &device)?;
-            let seq = input.input_ids.dim(1)?;
-            let mut positions = Vec::new();
-            let mut targets = Vec::new();
-            for (r, c) in chunks.iter().enumerate() {
-                for (k, &l) in c.labels.iter().enumerate() {
-                    positions.push((r * seq + 1 + k) as u32);
-                    targets.push(l);
-                }
-            }
-            let n_pos = positions.len();
-            let t0 = Instant::now();
-            let (logits, hidden) = model.forward_with_hidden(
-                &input,
-                Mode {
-                    train: true,
-                    dropout: cfg.dropout,
-                },
-            )?;
-            let n_labels = names.len();
-            let flat = logits.reshape((rows.len() * seq, n_labels))?;
-            let picked = flat.index_select(&Tensor::from_vec(positions, n_pos, &device)?, 0)?;
-            let targets = Tensor::from_vec(targets, n_pos, &device)?;
-            let ner_loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
-            let loss = match &teacher {
-                Some(teacher) => {
-                    let target = teacher.forward(&input)?.detach();
-                    let pooled = mean_pool(&hidden, &input.attention_mask)?;
-                    let cosine = (pooled * target)?.sum(1)?.mean_all()?;
-                    cos_sum += cosine.to_scalar::<f32>()? as f64;
-                    (&ner_loss + ((1.0 - cosine)? * cfg.distill)?)?
-                }
-                None => ner_loss.clone(),
-            };
-            let _ = loss.to_scalar::<f32>()?;
-            let t1 = Instant::now();
-            let mut grads = loss.backward()?;
-            let t2 = Instant::now();
-            let norm = global_norm(&grads, &all_vars)?;
-            if norm > cfg.clip {
-                let scale = cfg.clip / (norm + 1e-6);
-                for v in &all_vars {
-                    if let Some(g) = grads.remove(v) {
-                        grads.insert(v, (g * scale)?);
-                    }
-                }
-            }
-            let f = schedule(step);
-            opt_enc.set_learning_rate(cfg.lr * f);
-            opt_head.set_learning_rate(cfg.head_lr * f);
-            opt_enc.step(&grads)?;
-            opt_head.step(&grads)?;
-            if let Some(ema) = &mut ema {
-                ema.update(&all_vars, &grads)?;
-            }
-            step += 1;
-            if profile {
-                eprintln!(
-                    "fwd {:?} bwd {:?} opt {:?} n {}",
-                    t1 - t0,
-                    t2 - t1,
-                    t2.elapsed(),
-                    n_pos
-                );
-            }
-            let l = ner_loss.to_scalar::<f32>()? as f64;
-            loss_sum += l;
-            loss_n += 1;
-            pieces_seen += n_pos;
-            let tps = pieces_seen as f64 / trained_for().max(1e-9);
-            let cos = if teacher.is_some() {
-                format!(" cos {:.4}", cos_sum / loss_n as f64)
+            let o = self.step(&chunks)?;
+            t.loss_sum += o.loss;
+            t.loss_n += 1;
+            t.pieces_seen += o.pieces;
+            t.cos_sum += o.cosine;
+            let tps = t.pieces_seen as f64 / t.trained_for().max(1e-9);
+            let cos = if self.teacher.is_some() {
+                format!(" cos {:.4}", t.cos_sum / t.loss_n as f64)
             } else {
                 String::new()
             };
             bar.set_message(format!(
                 "loss {:.4}{cos} {:.0} tok/s",
-                loss_sum / loss_n as f64,
+                t.loss_sum / t.loss_n as f64,
                 tps
             ));
             bar.inc(1);
             if bar.is_hidden() && last_log.elapsed().as_secs() >= 60 {
                 last_log = Instant::now();
-                let per_batch = train_started.elapsed().as_secs_f64() / (b + 1 - skip) as f64;
+                let per_batch = t.started.elapsed().as_secs_f64() / (b + 1 - skip) as f64;
                 let left = (n_batches - b - 1) as f64 * per_batch;
                 let later_epochs = (cfg.epochs - epoch - 1) as f64 * n_batches as f64 * per_batch;
                 eprintln!(
-                    "epoch {}/{} batch {}/{n_batches} step {step}: loss {:.4}{cos}, {:.0} tok/s; \
+                    "epoch {}/{} batch {}/{n_batches} step {}: loss {:.4}{cos}, {:.0} tok/s; \
                      epoch ends in {:.0} min, the run in {:.0} min (dev scoring not counted)",
                     epoch + 1,
                     cfg.epochs,
                     b + 1,
-                    loss_sum / loss_n as f64,
+                    self.step,
+                    t.loss_sum / t.loss_n as f64,
                     tps,
                     left / 60.0,
                     (left + later_epochs) / 60.0
@@ -1010,16 +1088,14 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
                 && last_checkpoint.elapsed().as_secs_f64() >= cfg.checkpoint_minutes * 60.0;
             if due && b + 1 < n_batches {
                 last_checkpoint = Instant::now();
-                state.step = step;
-                state.batches_done = b + 1;
-                state.partial = (loss_sum, loss_n, pieces_seen, cos_sum, trained_for());
-                state.ema = cfg.ema;
-                let names = var_names.as_slice();
-                checkpoints.write(&varmap, ema.as_ref().map(|e| (e, names)), &state)?;
+                self.state.batches_done = b + 1;
+                self.state.partial = t.partial();
+                self.checkpoint()?;
                 let line = format!(
-                    "checkpoint: epoch {} batch {}/{n_batches}, step {step}",
+                    "checkpoint: epoch {} batch {}/{n_batches}, step {}",
                     epoch + 1,
-                    b + 1
+                    b + 1,
+                    self.step
                 );
                 // A hidden bar (no terminal) prints nothing of its own.
                 if bar.is_hidden() {
@@ -1030,29 +1106,143 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             }
         }
         bar.finish();
-        let tokens_per_s = pieces_seen as f64 / trained_for().max(1e-9);
+        Ok(t)
+    }
+
+    /// One optimizer step on `chunks`: forward, loss (plus distillation), backward, clip,
+    /// AdamW on the encoder and on the head, the weight average.
+    fn step(&mut self, chunks: &[Pieces]) -> Result<StepOutcome> {
+        let cfg = self.cfg;
+        let device = &self.device;
+        let (cls, sep, pad) = self.specials;
+        let rows: Vec<Row> = chunks
+            .iter()
+            .map(|c| Row {
+                ids: &c.ids,
+                casing: &c.casing,
+            })
+            .collect();
+        let input = encode_rows(&rows, cls, sep, pad, device)?;
+        let seq = input.input_ids.dim(1)?;
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        for (r, c) in chunks.iter().enumerate() {
+            for (k, &l) in c.labels.iter().enumerate() {
+                positions.push((r * seq + 1 + k) as u32);
+                targets.push(l);
+            }
+        }
+        let n_pos = positions.len();
+        let t0 = Instant::now();
+        let (logits, hidden) = self.model.forward_with_hidden(
+            &input,
+            Mode {
+                train: true,
+                dropout: cfg.dropout,
+            },
+        )?;
+        let n_labels = self.names.len();
+        let flat = logits.reshape((rows.len() * seq, n_labels))?;
+        let picked = flat.index_select(&Tensor::from_vec(positions, n_pos, device)?, 0)?;
+        let targets = Tensor::from_vec(targets, n_pos, device)?;
+        let ner_loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
+        let mut cos = 0.0;
+        let loss = match &self.teacher {
+            Some(teacher) => {
+                let target = teacher.forward(&input)?.detach();
+                let pooled = mean_pool(&hidden, &input.attention_mask)?;
+                let cosine = (pooled * target)?.sum(1)?.mean_all()?;
+                cos = cosine.to_scalar::<f32>()? as f64;
+                (&ner_loss + ((1.0 - cosine)? * cfg.distill)?)?
+            }
+            None => ner_loss.clone(),
+        };
+        let _ = loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let mut grads = loss.backward()?;
+        let t2 = Instant::now();
+        let norm = global_norm(&grads, &self.all_vars)?;
+        if norm > cfg.clip {
+            let scale = cfg.clip / (norm + 1e-6);
+            for v in &self.all_vars {
+                if let Some(g) = grads.remove(v) {
+                    grads.insert(v, (g * scale)?);
+                }
+            }
+        }
+        let f = self.schedule(self.step);
+        self.opt_enc.set_learning_rate(cfg.lr * f);
+        self.opt_head.set_learning_rate(cfg.head_lr * f);
+        self.opt_enc.step(&grads)?;
+        self.opt_head.step(&grads)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.all_vars, &grads)?;
+        }
+        self.step += 1;
+        if self.profile {
+            eprintln!(
+                "fwd {:?} bwd {:?} opt {:?} n {}",
+                t1 - t0,
+                t2 - t1,
+                t2.elapsed(),
+                n_pos
+            );
+        }
+        Ok(StepOutcome {
+            loss: ner_loss.to_scalar::<f32>()? as f64,
+            pieces: n_pos,
+            cosine: cos,
+        })
+    }
+
+    /// Writes a checkpoint of the run as it stands.
+    fn checkpoint(&mut self) -> Result<()> {
+        self.state.step = self.step;
+        self.state.ema = self.cfg.ema;
+        let names = self.var_names.as_slice();
+        self.checkpoints.write(
+            &self.varmap,
+            self.ema.as_ref().map(|e| (e, names)),
+            &self.state,
+        )
+    }
+
+    /// The end of an epoch: scores dev (the weights and their average), saves the model
+    /// when the epoch is the best so far, and writes a checkpoint.
+    fn evaluate_and_checkpoint(&mut self, epoch: usize, t: EpochTotals) -> Result<()> {
+        let cfg = self.cfg;
+        let tokens_per_s = t.pieces_seen as f64 / t.trained_for().max(1e-9);
         let score_dev = || -> Result<Option<f64>> {
-            if dev_docs.is_empty() {
+            if self.dev_docs.is_empty() {
                 return Ok(None);
             }
-            let scorer = evaluate(&eval_model, &base, &dev_docs, window, &device)?;
+            let scorer = evaluate(
+                &self.eval_model,
+                &self.base,
+                &self.dev_docs,
+                self.window,
+                &self.device,
+            )?;
             eprint!("{}", scorer.table());
             Ok(Some(scorer.overall().f1()))
         };
         let dev_f1 = score_dev()?;
         // The average's turn: swapped into the vars (which the eval model shares), scored, and
         // kept there only while saving it as the best epoch.
-        let ema_dev_f1 = match &ema {
-            Some(ema) => ema.with_average(&all_vars, score_dev)?,
+        let ema_dev_f1 = match &self.ema {
+            Some(ema) => ema.with_average(&self.all_vars, score_dev)?,
             None => None,
         };
         let mut report = EpochReport {
             epoch: epoch + 1,
-            loss: loss_sum / loss_n.max(1) as f64,
+            loss: t.loss_sum / t.loss_n.max(1) as f64,
             dev_f1,
             tokens_per_s,
-            seconds: epoch_started.elapsed().as_secs_f64(),
-            distill_cosine: teacher.as_ref().map(|_| cos_sum / loss_n.max(1) as f64),
+            seconds: t.started.elapsed().as_secs_f64(),
+            distill_cosine: self
+                .teacher
+                .as_ref()
+                .map(|_| t.cos_sum / t.loss_n.max(1) as f64),
             ema_dev_f1,
             kept_ema: false,
         };
@@ -1073,37 +1263,22 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
             Some(f) if f > raw_score => (f, true),
             _ => (raw_score, false),
         };
-        if state.best_epoch == 0 || score > state.best_f1 {
-            state.best_f1 = score;
-            state.best_epoch = epoch + 1;
+        if self.state.best_epoch == 0 || score > self.state.best_f1 {
+            self.state.best_f1 = score;
+            self.state.best_epoch = epoch + 1;
             report.kept_ema = use_ema;
-            let save = || save_model(&varmap, &base, &model_cfg, &cfg.out, cfg.f16);
-            match (&ema, use_ema) {
-                (Some(ema), true) => ema.with_average(&all_vars, save)?,
+            let save = || save_model(&self.varmap, &self.base, &self.model_cfg, &cfg.out, cfg.f16);
+            match (&self.ema, use_ema) {
+                (Some(ema), true) => ema.with_average(&self.all_vars, save)?,
                 _ => save()?,
             }
         }
-        state.history.push(report);
-        state.epochs_done = epoch + 1;
-        state.batches_done = 0;
-        state.partial = Default::default();
-        state.step = step;
-        state.ema = cfg.ema;
-        let names = var_names.as_slice();
-        checkpoints.write(&varmap, ema.as_ref().map(|e| (e, names)), &state)?;
+        self.state.history.push(report);
+        self.state.epochs_done = epoch + 1;
+        self.state.batches_done = 0;
+        self.state.partial = Default::default();
+        self.checkpoint()
     }
-    let report = NerTrainReport {
-        config: cfg.clone(),
-        epochs: state.history.clone(),
-        best_epoch: state.best_epoch,
-        best_f1: state.best_f1,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    std::fs::write(
-        cfg.out.join("train_report.json"),
-        serde_json::to_vec_pretty(&report)?,
-    )?;
-    Ok(report)
 }
 
 #[cfg(test)]
