@@ -5,7 +5,7 @@ use super::convert::{analysis_to_proto, article_from_proto, invalid, status_of, 
 use super::pending::{Hold, PendingBytes};
 use crate::engine::{Caller, Class, Engine};
 use crate::proto::{self, tidings_server::Tidings};
-use futures::future::{BoxFuture, OptionFuture};
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
@@ -340,15 +340,7 @@ impl TidingsService {
             let mut draining = svc.draining.clone();
             let mut drain_open = true;
             let mut in_flight = FuturesUnordered::new();
-            // A request read while the process held its budget of request bytes: it waits
-            // for room, and the stream reads nothing more meanwhile (see `PendingBytes`).
-            let mut parked: Option<(Incoming, OwnedSemaphorePermit)> = None;
-            let mut room_for_parked: Option<
-                BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>,
-            > = None;
-            // After a refusal: the stream reads again once a request of that size could be
-            // parked.
-            let mut parking_room: Option<BoxFuture<'static, ()>> = None;
+            let mut intake = Intake::default();
             let mut ready: VecDeque<T> = VecDeque::new();
             let mut reading = true;
             let mut input_done = false;
@@ -391,9 +383,7 @@ impl TidingsService {
                         }
                     }
                     _ = tokio::time::sleep_until(idle_at) => {
-                        if (in_flight.is_empty() && parked.is_none() && parking_room.is_none())
-                            || !ready.is_empty()
-                        {
+                        if (in_flight.is_empty() && !intake.blocked()) || !ready.is_empty() {
                             ending = Some(Status::unavailable(format!(
                                 "the stream made no progress for {:?} (no request sent, no \
                                  answer read): closed; send unanswered requests again",
@@ -404,30 +394,12 @@ impl TidingsService {
                         // The server itself is busy with this stream's work.
                         progress = tokio::time::Instant::now();
                     }
-                    msg = input.next(), if reading && parked.is_none() && parking_room.is_none() && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
+                    msg = input.next(), if reading && !intake.blocked() && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
                         progress = tokio::time::Instant::now();
                         match msg {
                             Some(Ok(incoming)) => {
-                                let bytes = incoming.bytes();
-                                match svc.pending.try_hold(bytes) {
-                                    Hold::Room(room) => {
-                                        in_flight.push(svc.clone().answer_one(incoming, caller, room));
-                                    }
-                                    Hold::Parked(waiting) => {
-                                        room_for_parked = Some(Box::pin(svc.pending.clone().hold(bytes)));
-                                        parked = Some((incoming, waiting));
-                                    }
-                                    Hold::Refused => {
-                                        let status = Status::resource_exhausted(format!(
-                                            "server busy: it holds its limit of {} bytes of stream \
-                                             requests, read and not yet answered; send this one \
-                                             again later",
-                                            svc.pending.limit()
-                                        ));
-                                        let id = incoming.id().to_string();
-                                        in_flight.push(Box::pin(async move { (Err(status), id) }));
-                                        parking_room = Some(Box::pin(svc.pending.clone().parking_room(bytes)));
-                                    }
+                                if let Some(work) = intake.take(&svc, incoming, caller) {
+                                    in_flight.push(work);
                                 }
                             }
                             None => {
@@ -443,21 +415,16 @@ impl TidingsService {
                             }
                         }
                     }
-                    Some(()) = OptionFuture::from(parking_room.as_mut()), if parking_room.is_some() => {
-                        parking_room = None;
-                    }
-                    Some(room) = OptionFuture::from(room_for_parked.as_mut()), if room_for_parked.is_some() => {
-                        room_for_parked = None;
-                        match (room, parked.take()) {
-                            (Ok(room), Some((incoming, _parked))) => {
-                                in_flight.push(svc.clone().answer_one(incoming, caller, room));
-                            }
-                            _ => {
-                                ending.get_or_insert_with(|| Status::unavailable("the server is shutting down"));
-                                break;
-                            }
+                    unblocked = intake.unblocked(), if intake.blocked() => match unblocked {
+                        Ok(Some((incoming, room))) => {
+                            in_flight.push(svc.clone().answer_one(incoming, caller, room));
                         }
-                    }
+                        Ok(None) => {}
+                        Err(_) => {
+                            ending.get_or_insert_with(|| Status::unavailable("the server is shutting down"));
+                            break;
+                        }
+                    },
                     Some((res, id)) = in_flight.next(), if !in_flight.is_empty() => {
                         match answer(res, id) {
                             Ok(out) => ready.push_back(out),
@@ -519,6 +486,76 @@ pub enum Incoming {
         /// Why it could not be read.
         status: Status,
     },
+}
+
+/// What a stream does with the requests it reads, within the process's budget of request
+/// bytes ([`PendingBytes`]): each goes on to the engine holding its bytes, or is parked (the
+/// stream reads nothing more until it has room), or is refused (and the stream reads its
+/// next only once a request of that size could be parked).
+#[derive(Default)]
+struct Intake {
+    /// The parked request and the parked bytes it holds.
+    parked: Option<(Incoming, OwnedSemaphorePermit)>,
+    /// Room for it, once there is some.
+    room_for_parked: Option<BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>>,
+    /// After a refusal: resolves when a request of its size could be parked.
+    parking_room: Option<BoxFuture<'static, ()>>,
+}
+
+impl Intake {
+    /// Whether the stream must not read now.
+    fn blocked(&self) -> bool {
+        self.parked.is_some() || self.parking_room.is_some()
+    }
+
+    /// A request just read: its work (answered with its bytes held, or refused), or `None`
+    /// when it is parked.
+    fn take(
+        &mut self,
+        svc: &TidingsService,
+        incoming: Incoming,
+        caller: Caller,
+    ) -> Option<BoxFuture<'static, Outcome>> {
+        let bytes = incoming.bytes();
+        match svc.pending.try_hold(bytes) {
+            Hold::Room(room) => Some(svc.clone().answer_one(incoming, caller, room)),
+            Hold::Parked(waiting) => {
+                self.room_for_parked = Some(Box::pin(svc.pending.clone().hold(bytes)));
+                self.parked = Some((incoming, waiting));
+                None
+            }
+            Hold::Refused => {
+                let status = Status::resource_exhausted(format!(
+                    "server busy: it holds its limit of {} bytes of stream requests, read and \
+                     not yet answered; send this one again later",
+                    svc.pending.limit()
+                ));
+                let id = incoming.id().to_string();
+                self.parking_room = Some(Box::pin(svc.pending.clone().parking_room(bytes)));
+                Some(Box::pin(async move { (Err(status), id) }))
+            }
+        }
+    }
+
+    /// Waits until the stream may read again: with the parked request and its room when one
+    /// was parked; `Err` when the server stops.
+    async fn unblocked(
+        &mut self,
+    ) -> Result<Option<(Incoming, OwnedSemaphorePermit)>, AcquireError> {
+        if let Some(wait) = self.parking_room.as_mut() {
+            wait.await;
+            self.parking_room = None;
+            return Ok(None);
+        }
+        let Some(wait) = self.room_for_parked.as_mut() else {
+            return Ok(None);
+        };
+        let room = wait.await;
+        self.room_for_parked = None;
+        // Set together with `room_for_parked`; the parked bytes go back here.
+        let parked = self.parked.take().map(|(incoming, _parked)| incoming);
+        room.map(|r| parked.map(|incoming| (incoming, r)))
+    }
 }
 
 impl Incoming {

@@ -628,6 +628,135 @@ pub fn train(cfg: &NerTrainConfig) -> Result<NerTrainReport> {
     Ok(report)
 }
 
+/// Refuses settings out of their range before any work.
+fn check_flags(cfg: &NerTrainConfig) -> Result<()> {
+    if !(0.0..1.0).contains(&cfg.ema) {
+        bail!("--ema must be in [0, 1), got {}", cfg.ema);
+    }
+    for (flag, p) in [
+        ("--entity-replace", cfg.entity_replace),
+        ("--case-augment", cfg.case_augment),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{flag} is a probability, got {p}");
+        }
+    }
+    Ok(())
+}
+
+/// The run's tag names (BIO over the entity types of `train_docs`) and the model's config:
+/// `base`'s with those labels and the run's casing and shared-encoder settings.
+fn tagged_config(
+    base: &ModelDir,
+    train_docs: &[Document],
+    cfg: &NerTrainConfig,
+) -> Result<(Vec<String>, ModelConfig)> {
+    let mut types: Vec<String> = train_docs
+        .iter()
+        .flat_map(|d| d.tags())
+        .filter_map(|t| t.split_once('-').map(|(_, ty)| ty.to_string()))
+        .collect();
+    types.sort();
+    types.dedup();
+    if types.is_empty() {
+        bail!("{}: no entity tags found", cfg.train.display());
+    }
+    let names = tag_names(&types);
+    let mut model_cfg = base.config.clone();
+    model_cfg.id2label = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), n.clone()))
+        .collect();
+    model_cfg.tidings_casing = cfg.casing;
+    model_cfg.tidings_shared_encoder = cfg.distill > 0.0;
+    // A projection belongs to the weights it was fitted on: a model trained from a base that
+    // has one gets none until `tidings train projection` fits its own.
+    model_cfg.tidings_topic_projection = false;
+    model_cfg.extra.remove("label2id");
+    Ok((names, model_cfg))
+}
+
+/// Fills `varmap` for a fresh run: the encoder's tensors from `base` (under `enc_prefix`), a
+/// zero casing embedding when the model has one, and a small random head, seeded by `rng`.
+fn init_from_base(
+    varmap: &mut VarMap,
+    base: &ModelDir,
+    enc_prefix: &str,
+    model_cfg: &ModelConfig,
+    rng: &mut rand::rngs::StdRng,
+    device: &Device,
+) -> Result<()> {
+    let device = device.clone();
+    let weights = candle_core::safetensors::load(base.weights_path(), &device)?;
+    let prefix = base.encoder_prefix(&base.var_builder(DType::F32, &device)?)?;
+    let mut loaded = 0;
+    for (name, t) in weights {
+        let bare = if prefix.is_empty() {
+            name.as_str()
+        } else {
+            match name.strip_prefix(&format!("{prefix}.")) {
+                Some(b) => b,
+                None => continue,
+            }
+        };
+        let target = format!("{enc_prefix}.{bare}");
+        if varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&target)
+        {
+            varmap.set_one(&target, t.to_dtype(DType::F32)?)?;
+            loaded += 1;
+        }
+    }
+    if model_cfg.tidings_casing {
+        let name = format!("{enc_prefix}.embeddings.casing_embeddings.weight");
+        let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[&name]
+            .shape()
+            .clone();
+        varmap.set_one(&name, Tensor::zeros(shape, DType::F32, &device)?)?;
+    }
+    // Small random head, seeded.
+    let n = model_cfg.id2label.len();
+    let h = model_cfg.hidden_size;
+    let w: Vec<f32> = (0..n * h)
+        .map(|_| (rng.random::<f32>() - 0.5) * 0.04)
+        .collect();
+    varmap.set_one("classifier.weight", Tensor::from_vec(w, (n, h), &device)?)?;
+    varmap.set_one("classifier.bias", Tensor::zeros(n, DType::F32, &device)?)?;
+    let expected = varmap.all_vars().len() - 2 - usize::from(model_cfg.tidings_casing);
+    if loaded != expected {
+        bail!(
+            "loaded {loaded} of {expected} encoder tensors from {}",
+            base.dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The run's vars in two groups (encoder; head and casing embedding, which get their own
+/// learning rate) and the names of both, in that order.
+fn split_vars(varmap: &VarMap) -> (Vec<Var>, Vec<Var>, Vec<String>) {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut enc = Vec::new();
+    let mut head = Vec::new();
+    for (name, var) in data.iter() {
+        if name.starts_with("classifier") || name.contains("casing_embeddings") {
+            head.push((name.clone(), var.clone()));
+        } else {
+            enc.push((name.clone(), var.clone()));
+        }
+    }
+    let names = enc.iter().chain(&head).map(|(n, _)| n.clone()).collect();
+    (
+        enc.into_iter().map(|(_, v)| v).collect(),
+        head.into_iter().map(|(_, v)| v).collect(),
+        names,
+    )
+}
+
 /// One training run's model, optimizers, data and bookkeeping: built (or resumed) by
 /// [`Trainer::new`], then an [`Trainer::epoch`] of [`Trainer::step`]s and an
 /// [`Trainer::evaluate_and_checkpoint`] at a time.
@@ -706,17 +835,7 @@ impl<'a> Trainer<'a> {
     /// Reads the data, builds the model from `cfg.base` (or the last checkpoint with
     /// `cfg.resume`), its optimizers and the weight average.
     fn new(cfg: &'a NerTrainConfig) -> Result<Self> {
-        if !(0.0..1.0).contains(&cfg.ema) {
-            bail!("--ema must be in [0, 1), got {}", cfg.ema);
-        }
-        for (flag, p) in [
-            ("--entity-replace", cfg.entity_replace),
-            ("--case-augment", cfg.case_augment),
-        ] {
-            if !(0.0..=1.0).contains(&p) {
-                bail!("{flag} is a probability, got {p}");
-            }
-        }
+        check_flags(cfg)?;
         let device = Device::Cpu;
         let base = ModelDir::open(&cfg.base)?;
         let mut train_docs = conll::read(&cfg.train)?;
@@ -727,29 +846,7 @@ impl<'a> Trainer<'a> {
             Some(p) => conll::read(p)?,
             None => Vec::new(),
         };
-        let mut types: Vec<String> = train_docs
-            .iter()
-            .flat_map(|d| d.tags())
-            .filter_map(|t| t.split_once('-').map(|(_, ty)| ty.to_string()))
-            .collect();
-        types.sort();
-        types.dedup();
-        if types.is_empty() {
-            bail!("{}: no entity tags found", cfg.train.display());
-        }
-        let names = tag_names(&types);
-        let mut model_cfg = base.config.clone();
-        model_cfg.id2label = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (i.to_string(), n.clone()))
-            .collect();
-        model_cfg.tidings_casing = cfg.casing;
-        model_cfg.tidings_shared_encoder = cfg.distill > 0.0;
-        // A projection belongs to the weights it was fitted on: a model trained from a base that
-        // has one gets none until `tidings train projection` fits its own.
-        model_cfg.tidings_topic_projection = false;
-        model_cfg.extra.remove("label2id");
+        let (names, model_cfg) = tagged_config(&base, &train_docs, cfg)?;
 
         let max_pieces = cfg.max_pieces.min(model_cfg.max_tokens() - 2);
         let prepared = train_docs
@@ -789,71 +886,17 @@ impl<'a> Trainer<'a> {
                 state.best_f1
             );
         } else {
-            let weights = candle_core::safetensors::load(base.weights_path(), &device)?;
-            let prefix = base.encoder_prefix(&base.var_builder(DType::F32, &device)?)?;
-            let mut loaded = 0;
-            for (name, t) in weights {
-                let bare = if prefix.is_empty() {
-                    name.as_str()
-                } else {
-                    match name.strip_prefix(&format!("{prefix}.")) {
-                        Some(b) => b,
-                        None => continue,
-                    }
-                };
-                let target = format!("{enc_prefix}.{bare}");
-                if varmap
-                    .data()
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&target)
-                {
-                    varmap.set_one(&target, t.to_dtype(DType::F32)?)?;
-                    loaded += 1;
-                }
-            }
-            if cfg.casing {
-                let name = format!("{enc_prefix}.embeddings.casing_embeddings.weight");
-                let shape = varmap.data().lock().unwrap_or_else(|e| e.into_inner())[&name]
-                    .shape()
-                    .clone();
-                varmap.set_one(&name, Tensor::zeros(shape, DType::F32, &device)?)?;
-            }
-            // Small random head, seeded.
-            let n = names.len();
-            let h = model_cfg.hidden_size;
-            let w: Vec<f32> = (0..n * h)
-                .map(|_| (rng.random::<f32>() - 0.5) * 0.04)
-                .collect();
-            varmap.set_one("classifier.weight", Tensor::from_vec(w, (n, h), &device)?)?;
-            varmap.set_one("classifier.bias", Tensor::zeros(n, DType::F32, &device)?)?;
-            let expected = varmap.all_vars().len() - 2 - usize::from(cfg.casing);
-            if loaded != expected {
-                bail!(
-                    "loaded {loaded} of {expected} encoder tensors from {}",
-                    base.dir.display()
-                );
-            }
+            init_from_base(
+                &mut varmap,
+                &base,
+                enc_prefix,
+                &model_cfg,
+                &mut rng,
+                &device,
+            )?;
         }
 
-        let (enc_vars, head_vars, var_names): (Vec<Var>, Vec<Var>, Vec<String>) = {
-            let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-            let mut enc = Vec::new();
-            let mut head = Vec::new();
-            for (name, var) in data.iter() {
-                if name.starts_with("classifier") || name.contains("casing_embeddings") {
-                    head.push((name.clone(), var.clone()));
-                } else {
-                    enc.push((name.clone(), var.clone()));
-                }
-            }
-            let names = enc.iter().chain(&head).map(|(n, _)| n.clone()).collect();
-            (
-                enc.into_iter().map(|(_, v)| v).collect(),
-                head.into_iter().map(|(_, v)| v).collect(),
-                names,
-            )
-        };
+        let (enc_vars, head_vars, var_names) = split_vars(&varmap);
         let all_vars: Vec<Var> = enc_vars.iter().chain(head_vars.iter()).cloned().collect();
         let ema = if cfg.ema > 0.0 {
             let mut ema = Ema::new(cfg.ema, &all_vars)?;
