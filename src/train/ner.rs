@@ -927,9 +927,8 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
-        let is_begin = |l: u32| names[l as usize].starts_with("B-");
         let mentions = if cfg.entity_replace > 0.0 {
-            Mentions::collect(&prepared, is_begin)
+            Mentions::collect(&prepared, Self::is_begin(&names))
         } else {
             Mentions::default()
         };
@@ -1073,25 +1072,7 @@ impl<'a> Trainer<'a> {
             if self.steps_spent() {
                 break;
             }
-            let is_begin = Self::is_begin(&self.names);
-            let chunks: Vec<Pieces> = batch
-                .iter()
-                .map(|&(d, s, e)| {
-                    let mut c = replace_entities(
-                        &self.prepared[d],
-                        (s, e),
-                        &self.mentions,
-                        cfg.entity_replace,
-                        max_pieces,
-                        is_begin,
-                        &mut rng,
-                    );
-                    if cfg.case_augment > 0.0 && rng.random::<f64>() < cfg.case_augment {
-                        c.casing = recase(&c.casing, rng.random::<bool>());
-                    }
-                    c
-                })
-                .collect();
+            let chunks = self.draw_chunks(batch, &mut rng);
             let o = self.step(&chunks)?;
             t.loss_sum += o.loss;
             t.loss_n += 1;
@@ -1150,6 +1131,35 @@ impl<'a> Trainer<'a> {
         }
         bar.finish();
         Ok(t)
+    }
+
+    /// The training chunks of one batch of `(document, start, end)` spans, with entity
+    /// replacement and case augmentation drawn from `rng`.
+    fn draw_chunks(
+        &self,
+        batch: &[(usize, usize, usize)],
+        rng: &mut rand::rngs::StdRng,
+    ) -> Vec<Pieces> {
+        let cfg = self.cfg;
+        let is_begin = Self::is_begin(&self.names);
+        batch
+            .iter()
+            .map(|&(d, s, e)| {
+                let mut c = replace_entities(
+                    &self.prepared[d],
+                    (s, e),
+                    &self.mentions,
+                    cfg.entity_replace,
+                    self.max_pieces,
+                    is_begin,
+                    rng,
+                );
+                if cfg.case_augment > 0.0 && rng.random::<f64>() < cfg.case_augment {
+                    c.casing = recase(&c.casing, rng.random::<bool>());
+                }
+                c
+            })
+            .collect()
     }
 
     /// One optimizer step on `chunks`: forward, loss (plus distillation), backward, clip,
