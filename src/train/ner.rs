@@ -14,7 +14,9 @@ use super::conll::{self, Document};
 use super::score::Scorer;
 use crate::model::encoder::seed_dropout;
 use crate::model::heads::mean_pool;
-use crate::model::{Mode, ModelConfig, ModelDir, Precision, SentenceEmbedder, TokenClassifier};
+use crate::model::{
+    EncoderInput, Mode, ModelConfig, ModelDir, Precision, SentenceEmbedder, TokenClassifier,
+};
 use crate::pipeline::batch::{encode_rows, Row};
 use crate::pipeline::{self, entities::TagSet, tokens, Specials};
 use anyhow::{bail, Context, Result};
@@ -678,13 +680,14 @@ fn tagged_config(
 }
 
 /// Fills `varmap` for a fresh run: the encoder's tensors from `base` (under `enc_prefix`), a
-/// zero casing embedding when the model has one, and a small random head, seeded by `rng`.
+/// zero casing embedding when the model has one, and a small random head, drawn from a
+/// generator seeded with `seed`.
 fn init_from_base(
     varmap: &mut VarMap,
     base: &ModelDir,
     enc_prefix: &str,
     model_cfg: &ModelConfig,
-    rng: &mut rand::rngs::StdRng,
+    seed: u64,
     device: &Device,
 ) -> Result<()> {
     let device = device.clone();
@@ -719,6 +722,7 @@ fn init_from_base(
         varmap.set_one(&name, Tensor::zeros(shape, DType::F32, &device)?)?;
     }
     // Small random head, seeded.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n = model_cfg.id2label.len();
     let h = model_cfg.hidden_size;
     let w: Vec<f32> = (0..n * h)
@@ -757,6 +761,210 @@ fn split_vars(varmap: &VarMap) -> (Vec<Var>, Vec<Var>, Vec<String>) {
     )
 }
 
+/// What a run trains on and for, as [`read_data`] reads it.
+struct RunData {
+    /// BIO tag names, by label id.
+    names: Vec<String>,
+    /// The model's config (see [`tagged_config`]).
+    model_cfg: ModelConfig,
+    /// The training documents, prepared.
+    prepared: Vec<Prepared>,
+    /// The dev documents (none without `--dev`).
+    dev_docs: Vec<Document>,
+}
+
+/// Reads the training file (its first `--limit-docs` documents) and the dev file, and
+/// derives the tag names and model config from the training documents.
+fn read_data(cfg: &NerTrainConfig, base: &ModelDir) -> Result<RunData> {
+    let mut train_docs = conll::read(&cfg.train)?;
+    if cfg.limit_docs > 0 {
+        train_docs.truncate(cfg.limit_docs);
+    }
+    let dev_docs = match &cfg.dev {
+        Some(p) => conll::read(p)?,
+        None => Vec::new(),
+    };
+    let (names, model_cfg) = tagged_config(base, &train_docs, cfg)?;
+    let prepared = train_docs
+        .iter()
+        .map(|d| prepare(d, base, &names))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RunData {
+        names,
+        model_cfg,
+        prepared,
+        dev_docs,
+    })
+}
+
+/// A token classifier on `varmap`'s vars (creating those it lacks), laid out as `enc_prefix`.
+fn classifier(
+    varmap: &VarMap,
+    enc_prefix: &str,
+    model_cfg: &ModelConfig,
+    device: &Device,
+) -> Result<TokenClassifier> {
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
+    let model = TokenClassifier::from_var_builder(vb, enc_prefix, model_cfg)?;
+    Ok(model)
+}
+
+/// The frozen base encoder, on the fused inference path: the distillation targets (none
+/// without `--distill`).
+fn load_teacher(
+    cfg: &NerTrainConfig,
+    base: &ModelDir,
+    device: &Device,
+) -> Result<Option<SentenceEmbedder>> {
+    Ok(if cfg.distill > 0.0 {
+        Some(SentenceEmbedder::load_with(base, device, Precision::F32)?)
+    } else {
+        None
+    })
+}
+
+/// Fills `varmap` (the model's vars) as the run starts and returns the run's bookkeeping so
+/// far: the weights of checkpoint `resume_from` when there is one (saying so on stderr),
+/// else those of `base` and a fresh head seeded with `--seed` (see [`init_from_base`]).
+fn start_weights(
+    varmap: &mut VarMap,
+    resume_from: Option<&Path>,
+    base: &ModelDir,
+    model_cfg: &ModelConfig,
+    cfg: &NerTrainConfig,
+    device: &Device,
+) -> Result<CheckpointState> {
+    let Some(dir) = resume_from else {
+        let (enc_prefix, _) = hf_layout(&model_cfg.model_type);
+        init_from_base(varmap, base, enc_prefix, model_cfg, cfg.seed, device)?;
+        return Ok(CheckpointState::default());
+    };
+    varmap.load(dir.join("model.safetensors"))?;
+    let state: CheckpointState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+    eprintln!(
+        "resuming from {} after epoch {} and {} batches of the next (step {}, best dev F1 \
+         {:.4})",
+        dir.display(),
+        state.epochs_done,
+        state.batches_done,
+        state.step,
+        state.best_f1
+    );
+    Ok(state)
+}
+
+/// The moving average of the weights with `--ema`, else none: the one saved with the
+/// checkpoint `resume_from` when the run resumes after a step (refused if it was kept with
+/// another decay), else the weights as they stand.
+fn weight_average(
+    cfg: &NerTrainConfig,
+    all_vars: &[Var],
+    var_names: &[String],
+    resume_from: Option<&Path>,
+    state: &CheckpointState,
+    device: &Device,
+) -> Result<Option<Ema>> {
+    // `check_flags` keeps `--ema` in [0, 1).
+    if cfg.ema <= 0.0 {
+        return Ok(None);
+    }
+    let mut ema = Ema::new(cfg.ema, all_vars)?;
+    let Some(ckpt_dir) = resume_from.filter(|_| state.step > 0) else {
+        return Ok(Some(ema));
+    };
+    let path = ckpt_dir.join("ema.safetensors");
+    if state.ema != cfg.ema || !path.is_file() {
+        bail!(
+            "{}: the checkpoint kept a weight average with decay {} (0 = none), this run asks \
+             for {}; resume with the same --ema",
+            ckpt_dir.display(),
+            state.ema,
+            cfg.ema
+        );
+    }
+    let mut saved = candle_core::safetensors::load(&path, device)?;
+    for (a, name) in ema.avg.iter_mut().zip(var_names) {
+        *a = saved
+            .remove(name)
+            .with_context(|| format!("{}: no {name}", path.display()))?
+            .detach();
+    }
+    ema.updates = state.step;
+    Ok(Some(ema))
+}
+
+/// AdamW for the encoder's vars and for the head's, each at its peak learning rate (the
+/// schedule sets the rate of every step), with `--weight-decay`.
+fn optimizers(
+    cfg: &NerTrainConfig,
+    enc_vars: Vec<Var>,
+    head_vars: Vec<Var>,
+) -> Result<(AdamW, AdamW)> {
+    let params = |lr| ParamsAdamW {
+        lr,
+        weight_decay: cfg.weight_decay,
+        ..ParamsAdamW::default()
+    };
+    let opt_enc = AdamW::new(enc_vars, params(cfg.lr))?;
+    let opt_head = AdamW::new(head_vars, params(cfg.head_lr))?;
+    Ok((opt_enc, opt_head))
+}
+
+/// The run's optimizer steps: an epoch's (estimated with chunks of two thirds of
+/// `max_pieces`, as no chunk lengths are drawn yet), the whole run's (capped by
+/// `--max-steps`), and the warm-up's.
+fn step_counts(
+    cfg: &NerTrainConfig,
+    prepared: &[Prepared],
+    max_pieces: usize,
+) -> (usize, usize, usize) {
+    let est_chunks: usize = prepared
+        .iter()
+        .map(|p| chunks(p, max_pieces, || (max_pieces * 2 / 3).max(1)).len())
+        .sum();
+    let steps_per_epoch = est_chunks.div_ceil(cfg.batch.max(1));
+    let total_steps = if cfg.max_steps > 0 {
+        cfg.max_steps.min(steps_per_epoch * cfg.epochs)
+    } else {
+        steps_per_epoch * cfg.epochs
+    };
+    let warmup_steps = ((total_steps as f64) * cfg.warmup).ceil().max(1.0) as usize;
+    (steps_per_epoch, total_steps, warmup_steps)
+}
+
+/// Scales the gradients of `vars` in `grads` down so that their global norm is at most
+/// `clip`.
+fn clip_gradients(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[Var],
+    clip: f64,
+) -> Result<()> {
+    let norm = global_norm(grads, vars)?;
+    if norm > clip {
+        let scale = clip / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.remove(v) {
+                grads.insert(v, (g * scale)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The progress bar of epoch `epoch` (0-based) of `epochs`, `len` batches long.
+fn progress_bar(len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    bar
+}
+
 /// One training run's model, optimizers, data and bookkeeping: built (or resumed) by
 /// [`Trainer::new`], then an [`Trainer::epoch`] of [`Trainer::step`]s and an
 /// [`Trainer::evaluate_and_checkpoint`] at a time.
@@ -790,6 +998,8 @@ struct Trainer<'a> {
     warmup_steps: usize,
     window: pipeline::WindowSpec,
     step: usize,
+    /// `--profile` (TIDINGS_PROFILE=1): print the time of each step's forward, backward and
+    /// update.
     profile: bool,
 }
 
@@ -816,6 +1026,32 @@ struct EpochTotals {
 }
 
 impl EpochTotals {
+    /// Totals carried over from a checkpoint's [`EpochTotals::partial`] figures, this process
+    /// starting on the epoch now.
+    fn resumed(partial: (f64, usize, usize, f64, f64)) -> Self {
+        EpochTotals {
+            loss_sum: partial.0,
+            loss_n: partial.1,
+            pieces_seen: partial.2,
+            cos_sum: partial.3,
+            earlier_seconds: partial.4,
+            started: Instant::now(),
+        }
+    }
+
+    /// Adds one optimizer step's figures.
+    fn add(&mut self, o: &StepOutcome) {
+        self.loss_sum += o.loss;
+        self.loss_n += 1;
+        self.pieces_seen += o.pieces;
+        self.cos_sum += o.cosine;
+    }
+
+    /// Training pieces per second so far.
+    fn tokens_per_s(&self) -> f64 {
+        self.pieces_seen as f64 / self.trained_for().max(1e-9)
+    }
+
     fn trained_for(&self) -> f64 {
         self.earlier_seconds + self.started.elapsed().as_secs_f64()
     }
@@ -838,139 +1074,50 @@ impl<'a> Trainer<'a> {
         check_flags(cfg)?;
         let device = Device::Cpu;
         let base = ModelDir::open(&cfg.base)?;
-        let mut train_docs = conll::read(&cfg.train)?;
-        if cfg.limit_docs > 0 {
-            train_docs.truncate(cfg.limit_docs);
-        }
-        let dev_docs = match &cfg.dev {
-            Some(p) => conll::read(p)?,
-            None => Vec::new(),
-        };
-        let (names, model_cfg) = tagged_config(&base, &train_docs, cfg)?;
-
+        let RunData {
+            names,
+            model_cfg,
+            prepared,
+            dev_docs,
+        } = read_data(cfg, &base)?;
         let max_pieces = cfg.max_pieces.min(model_cfg.max_tokens() - 2);
-        let prepared = train_docs
-            .iter()
-            .map(|d| prepare(d, &base, &names))
-            .collect::<Result<Vec<_>>>()?;
-        let total_pieces: usize = prepared.iter().map(|p| p.ids.len()).sum();
 
         // Model with all weights as trainable vars.
         let mut varmap = VarMap::new();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
         seed_dropout(cfg.seed);
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let (enc_prefix, _) = hf_layout(&model_cfg.model_type);
-        let model = TokenClassifier::from_var_builder(vb, enc_prefix, &model_cfg)?;
-        // The frozen base encoder, on the fused inference path: the distillation targets.
-        let teacher = if cfg.distill > 0.0 {
-            Some(SentenceEmbedder::load_with(&base, &device, Precision::F32)?)
-        } else {
-            None
-        };
+        let model = classifier(&varmap, enc_prefix, &model_cfg, &device)?;
+        let teacher = load_teacher(cfg, &base, &device)?;
         let checkpoints = Checkpoints {
             dir: cfg.out.join("checkpoints"),
         };
         let resume_from = cfg.resume.then(|| checkpoints.latest()).flatten();
-        let mut state = CheckpointState::default();
-        if let Some(ckpt_dir) = &resume_from {
-            varmap.load(ckpt_dir.join("model.safetensors"))?;
-            state = serde_json::from_slice(&std::fs::read(ckpt_dir.join("state.json"))?)?;
-            eprintln!(
-                "resuming from {} after epoch {} and {} batches of the next (step {}, best dev F1 \
-             {:.4})",
-                ckpt_dir.display(),
-                state.epochs_done,
-                state.batches_done,
-                state.step,
-                state.best_f1
-            );
-        } else {
-            init_from_base(
-                &mut varmap,
-                &base,
-                enc_prefix,
-                &model_cfg,
-                &mut rng,
-                &device,
-            )?;
-        }
+        let resume_from = resume_from.as_deref();
+        let state = start_weights(&mut varmap, resume_from, &base, &model_cfg, cfg, &device)?;
 
         let (enc_vars, head_vars, var_names) = split_vars(&varmap);
         let all_vars: Vec<Var> = enc_vars.iter().chain(head_vars.iter()).cloned().collect();
-        let ema = if cfg.ema > 0.0 {
-            let mut ema = Ema::new(cfg.ema, &all_vars)?;
-            let ckpt_dir = resume_from
-                .clone()
-                .unwrap_or_else(|| checkpoints.dir.clone());
-            let path = ckpt_dir.join("ema.safetensors");
-            if resume_from.is_some() && state.step > 0 {
-                if state.ema != cfg.ema || !path.is_file() {
-                    bail!(
-                    "{}: the checkpoint kept a weight average with decay {} (0 = none), this run \
-                     asks for {}; resume with the same --ema",
-                    ckpt_dir.display(),
-                    state.ema,
-                    cfg.ema
-                );
-                }
-                let mut saved = candle_core::safetensors::load(&path, &device)?;
-                for (a, name) in ema.avg.iter_mut().zip(&var_names) {
-                    *a = saved
-                        .remove(name)
-                        .with_context(|| format!("{}: no {name}", path.display()))?
-                        .detach();
-                }
-                ema.updates = state.step;
-            }
-            Some(ema)
-        } else {
-            None
-        };
+        let ema = weight_average(cfg, &all_vars, &var_names, resume_from, &state, &device)?;
         let mentions = if cfg.entity_replace > 0.0 {
             Mentions::collect(&prepared, Self::is_begin(&names))
         } else {
             Mentions::default()
         };
-        let params = |lr| ParamsAdamW {
-            lr,
-            weight_decay: cfg.weight_decay,
-            ..ParamsAdamW::default()
-        };
-        let opt_enc = AdamW::new(enc_vars, params(cfg.lr))?;
-        let opt_head = AdamW::new(head_vars, params(cfg.head_lr))?;
-
+        let (opt_enc, opt_head) = optimizers(cfg, enc_vars, head_vars)?;
         let (cls, sep) = base.special_ids()?;
         let pad = model_cfg.pad_token_id as u32;
-        let steps_per_epoch = {
-            let est_chunks: usize = prepared
-                .iter()
-                .map(|p| chunks(p, max_pieces, || (max_pieces * 2 / 3).max(1)).len())
-                .sum();
-            est_chunks.div_ceil(cfg.batch.max(1))
-        };
-        let total_steps = if cfg.max_steps > 0 {
-            cfg.max_steps.min(steps_per_epoch * cfg.epochs)
-        } else {
-            steps_per_epoch * cfg.epochs
-        };
-        let warmup_steps = ((total_steps as f64) * cfg.warmup).ceil().max(1.0) as usize;
+        let (steps_per_epoch, total_steps, warmup_steps) = step_counts(cfg, &prepared, max_pieces);
         let window = pipeline::WindowSpec::default().fit(model_cfg.max_tokens());
-        let eval_model = TokenClassifier::from_var_builder(
-            VarBuilder::from_varmap(&varmap, DType::F32, &device),
-            enc_prefix,
-            &model_cfg,
-        )?;
+        let eval_model = classifier(&varmap, enc_prefix, &model_cfg, &device)?;
         eprintln!(
             "training on {} documents ({} pieces, ~{} steps/epoch), {} dev documents, tags {:?}",
             prepared.len(),
-            total_pieces,
+            prepared.iter().map(|p| p.ids.len()).sum::<usize>(),
             steps_per_epoch,
             dev_docs.len(),
             names
         );
 
-        let step = state.step;
         Ok(Trainer {
             cfg,
             device,
@@ -985,6 +1132,7 @@ impl<'a> Trainer<'a> {
             eval_model,
             teacher,
             checkpoints,
+            step: state.step,
             state,
             all_vars,
             var_names,
@@ -996,9 +1144,6 @@ impl<'a> Trainer<'a> {
             total_steps,
             warmup_steps,
             window,
-            step,
-            // --profile (TIDINGS_PROFILE=1) prints the time of each step's forward, backward
-            // and update.
             profile: crate::model::choices::profile(),
         })
     }
@@ -1027,41 +1172,12 @@ impl<'a> Trainer<'a> {
     /// resuming), with progress on stderr and a checkpoint every `checkpoint_minutes`.
     fn epoch(&mut self, epoch: usize) -> Result<EpochTotals> {
         let cfg = self.cfg;
-        let max_pieces = self.max_pieces;
         // Re-seed per epoch so a resumed run draws the same chunks and masks.
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64 + 1));
         seed_dropout(cfg.seed.wrapping_add(1000 + epoch as u64));
-        let mut all: Vec<(usize, usize, usize)> = Vec::new();
-        for (d, p) in self.prepared.iter().enumerate() {
-            let lo = (max_pieces / 3).max(1);
-            let spans = chunks(p, max_pieces, || rng.random_range(lo..=max_pieces));
-            all.extend(spans.into_iter().map(|(s, e)| (d, s, e)));
-        }
-        all.shuffle(&mut rng);
-        let bar = indicatif::ProgressBar::new(all.len().div_ceil(cfg.batch) as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
-        // A checkpoint within this epoch: its batches are skipped (the order is drawn from the
-        // epoch's seed, so it is the same; the random draws after the skip are not).
-        let (skip, partial) = if epoch == self.state.epochs_done && self.state.batches_done > 0 {
-            (self.state.batches_done, self.state.partial)
-        } else {
-            (0, (0.0, 0, 0, 0.0, 0.0))
-        };
-        let mut t = EpochTotals {
-            loss_sum: partial.0,
-            loss_n: partial.1,
-            pieces_seen: partial.2,
-            cos_sum: partial.3,
-            earlier_seconds: partial.4,
-            started: Instant::now(),
-        };
+        let all = self.epoch_chunks(&mut rng);
+        let bar = progress_bar(all.len().div_ceil(cfg.batch) as u64, epoch, cfg.epochs);
+        let (skip, mut t) = self.resume_point(epoch);
         bar.set_position(skip as u64);
         let (mut last_checkpoint, mut last_log) = (Instant::now(), Instant::now());
         let n_batches = all.len().div_ceil(cfg.batch.max(1));
@@ -1074,63 +1190,109 @@ impl<'a> Trainer<'a> {
             }
             let chunks = self.draw_chunks(batch, &mut rng);
             let o = self.step(&chunks)?;
-            t.loss_sum += o.loss;
-            t.loss_n += 1;
-            t.pieces_seen += o.pieces;
-            t.cos_sum += o.cosine;
-            let tps = t.pieces_seen as f64 / t.trained_for().max(1e-9);
+            t.add(&o);
+            let (loss, tps) = (t.loss_sum / t.loss_n as f64, t.tokens_per_s());
             let cos = if self.teacher.is_some() {
                 format!(" cos {:.4}", t.cos_sum / t.loss_n as f64)
             } else {
                 String::new()
             };
-            bar.set_message(format!(
-                "loss {:.4}{cos} {:.0} tok/s",
-                t.loss_sum / t.loss_n as f64,
-                tps
-            ));
+            bar.set_message(format!("loss {loss:.4}{cos} {tps:.0} tok/s"));
             bar.inc(1);
             if bar.is_hidden() && last_log.elapsed().as_secs() >= 60 {
                 last_log = Instant::now();
                 let per_batch = t.started.elapsed().as_secs_f64() / (b + 1 - skip) as f64;
-                let left = (n_batches - b - 1) as f64 * per_batch;
-                let later_epochs = (cfg.epochs - epoch - 1) as f64 * n_batches as f64 * per_batch;
-                eprintln!(
-                    "epoch {}/{} batch {}/{n_batches} step {}: loss {:.4}{cos}, {:.0} tok/s; \
-                     epoch ends in {:.0} min, the run in {:.0} min (dev scoring not counted)",
-                    epoch + 1,
-                    cfg.epochs,
-                    b + 1,
-                    self.step,
-                    t.loss_sum / t.loss_n as f64,
-                    tps,
-                    left / 60.0,
-                    (left + later_epochs) / 60.0
-                );
+                let figures = format!("loss {loss:.4}{cos}, {tps:.0} tok/s");
+                self.log_progress(epoch, (b + 1, n_batches), per_batch, &figures);
             }
             let due = cfg.checkpoint_minutes > 0.0
                 && last_checkpoint.elapsed().as_secs_f64() >= cfg.checkpoint_minutes * 60.0;
             if due && b + 1 < n_batches {
                 last_checkpoint = Instant::now();
-                self.state.batches_done = b + 1;
-                self.state.partial = t.partial();
-                self.checkpoint()?;
-                let line = format!(
-                    "checkpoint: epoch {} batch {}/{n_batches}, step {}",
-                    epoch + 1,
-                    b + 1,
-                    self.step
-                );
-                // A hidden bar (no terminal) prints nothing of its own.
-                if bar.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    bar.println(line);
-                }
+                self.checkpoint_within(epoch, (b + 1, n_batches), &t, &bar)?;
             }
         }
         bar.finish();
         Ok(t)
+    }
+
+    /// The epoch's training chunks as `(document, start, end)` spans: each document packed
+    /// into chunks of lengths drawn from `rng` (a third of `max_pieces` to all of it), then
+    /// all of them shuffled by `rng`.
+    fn epoch_chunks(&self, rng: &mut rand::rngs::StdRng) -> Vec<(usize, usize, usize)> {
+        let max_pieces = self.max_pieces;
+        let lo = (max_pieces / 3).max(1);
+        let mut all = Vec::new();
+        for (d, p) in self.prepared.iter().enumerate() {
+            let spans = chunks(p, max_pieces, || rng.random_range(lo..=max_pieces));
+            all.extend(spans.into_iter().map(|(s, e)| (d, s, e)));
+        }
+        all.shuffle(rng);
+        all
+    }
+
+    /// Where epoch `epoch` starts: the batches a checkpoint within it already trained, to
+    /// skip, and its totals so far (none and zeros for an epoch not begun). The order of the
+    /// batches is drawn from the epoch's seed, so it is the same; the random draws after the
+    /// skip are not.
+    fn resume_point(&self, epoch: usize) -> (usize, EpochTotals) {
+        let (skip, partial) = if epoch == self.state.epochs_done && self.state.batches_done > 0 {
+            (self.state.batches_done, self.state.partial)
+        } else {
+            (0, (0.0, 0, 0, 0.0, 0.0))
+        };
+        (skip, EpochTotals::resumed(partial))
+    }
+
+    /// Prints the line a minute that stands in for a hidden progress bar (no terminal): batch
+    /// `done` of `n_batches` of epoch `epoch`, the running `figures`, and when the epoch and
+    /// the run end at `per_batch` seconds a batch.
+    fn log_progress(
+        &self,
+        epoch: usize,
+        (done, n_batches): (usize, usize),
+        per_batch: f64,
+        figures: &str,
+    ) {
+        let cfg = self.cfg;
+        let left = (n_batches - done) as f64 * per_batch;
+        let later_epochs = (cfg.epochs - epoch - 1) as f64 * n_batches as f64 * per_batch;
+        eprintln!(
+            "epoch {}/{} batch {done}/{n_batches} step {}: {figures}; epoch ends in {:.0} min, \
+             the run in {:.0} min (dev scoring not counted)",
+            epoch + 1,
+            cfg.epochs,
+            self.step,
+            left / 60.0,
+            (left + later_epochs) / 60.0
+        );
+    }
+
+    /// Writes a checkpoint within epoch `epoch`, after batch `done` of `n_batches`, with the
+    /// epoch's totals `t` so far, and says so above the progress `bar` (or on stderr when the
+    /// bar is hidden).
+    fn checkpoint_within(
+        &mut self,
+        epoch: usize,
+        (done, n_batches): (usize, usize),
+        t: &EpochTotals,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        self.state.batches_done = done;
+        self.state.partial = t.partial();
+        self.checkpoint()?;
+        let line = format!(
+            "checkpoint: epoch {} batch {done}/{n_batches}, step {}",
+            epoch + 1,
+            self.step
+        );
+        // A hidden bar (no terminal) prints nothing of its own.
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+        Ok(())
     }
 
     /// The training chunks of one batch of `(document, start, end)` spans, with entity
@@ -1165,72 +1327,16 @@ impl<'a> Trainer<'a> {
     /// One optimizer step on `chunks`: forward, loss (plus distillation), backward, clip,
     /// AdamW on the encoder and on the head, the weight average.
     fn step(&mut self, chunks: &[Pieces]) -> Result<StepOutcome> {
-        let cfg = self.cfg;
-        let device = &self.device;
-        let (cls, sep, pad) = self.specials;
-        let rows: Vec<Row> = chunks
-            .iter()
-            .map(|c| Row {
-                ids: &c.ids,
-                casing: &c.casing,
-            })
-            .collect();
-        let input = encode_rows(&rows, cls, sep, pad, device)?;
-        let seq = input.input_ids.dim(1)?;
-        let mut positions = Vec::new();
-        let mut targets = Vec::new();
-        for (r, c) in chunks.iter().enumerate() {
-            for (k, &l) in c.labels.iter().enumerate() {
-                positions.push((r * seq + 1 + k) as u32);
-                targets.push(l);
-            }
-        }
+        let (input, positions, targets) = self.batch_input(chunks)?;
         let n_pos = positions.len();
         let t0 = Instant::now();
-        let (logits, hidden) = self.model.forward_with_hidden(
-            &input,
-            Mode {
-                train: true,
-                dropout: cfg.dropout,
-            },
-        )?;
-        let n_labels = self.names.len();
-        let flat = logits.reshape((rows.len() * seq, n_labels))?;
-        let picked = flat.index_select(&Tensor::from_vec(positions, n_pos, device)?, 0)?;
-        let targets = Tensor::from_vec(targets, n_pos, device)?;
-        let ner_loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
-        let mut cos = 0.0;
-        let loss = match &self.teacher {
-            Some(teacher) => {
-                let target = teacher.forward(&input)?.detach();
-                let pooled = mean_pool(&hidden, &input.attention_mask)?;
-                let cosine = (pooled * target)?.sum(1)?.mean_all()?;
-                cos = cosine.to_scalar::<f32>()? as f64;
-                (&ner_loss + ((1.0 - cosine)? * cfg.distill)?)?
-            }
-            None => ner_loss.clone(),
-        };
+        let (ner_loss, loss, cos) = self.losses(&input, positions, targets)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let mut grads = loss.backward()?;
         let t2 = Instant::now();
-        let norm = global_norm(&grads, &self.all_vars)?;
-        if norm > cfg.clip {
-            let scale = cfg.clip / (norm + 1e-6);
-            for v in &self.all_vars {
-                if let Some(g) = grads.remove(v) {
-                    grads.insert(v, (g * scale)?);
-                }
-            }
-        }
-        let f = self.schedule(self.step);
-        self.opt_enc.set_learning_rate(cfg.lr * f);
-        self.opt_head.set_learning_rate(cfg.head_lr * f);
-        self.opt_enc.step(&grads)?;
-        self.opt_head.step(&grads)?;
-        if let Some(ema) = &mut self.ema {
-            ema.update(&self.all_vars, &grads)?;
-        }
+        clip_gradients(&mut grads, &self.all_vars, self.cfg.clip)?;
+        self.update(&grads)?;
         self.step += 1;
         if self.profile {
             eprintln!(
@@ -1246,6 +1352,86 @@ impl<'a> Trainer<'a> {
             pieces: n_pos,
             cosine: cos,
         })
+    }
+
+    /// The encoder input of `chunks` (one row each, between `[CLS]` and `[SEP]`), and the
+    /// tagged pieces: their positions in the flattened `[rows × sequence]` output, and their
+    /// labels.
+    fn batch_input(&self, chunks: &[Pieces]) -> Result<(EncoderInput, Vec<u32>, Vec<u32>)> {
+        let (cls, sep, pad) = self.specials;
+        let rows: Vec<Row> = chunks
+            .iter()
+            .map(|c| Row {
+                ids: &c.ids,
+                casing: &c.casing,
+            })
+            .collect();
+        let input = encode_rows(&rows, cls, sep, pad, &self.device)?;
+        let seq = input.input_ids.dim(1)?;
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        for (r, c) in chunks.iter().enumerate() {
+            for (k, &l) in c.labels.iter().enumerate() {
+                positions.push((r * seq + 1 + k) as u32);
+                targets.push(l);
+            }
+        }
+        Ok((input, positions, targets))
+    }
+
+    /// The training forward pass on `input` and its losses: the NER loss (cross-entropy of
+    /// the outputs at `positions` against `targets`), the loss to minimise (the NER loss plus
+    /// `--distill` times `1 - cosine` to the teacher, when distilling) and that cosine (0 when
+    /// not distilling).
+    fn losses(
+        &self,
+        input: &EncoderInput,
+        positions: Vec<u32>,
+        targets: Vec<u32>,
+    ) -> Result<(Tensor, Tensor, f64)> {
+        let cfg = self.cfg;
+        let device = &self.device;
+        let (rows, seq) = input.input_ids.dims2()?;
+        let n_pos = positions.len();
+        let (logits, hidden) = self.model.forward_with_hidden(
+            input,
+            Mode {
+                train: true,
+                dropout: cfg.dropout,
+            },
+        )?;
+        let n_labels = self.names.len();
+        let flat = logits.reshape((rows * seq, n_labels))?;
+        let picked = flat.index_select(&Tensor::from_vec(positions, n_pos, device)?, 0)?;
+        let targets = Tensor::from_vec(targets, n_pos, device)?;
+        let ner_loss = candle_nn::loss::cross_entropy(&picked, &targets)?;
+        let mut cos = 0.0;
+        let loss = match &self.teacher {
+            Some(teacher) => {
+                let target = teacher.forward(input)?.detach();
+                let pooled = mean_pool(&hidden, &input.attention_mask)?;
+                let cosine = (pooled * target)?.sum(1)?.mean_all()?;
+                cos = cosine.to_scalar::<f32>()? as f64;
+                (&ner_loss + ((1.0 - cosine)? * cfg.distill)?)?
+            }
+            None => ner_loss.clone(),
+        };
+        Ok((ner_loss, loss, cos))
+    }
+
+    /// The optimizers' step on `grads` at this step's learning rates, then the weight
+    /// average's.
+    fn update(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        let cfg = self.cfg;
+        let f = self.schedule(self.step);
+        self.opt_enc.set_learning_rate(cfg.lr * f);
+        self.opt_head.set_learning_rate(cfg.head_lr * f);
+        self.opt_enc.step(grads)?;
+        self.opt_head.step(grads)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.all_vars, grads)?;
+        }
+        Ok(())
     }
 
     /// Writes a checkpoint of the run as it stands.
@@ -1264,7 +1450,7 @@ impl<'a> Trainer<'a> {
     /// when the epoch is the best so far, and writes a checkpoint.
     fn evaluate_and_checkpoint(&mut self, epoch: usize, t: EpochTotals) -> Result<()> {
         let cfg = self.cfg;
-        let tokens_per_s = t.pieces_seen as f64 / t.trained_for().max(1e-9);
+        let tokens_per_s = t.tokens_per_s();
         let score_dev = || -> Result<Option<f64>> {
             if self.dev_docs.is_empty() {
                 return Ok(None);
