@@ -143,6 +143,17 @@ pub(crate) struct Reservation {
     pools: Arc<Pools>,
 }
 
+#[cfg(test)]
+impl Reservation {
+    /// Room that holds nothing, for the batcher's tests (which admit no requests).
+    pub(crate) fn unmetered() -> Self {
+        Self {
+            permit: None,
+            pools: Arc::new(Pools::new(1)),
+        }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         drop(self.permit.take());

@@ -131,7 +131,12 @@ impl Active {
 /// arrived meanwhile joins in. So a short article waits for at most one slice of other work,
 /// never for the whole of a long article that came before it, and a long article is put off
 /// by at most its own cost's worth of time (no starvation).
-pub(crate) fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, stats: &EngineStats) {
+pub(crate) fn run<M: RowModel + ?Sized>(
+    models: Arc<M>,
+    rx: Receiver<Job>,
+    cfg: EngineConfig,
+    stats: &EngineStats,
+) {
     let mut active: Vec<Active> = Vec::new();
     // Interactive work's account of tokens (see `plan_shared`).
     let mut balance = 0i64;
@@ -165,7 +170,7 @@ pub(crate) fn run(models: Arc<Models>, rx: Receiver<Job>, cfg: EngineConfig, sta
                 .fetch_add(dropped as u64, Ordering::Relaxed);
         }
         let plan = plan_slice(&active, &cfg, &mut balance);
-        run_slice(&models, &mut active, &plan, &cfg, stats);
+        run_slice(&*models, &mut active, &plan, &cfg, stats);
         // Answer the jobs that are complete.
         let (done, pending): (Vec<Active>, Vec<Active>) =
             active.into_iter().partition(|a| a.pending().is_empty());
@@ -383,8 +388,8 @@ fn fitting(lens: &[usize], budget: usize) -> usize {
 
 /// Runs the `plan`ned slice of rows of `active` and stores their outputs. A failed forward
 /// pass fails every job with a row in it (they are answered and removed).
-fn run_slice(
-    models: &Models,
+fn run_slice<M: RowModel + ?Sized>(
+    models: &M,
     active: &mut Vec<Active>,
     plan: &[Take],
     cfg: &EngineConfig,
@@ -436,71 +441,102 @@ fn run_slice(
     }
 }
 
+/// What the batcher runs rows through: the loaded [`Models`], or a stand-in that lets the
+/// scheduler's rules (turns, shares, deadlines, cancellation, failures) be tested in
+/// milliseconds without weights (see the tests below).
+pub(crate) trait RowModel: Send + Sync {
+    /// Tag probabilities of each NER row (`[len, labels]` row-major), with the row's pooled
+    /// topic embedding from the same pass when `pooled`.
+    fn ner(&self, rows: &[Row<'_>], pooled: bool) -> candle_core::Result<Vec<RowOutput>>;
+    /// Topic embedding of each row.
+    fn topics(&self, rows: &[Row<'_>]) -> candle_core::Result<Vec<Vec<f32>>>;
+}
+
+/// A NER row's output: its tag probabilities, and its topic embedding when asked for.
+pub(crate) type RowOutput = (Vec<f32>, Option<Vec<f32>>);
+
+impl RowModel for Models {
+    fn ner(&self, rows: &[Row<'_>], pooled: bool) -> candle_core::Result<Vec<RowOutput>> {
+        let ner = self
+            .ner
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("no NER model".into()))?;
+        Ok(if pooled {
+            token_probs_and_embeddings(&ner.model, rows, ner.specials, &self.device)?
+                .into_iter()
+                .map(|(p, e)| (p, Some(e)))
+                .collect()
+        } else {
+            token_probs(&ner.model, rows, ner.specials, &self.device)?
+                .into_iter()
+                .map(|p| (p, None))
+                .collect()
+        })
+    }
+
+    fn topics(&self, rows: &[Row<'_>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let tm = self
+            .topics
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("no topic model".into()))?;
+        embeddings(&tm.model, rows, tm.specials, &self.device)
+    }
+}
+
 /// A row's outputs: (job, output index, output, topic embedding from the NER pass).
 type RowResult = (usize, usize, Vec<f32>, Option<Vec<f32>>);
 
+/// The planned rows of `target`, as (job, output index, row), sorted by length.
+fn slots_of<'a>(
+    active: &'a [Active],
+    plan: &[Take],
+    target: Target,
+) -> Vec<(usize, usize, Row<'a>)> {
+    let mut slots = Vec::new();
+    for take in plan {
+        let a = &active[take.job];
+        let rows = rows_of(&a.job.work, target);
+        for i in take.rows.clone() {
+            let (t, index) = a.target(i);
+            if t == target {
+                slots.push((take.job, index, rows[index]));
+            }
+        }
+    }
+    slots.sort_by_key(|s| s.2.ids.len());
+    slots
+}
+
 /// Runs the `plan`ned rows through their models in length-sorted, budget-sized batches and
 /// stores the outputs in their jobs.
-fn run_rows(
-    models: &Models,
+fn run_rows<M: RowModel + ?Sized>(
+    models: &M,
     active: &mut [Active],
     plan: &[Take],
     budget: usize,
 ) -> candle_core::Result<()> {
     for target in [Target::Ner, Target::Topics] {
-        // (job, output index, row)
-        let mut slots: Vec<(usize, usize, Row)> = Vec::new();
-        for t in plan {
-            let j = t.job;
-            let a = &active[j];
-            let rows = rows_of(&a.job.work, target);
-            for i in t.rows.clone() {
-                let (t, index) = a.target(i);
-                if t == target {
-                    slots.push((j, index, rows[index]));
-                }
-            }
-        }
+        let slots = slots_of(active, plan, target);
         if slots.is_empty() {
             continue;
         }
-        slots.sort_by_key(|s| s.2.ids.len());
         let lens: Vec<usize> = slots.iter().map(|s| s.2.ids.len()).collect();
         let mut results: Vec<RowResult> = Vec::with_capacity(slots.len());
         for range in pack(&lens, budget) {
             let rows: Vec<Row> = slots[range.clone()].iter().map(|s| s.2).collect();
-            let outs: Vec<(Vec<f32>, Option<Vec<f32>>)> = match target {
-                Target::Ner => {
-                    let ner = models
-                        .ner
-                        .as_ref()
-                        .ok_or_else(|| candle_core::Error::Msg("no NER model".into()))?;
-                    // One pass gives the topic embeddings of the jobs that want them.
-                    let pooled = slots[range.clone()]
+            let outs: Vec<RowOutput> = match target {
+                // One pass gives the topic embeddings of the jobs that want them.
+                Target::Ner => models.ner(
+                    &rows,
+                    slots[range.clone()]
                         .iter()
-                        .any(|s| active[s.0].topic_offset > 0);
-                    if pooled {
-                        token_probs_and_embeddings(&ner.model, &rows, ner.specials, &models.device)?
-                            .into_iter()
-                            .map(|(p, e)| (p, Some(e)))
-                            .collect()
-                    } else {
-                        token_probs(&ner.model, &rows, ner.specials, &models.device)?
-                            .into_iter()
-                            .map(|p| (p, None))
-                            .collect()
-                    }
-                }
-                Target::Topics => {
-                    let tm = models
-                        .topics
-                        .as_ref()
-                        .ok_or_else(|| candle_core::Error::Msg("no topic model".into()))?;
-                    embeddings(&tm.model, &rows, tm.specials, &models.device)?
-                        .into_iter()
-                        .map(|e| (e, None))
-                        .collect()
-                }
+                        .any(|s| active[s.0].topic_offset > 0),
+                )?,
+                Target::Topics => models
+                    .topics(&rows)?
+                    .into_iter()
+                    .map(|e| (e, None))
+                    .collect(),
             };
             results.extend(
                 slots[range]
@@ -626,6 +662,298 @@ mod tests {
                 "rows of {row}: batch got {got:.3} of the rows, its share is {share} \
                  ({b_at} batch, {i_at} interactive)"
             );
+        }
+    }
+
+    /// The scheduler on its thread with a stand-in model: each row's ids all hold its job's
+    /// tag, and the model logs every pass as (tag, row length) pairs, so the tests see which
+    /// jobs shared which slice (with these sizes one slice is one pass).
+    mod scheduler {
+        use super::super::{run, RowModel, RowOutput};
+        use crate::engine::admission::Reservation;
+        use crate::engine::{
+            Caller, Class, EngineConfig, EngineError, EngineStats, Job, Timing, Work,
+        };
+        use crate::pipeline::analysis::Outputs;
+        use crate::pipeline::batch::Row;
+        use crate::pipeline::tokens::Tokens;
+        use std::sync::mpsc::{channel, Sender};
+        use std::sync::{Arc, Mutex};
+        use std::time::{Duration, Instant};
+        use tokio::sync::oneshot;
+
+        /// Tag of the rows the stand-in fails on.
+        const FAILING: u32 = 99;
+
+        #[derive(Default)]
+        struct Fake {
+            passes: Mutex<Vec<Vec<(u32, usize)>>>,
+            /// Told the index of each pass as it starts.
+            started: Mutex<Option<Sender<usize>>>,
+        }
+
+        impl RowModel for Fake {
+            fn ner(&self, rows: &[Row<'_>], _: bool) -> candle_core::Result<Vec<RowOutput>> {
+                Ok(self.topics(rows)?.into_iter().map(|o| (o, None)).collect())
+            }
+
+            fn topics(&self, rows: &[Row<'_>]) -> candle_core::Result<Vec<Vec<f32>>> {
+                let pass: Vec<(u32, usize)> =
+                    rows.iter().map(|r| (r.ids[0], r.ids.len())).collect();
+                let n = {
+                    let mut passes = self.passes.lock().unwrap();
+                    passes.push(pass.clone());
+                    passes.len() - 1
+                };
+                if let Some(tx) = self.started.lock().unwrap().as_ref() {
+                    let _ = tx.send(n);
+                }
+                // Long enough for a job sent meanwhile to join the next slice.
+                std::thread::sleep(Duration::from_millis(2));
+                if pass.iter().any(|&(tag, _)| tag == FAILING) {
+                    return Err(candle_core::Error::Msg("the stand-in fails".into()));
+                }
+                Ok(rows.iter().map(|r| vec![r.ids[0] as f32]).collect())
+            }
+        }
+
+        type Answer = oneshot::Receiver<Result<(Outputs, Timing), EngineError>>;
+
+        /// A job of `rows` label texts of `len` pieces each (`len + 2` tokens a row).
+        fn job(tag: u32, class: Class, caller: u64, rows: usize, len: usize) -> (Job, Answer) {
+            let text = Tokens {
+                ids: vec![tag; len],
+                offsets: vec![(0, 0); len],
+                casing: vec![0; len],
+                words: vec![0; len],
+            };
+            let (reply, answer) = oneshot::channel();
+            let job = Job {
+                work: Work::Texts(vec![text; rows]),
+                cost: rows * (len + 2),
+                caller: Caller { class, id: caller },
+                enqueued: Instant::now(),
+                reply,
+                room: Reservation::unmetered(),
+                span: tracing::Span::none(),
+            };
+            (job, answer)
+        }
+
+        /// The batcher on its own thread over `fake`, with `queued` jobs in its queue before
+        /// it starts; returns the queue's sender and the thread (which ends when the sender
+        /// is dropped).
+        fn start(
+            fake: &Arc<Fake>,
+            queued: Vec<Job>,
+        ) -> (Sender<Job>, std::thread::JoinHandle<()>, Arc<EngineStats>) {
+            let (tx, rx) = channel();
+            for j in queued {
+                tx.send(j).unwrap();
+            }
+            let cfg = EngineConfig::default();
+            let stats = Arc::new(EngineStats::default());
+            let (model, thread_stats) = (fake.clone(), stats.clone());
+            let thread = std::thread::spawn(move || run(model, rx, cfg, &thread_stats));
+            (tx, thread, stats)
+        }
+
+        fn passes(fake: &Fake) -> Vec<Vec<(u32, usize)>> {
+            fake.passes.lock().unwrap().clone()
+        }
+
+        /// Index of the first and last pass that ran rows of `tag`.
+        fn span_of(passes: &[Vec<(u32, usize)>], tag: u32) -> (usize, usize) {
+            let hits: Vec<usize> = (0..passes.len())
+                .filter(|&i| passes[i].iter().any(|&(t, _)| t == tag))
+                .collect();
+            (hits[0], *hits.last().unwrap())
+        }
+
+        fn answered(answer: Answer) -> Result<Outputs, EngineError> {
+            answer
+                .blocking_recv()
+                .expect("the batcher answers every job")
+                .map(|(o, _)| o)
+        }
+
+        /// An interactive call that arrives while a long batch job runs waits for the slice
+        /// under way and then its earned room, not for the batch job.
+        #[test]
+        fn interactive_call_overtakes_a_long_batch_job() {
+            let fake = Arc::new(Fake::default());
+            let (started_tx, started) = channel();
+            *fake.started.lock().unwrap() = Some(started_tx);
+            let (long, long_answer) = job(1, Class::Batch, 1, 64, 62);
+            let (tx, thread, _) = start(&fake, vec![long]);
+            started.recv().unwrap();
+            let (call, call_answer) = job(2, Class::Interactive, 2, 2, 62);
+            tx.send(call).unwrap();
+            let out = answered(call_answer).unwrap();
+            assert_eq!(
+                out.topics,
+                vec![vec![2.0]; 2],
+                "each row gets its own output"
+            );
+            answered(long_answer).unwrap();
+            drop(tx);
+            thread.join().unwrap();
+            let passes = passes(&fake);
+            let (first, last) = span_of(&passes, 2);
+            assert_eq!(first, last, "the call's two rows run in one slice");
+            assert!(first <= 2, "the call ran in pass {first} of {passes:?}");
+            assert!(
+                span_of(&passes, 1).1 > first,
+                "the batch job still had rows left"
+            );
+            // 64 rows of 64 tokens: a slice of 1024 holds 16.
+            assert_eq!(passes.iter().map(Vec::len).sum::<usize>(), 66);
+        }
+
+        /// Callers take turns: a caller with one job is served at its first slice, before
+        /// another caller's eight jobs queued before it are done, and no job takes more than
+        /// half a slice while another of its class waits.
+        #[test]
+        fn callers_take_turns() {
+            let fake = Arc::new(Fake::default());
+            let mut queued = Vec::new();
+            let mut answers = Vec::new();
+            for tag in 10..18 {
+                let (j, a) = job(tag, Class::Batch, 1, 8, 126);
+                queued.push(j);
+                answers.push(a);
+            }
+            let (other, other_answer) = job(20, Class::Batch, 2, 4, 126);
+            queued.push(other);
+            let (tx, thread, _) = start(&fake, queued);
+            answered(other_answer).unwrap();
+            for a in answers {
+                answered(a).unwrap();
+            }
+            drop(tx);
+            thread.join().unwrap();
+            let passes = passes(&fake);
+            // The batcher stops gathering its first batch at `max_batch_tokens` (the eight
+            // jobs), so the other caller's job joins at the next slice, all of it there.
+            let (first, last) = span_of(&passes, 20);
+            assert!(first <= 1 && first == last, "{passes:?}");
+            let rows = |tag| passes[first].iter().filter(|p| p.0 == tag).count();
+            assert_eq!(
+                rows(20),
+                4,
+                "half a slice for the caller's turn: {passes:?}"
+            );
+            assert!(
+                span_of(&passes, 17).1 > first,
+                "the first caller's last job was not done before: {passes:?}"
+            );
+        }
+
+        /// While both classes wait, batch work gets its share (0.7) of the tokens run.
+        #[test]
+        fn batch_work_gets_its_share() {
+            let fake = Arc::new(Fake::default());
+            let (calls, calls_answer) = job(1, Class::Interactive, 1, 200, 62);
+            let (batch, batch_answer) = job(2, Class::Batch, 2, 200, 62);
+            let (tx, thread, _) = start(&fake, vec![calls, batch]);
+            answered(calls_answer).unwrap();
+            answered(batch_answer).unwrap();
+            drop(tx);
+            thread.join().unwrap();
+            let passes = passes(&fake);
+            // Over the passes where both still had rows left.
+            let both = span_of(&passes, 1).1.min(span_of(&passes, 2).1);
+            let count = |tag| -> usize {
+                passes[..both]
+                    .iter()
+                    .flatten()
+                    .filter(|p| p.0 == tag)
+                    .count()
+            };
+            let share = count(2) as f64 / (count(1) + count(2)) as f64;
+            assert!(
+                (share - 0.7).abs() < 0.05,
+                "batch got {share:.3} of the rows"
+            );
+        }
+
+        /// One caller's jobs run by virtual deadline (arrival plus cost): a short one sent
+        /// after a long one is answered first.
+        #[test]
+        fn short_jobs_run_before_long_ones_of_the_same_caller() {
+            let fake = Arc::new(Fake::default());
+            let (long, long_answer) = job(1, Class::Batch, 1, 32, 126);
+            std::thread::sleep(Duration::from_millis(1));
+            let (short, short_answer) = job(2, Class::Batch, 1, 1, 62);
+            let (tx, thread, _) = start(&fake, vec![long, short]);
+            answered(short_answer).unwrap();
+            assert!(
+                long_answer_pending(&fake, 1),
+                "the long job was not done when the short one was answered"
+            );
+            answered(long_answer).unwrap();
+            drop(tx);
+            thread.join().unwrap();
+            let passes = passes(&fake);
+            assert_eq!(
+                passes[0][0].0, 2,
+                "the short job's row ran first: {passes:?}"
+            );
+        }
+
+        /// Whether rows of `tag` ran in fewer passes than its job needs in all (32 rows of
+        /// 128 tokens: at least 4).
+        fn long_answer_pending(fake: &Fake, tag: u32) -> bool {
+            let passes = passes(fake);
+            passes.iter().flatten().filter(|p| p.0 == tag).count() < 32
+        }
+
+        /// Jobs whose caller went away cost no more forward passes: one cancelled before it
+        /// ran never runs, one cancelled while running stops after the slice under way.
+        #[test]
+        fn cancelled_jobs_stop_running() {
+            let fake = Arc::new(Fake::default());
+            let (started_tx, started) = channel();
+            *fake.started.lock().unwrap() = Some(started_tx);
+            let (gone, gone_answer) = job(1, Class::Batch, 1, 4, 62);
+            drop(gone_answer);
+            let (long, long_answer) = job(2, Class::Batch, 2, 256, 62);
+            let (tx, thread, stats) = start(&fake, vec![gone, long]);
+            started.recv().unwrap();
+            drop(long_answer);
+            let (last, last_answer) = job(3, Class::Batch, 3, 1, 62);
+            tx.send(last).unwrap();
+            answered(last_answer).unwrap();
+            drop(tx);
+            thread.join().unwrap();
+            let passes = passes(&fake);
+            assert!(passes.iter().flatten().all(|p| p.0 != 1), "{passes:?}");
+            let ran = passes.iter().flatten().filter(|p| p.0 == 2).count();
+            assert!(ran <= 32, "the cancelled job ran {ran} of its 256 rows");
+            assert_eq!(
+                stats
+                    .dropped_jobs
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                2
+            );
+        }
+
+        /// A failed pass fails the jobs with a row in it, and the batcher goes on serving.
+        #[test]
+        fn a_failed_pass_fails_only_its_jobs() {
+            let fake = Arc::new(Fake::default());
+            let (bad, bad_answer) = job(FAILING, Class::Interactive, 1, 1, 10);
+            let (tx, thread, _) = start(&fake, vec![bad]);
+            let err = answered(bad_answer).unwrap_err();
+            assert!(
+                matches!(err, EngineError::Model(ref m) if m.contains("stand-in")),
+                "{err}"
+            );
+            let (good, good_answer) = job(5, Class::Interactive, 2, 1, 10);
+            tx.send(good).unwrap();
+            assert_eq!(answered(good_answer).unwrap().topics, vec![vec![5.0]]);
+            drop(tx);
+            thread.join().unwrap();
         }
     }
 }
