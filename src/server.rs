@@ -4,13 +4,19 @@
 //! composition (issue #29: `api` built the HTTP listener while `http` imported `api`).
 
 use crate::api::service::{self, ServiceConfig, TidingsService};
+use crate::api::size_status::SizeStatus;
 use crate::api::{auth, convert::Limits, TlsConfig, KEEPALIVE_TIMEOUT};
 use crate::engine::Engine;
 use crate::proto::tidings_server::TidingsServer;
+use crate::trace::Traced;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 
 /// Server-level settings.
 #[derive(Debug, Clone)]
@@ -103,80 +109,20 @@ pub async fn serve_with_http(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    // `true` once shutdown has begun: health flips first, then the listener closes and
-    // streams wind down.
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    // `false` from the shutdown signal on: HTTP's /readyz turns 503 with gRPC health.
-    let (ready_tx, ready_rx) = tokio::sync::watch::channel(true);
-    let tidings = TidingsService::new(
-        engine,
-        ServiceConfig {
-            limits: cfg.limits.clone(),
-            request_timeout: cfg.request_timeout,
-            stream_idle: cfg.stream_idle,
-            max_message_bytes: cfg.max_message_bytes,
-            max_pending_bytes: cfg.max_pending_bytes,
-        },
-        stop_rx.clone(),
-    );
+    let signals = Signals::default();
+    let tidings = TidingsService::new(engine, service_config(&cfg), signals.stop.clone());
     let auth = auth::BearerAuth::new(cfg.auth_token.clone());
     let http_task = match http {
-        Some(l) => {
-            let router = crate::http::router(crate::http::HttpState::new(
-                tidings.clone(),
-                auth.clone(),
-                cfg.max_message_bytes,
-                ready_rx,
-            ));
-            let tls = cfg.tls.as_ref().map(crate::http::tls_config).transpose()?;
-            let limits = crate::http::ConnLimits {
-                max_concurrent_streams: cfg.max_concurrent_streams,
-                keepalive: cfg.keepalive,
-            };
-            let (stop, grace) = (stop_rx.clone(), cfg.grace);
-            Some(tokio::spawn(async move {
-                let res = crate::http::serve(l, router, tls, limits, stop, grace).await;
-                if let Err(e) = &res {
-                    tracing::error!(error = %e, "the HTTP listener failed");
-                }
-                res
-            }))
-        }
+        Some(l) => Some(spawn_http(l, &tidings, &auth, &cfg, &signals)?),
         None => None,
     };
-    let service = tonic::service::interceptor::InterceptedService::new(
-        TidingsServer::new(tidings)
-            .max_decoding_message_size(cfg.max_message_bytes)
-            .max_encoding_message_size(cfg.max_message_bytes),
-        {
-            let mut auth = auth;
-            move |mut req: tonic::Request<()>| {
-                service::stamp_arrival(&mut req);
-                tonic::service::Interceptor::call(&mut auth, req)
-            }
-        },
-    );
-    let service = crate::trace::Traced::new(crate::api::size_status::SizeStatus::new(
-        service,
-        cfg.max_message_bytes,
+    let service = grpc_service(tidings, auth, cfg.max_message_bytes);
+    tokio::spawn(shut_down(
+        shutdown,
+        health,
+        signals.clone(),
+        cfg.drain_delay,
     ));
-
-    let grace = cfg.grace;
-    let drain_delay = cfg.drain_delay;
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
-        let _ = ready_tx.send(false);
-        health
-            .set_not_serving::<TidingsServer<TidingsService>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        tokio::time::sleep(drain_delay).await;
-        let _ = stop_tx.send(true);
-    });
-    let mut drain_rx = stop_rx.clone();
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "serving tidings.v1.Tidings, grpc.health.v1, reflection");
     // Nagle's algorithm plus the peer's delayed ACK held small responses back by up to 40 ms
@@ -184,6 +130,121 @@ pub async fn serve_with_http(
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
+    let server = grpc_builder(&cfg)?
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, signals.stop.clone().cancelled_owned());
+    drain_within_grace(server, &signals.stop, cfg.grace).await?;
+    // The HTTP listener drains on the same signal and bounds itself by the same grace.
+    if let Some(t) = http_task {
+        t.await
+            .map_err(|e| anyhow::anyhow!("the HTTP server failed: {e}"))??;
+    }
+    Ok(())
+}
+
+/// The shutdown sequence's two one-way signals, in the order [`shut_down`] gives them.
+#[derive(Clone, Default)]
+struct Signals {
+    /// Cancelled once shutdown is requested: gRPC health turns NOT_SERVING and HTTP's
+    /// `/readyz` 503.
+    not_ready: CancellationToken,
+    /// Cancelled the drain delay later: both listeners close, streams wind down and
+    /// in-flight calls get the grace period.
+    stop: CancellationToken,
+}
+
+/// Once `requested` resolves: readiness and health turn not serving, and after
+/// `drain_delay` (for load balancers to stop routing here) the listeners are stopped.
+async fn shut_down(
+    requested: impl Future<Output = ()>,
+    health: tonic_health::server::HealthReporter,
+    signals: Signals,
+    drain_delay: Duration,
+) {
+    requested.await;
+    tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
+    signals.not_ready.cancel();
+    health
+        .set_not_serving::<TidingsServer<TidingsService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tokio::time::sleep(drain_delay).await;
+    signals.stop.cancel();
+}
+
+/// What the service enforces, from the server's settings.
+fn service_config(cfg: &ServerConfig) -> ServiceConfig {
+    ServiceConfig {
+        limits: cfg.limits.clone(),
+        request_timeout: cfg.request_timeout,
+        stream_idle: cfg.stream_idle,
+        max_message_bytes: cfg.max_message_bytes,
+        max_pending_bytes: cfg.max_pending_bytes,
+    }
+}
+
+/// Starts the HTTP/JSON listener on `listener` over `tidings`, with the same token, message
+/// limit and TLS; it stops with the gRPC one and gets the same grace. Fails, before it
+/// starts, when its TLS settings do.
+fn spawn_http(
+    listener: TcpListener,
+    tidings: &TidingsService,
+    auth: &auth::BearerAuth,
+    cfg: &ServerConfig,
+    signals: &Signals,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let router = crate::http::router(crate::http::HttpState::new(
+        tidings.clone(),
+        auth.clone(),
+        cfg.max_message_bytes,
+        signals.not_ready.clone(),
+    ));
+    let tls = cfg.tls.as_ref().map(crate::http::tls_config).transpose()?;
+    let limits = crate::http::ConnLimits {
+        max_concurrent_streams: cfg.max_concurrent_streams,
+        keepalive: cfg.keepalive,
+    };
+    let (stop, grace) = (signals.stop.clone(), cfg.grace);
+    Ok(tokio::spawn(async move {
+        let res = crate::http::serve(listener, router, tls, limits, stop, grace).await;
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "the HTTP listener failed");
+        }
+        res
+    }))
+}
+
+/// The Tidings gRPC service: arrival stamped and bearer token checked before a call runs,
+/// message sizes limited to `max_message_bytes` (an oversized one is RESOURCE_EXHAUSTED),
+/// each call traced.
+fn grpc_service(
+    tidings: TidingsService,
+    auth: auth::BearerAuth,
+    max_message_bytes: usize,
+) -> Traced<SizeStatus<InterceptedService<TidingsServer<TidingsService>, impl Interceptor + Clone>>>
+{
+    let service = InterceptedService::new(
+        TidingsServer::new(tidings)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes),
+        {
+            let mut auth = auth;
+            move |mut req: tonic::Request<()>| {
+                service::stamp_arrival(&mut req);
+                Interceptor::call(&mut auth, req)
+            }
+        },
+    );
+    Traced::new(SizeStatus::new(service, max_message_bytes))
+}
+
+/// The gRPC server's settings: TLS (mutual when a client CA is set), HTTP/2 keepalive and
+/// the per-connection limits.
+fn grpc_builder(cfg: &ServerConfig) -> anyhow::Result<tonic::transport::Server> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.tls {
         let mut t = tonic::transport::ServerTlsConfig::new()
@@ -195,32 +256,29 @@ pub async fn serve_with_http(
             .tls_config(t)
             .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
     }
-    let server = builder
+    Ok(builder
         .http2_keepalive_interval(Some(cfg.keepalive))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .concurrency_limit_per_connection(cfg.max_concurrent_per_connection)
-        .max_concurrent_streams(cfg.max_concurrent_streams)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        });
-    // The graceful drain gets `grace`; past it the server future is dropped.
+        .max_concurrent_streams(cfg.max_concurrent_streams))
+}
+
+/// Runs the gRPC `server` until it has drained, or until `grace` has passed since `stop`:
+/// then the server future is dropped, closing the calls still running.
+async fn drain_within_grace(
+    server: impl Future<Output = Result<(), tonic::transport::Error>>,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
     let mut server = Box::pin(server);
     tokio::select! {
         res = &mut server => res?,
         _ = async {
-            let _ = drain_rx.wait_for(|s| *s).await;
+            stop.cancelled().await;
             tokio::time::sleep(grace).await;
         } => {
             tracing::warn!(?grace, "grace period over: closing remaining calls");
         }
-    }
-    // The HTTP listener drains on the same signal and bounds itself by the same grace.
-    if let Some(t) = http_task {
-        t.await
-            .map_err(|e| anyhow::anyhow!("the HTTP server failed: {e}"))??;
     }
     Ok(())
 }

@@ -66,6 +66,24 @@ pub fn article_from_proto(
     limits: &Limits,
     entity_types: &[String],
 ) -> Result<(Article, Option<Vec<Label>>), Status> {
+    check_sizes(&req, limits)?;
+    let options = options_from_proto(&req, entity_types)?;
+    check_topic_head(&req, limits)?;
+    let labels = labels_from_proto(req.labels, limits)?;
+    Ok((
+        Article {
+            id: req.id,
+            text: req.text,
+            title: req.title,
+            options,
+        },
+        labels,
+    ))
+}
+
+/// The first check of a request: `id`, `tasks` and `entity_types` within their limits,
+/// `text` not blank and `text` and `title` within theirs.
+fn check_sizes(req: &proto::AnalyzeRequest, limits: &Limits) -> Result<(), Status> {
     if req.id.len() > limits.max_id_bytes {
         return Err(invalid(
             "id",
@@ -114,6 +132,15 @@ pub fn article_from_proto(
             ),
         ));
     }
+    Ok(())
+}
+
+/// The request's analysis options, checked in turn: every task known, both minimum scores
+/// in 0..=1, every entity type one the model knows (`entity_types`).
+fn options_from_proto(
+    req: &proto::AnalyzeRequest,
+    entity_types: &[String],
+) -> Result<Options, Status> {
     let mut options = Options {
         topics: req.tasks.is_empty(),
         entities: req.tasks.is_empty(),
@@ -154,6 +181,11 @@ pub fn article_from_proto(
         }
         options.entity_types.insert(t.clone());
     }
+    Ok(options)
+}
+
+/// A `topic_head`, when set: not together with `labels`, and within `max_id_bytes`.
+fn check_topic_head(req: &proto::AnalyzeRequest, limits: &Limits) -> Result<(), Status> {
     if !req.topic_head.is_empty() {
         if !req.labels.is_empty() {
             return Err(invalid(
@@ -172,16 +204,7 @@ pub fn article_from_proto(
             ));
         }
     }
-    let labels = labels_from_proto(req.labels, limits)?;
-    Ok((
-        Article {
-            id: req.id,
-            text: req.text,
-            title: req.title,
-            options,
-        },
-        labels,
-    ))
+    Ok(())
 }
 
 fn labels_from_proto(

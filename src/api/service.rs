@@ -9,11 +9,13 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch, AcquireError, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, AcquireError, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -58,16 +60,16 @@ pub struct TidingsService {
     engine: Engine,
     cfg: ServiceConfig,
     entity_types: Vec<String>,
-    /// Turns `true` when the server drains: streams stop reading, answer what they hold and
-    /// end with UNAVAILABLE.
-    draining: watch::Receiver<bool>,
+    /// Cancelled when the server drains (after its drain delay): streams stop reading,
+    /// answer what they hold and end with UNAVAILABLE.
+    draining: CancellationToken,
     /// Bytes held by stream requests, shared by every stream.
     pending: PendingBytes,
 }
 
 impl TidingsService {
-    /// A service over `engine` with `cfg`; `draining` turns `true` on shutdown.
-    pub fn new(engine: Engine, cfg: ServiceConfig, draining: watch::Receiver<bool>) -> Self {
+    /// A service over `engine` with `cfg`; `draining` is cancelled on shutdown.
+    pub fn new(engine: Engine, cfg: ServiceConfig, draining: CancellationToken) -> Self {
         let entity_types = engine.models().entity_types();
         let pending = PendingBytes::new(cfg.max_pending_bytes);
         Self {
@@ -325,7 +327,7 @@ impl TidingsService {
         &self,
         rpc: &'static str,
         timeout: Option<Duration>,
-        mut input: impl Stream<Item = Result<Incoming, Status>> + Send + Unpin + 'static,
+        input: impl Stream<Item = Result<Incoming, Status>> + Send + Unpin + 'static,
         answer: Answer<T>,
     ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>> {
         let deadline = timeout.and_then(|d| tokio::time::Instant::now().checked_add(d));
@@ -335,142 +337,240 @@ impl TidingsService {
         let started = Instant::now();
         let span = tracing::Span::current();
         let body = tokio::spawn(
-            async move {
-            let caller = svc.engine.caller(Class::Batch);
-            let mut draining = svc.draining.clone();
-            let mut drain_open = true;
-            let mut in_flight = FuturesUnordered::new();
-            let mut intake = Intake::default();
-            let mut ready: VecDeque<T> = VecDeque::new();
-            let mut reading = true;
-            let mut input_done = false;
-            let mut ending: Option<Status> = None;
-            let mut progress = tokio::time::Instant::now();
-            let expired = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(expired);
-            loop {
-                if !reading && in_flight.is_empty() && ready.is_empty() {
-                    break;
-                }
-                let idle_at = progress + svc.cfg.stream_idle;
-                tokio::select! {
-                    // The client's deadline covers the whole stream, not just its start.
-                    _ = &mut expired => {
-                        ending = Some(Status::deadline_exceeded("the stream's deadline passed"));
-                        break;
-                    }
-                    _ = tx.closed() => {
-                        ending = Some(Status::cancelled("the client went away"));
-                        break;
-                    }
-                    res = draining.wait_for(|d| *d), if reading && drain_open => {
-                        if res.is_err() {
-                            // Nobody will ever signal a drain (a server without shutdown).
-                            drain_open = false;
-                            continue;
-                        }
-                        reading = false;
-                        if !input_done {
-                            ending.get_or_insert_with(|| Status::unavailable(
-                                "the server is shutting down: requests not answered on this \
-                                 stream were not read; send them again",
-                            ));
-                        }
-                    }
-                    _ = tokio::time::sleep_until(idle_at) => {
-                        if (in_flight.is_empty() && !intake.blocked()) || !ready.is_empty() {
-                            ending = Some(Status::unavailable(format!(
-                                "the stream made no progress for {:?} (no request sent, no \
-                                 answer read): closed; send unanswered requests again",
-                                svc.cfg.stream_idle
-                            )));
-                            break;
-                        }
-                        // The server itself is busy with this stream's work.
-                        progress = tokio::time::Instant::now();
-                    }
-                    msg = input.next(), if reading && !intake.blocked() && in_flight.len() + ready.len() < STREAM_IN_FLIGHT => {
-                        progress = tokio::time::Instant::now();
-                        match msg {
-                            Some(Ok(incoming)) => {
-                                if let Some(work) = intake.take(&svc, incoming, caller) {
-                                    in_flight.push(work);
-                                }
-                            }
-                            None => {
-                                input_done = true;
-                                reading = false;
-                            }
-                            Some(Err(status)) => {
-                                reading = false;
-                                ending.get_or_insert(message_size_status(
-                                    status,
-                                    svc.cfg.max_message_bytes,
-                                ));
-                            }
-                        }
-                    }
-                    unblocked = intake.unblocked(), if intake.blocked() => match unblocked {
-                        Ok(Some((incoming, room))) => {
-                            in_flight.push(svc.clone().answer_one(incoming, caller, room));
-                        }
-                        Ok(None) => {}
-                        Err(_) => {
-                            ending.get_or_insert_with(|| Status::unavailable("the server is shutting down"));
-                            break;
-                        }
-                    },
-                    Some((res, id)) = in_flight.next(), if !in_flight.is_empty() => {
-                        match answer(res, id) {
-                            Ok(out) => ready.push_back(out),
-                            Err(status) => {
-                                reading = false;
-                                ending.get_or_insert(status);
-                            }
-                        }
-                    }
-                    permit = tx.reserve(), if !ready.is_empty() => match permit {
-                        Ok(permit) => {
-                            if let Some(out) = ready.pop_front() {
-                                permit.send(Ok(out));
-                            }
-                            progress = tokio::time::Instant::now();
-                        }
-                        Err(_) => {
-                            ending = Some(Status::cancelled("the client went away"));
-                            break;
-                        }
-                    },
-                }
-            }
-            ending
-        }
-            .instrument(span.clone()),
+            async move { StreamTask::new(svc, answer).run(input, tx, deadline).await }
+                .instrument(span.clone()),
         );
-        // The final status, also when the task failed: a stream must never end with OK
-        // while answers are missing.
-        tokio::spawn(async move {
-            let ending = body.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "a stream task failed");
-                Some(Status::internal(
-                    "the server failed while running this stream",
-                ))
-            });
-            let code = ending.as_ref().map_or(Code::Ok, |s| s.code());
-            record(rpc, code, started);
-            tracing::debug!(status = ?code, ms = started.elapsed().as_secs_f64() * 1e3, "stream ended");
-            if let Some(status) = ending {
-                let _ = end_tx.send(status);
-            }
-        }
-        .instrument(span));
+        tokio::spawn(finish_stream(body, rpc, started, end_tx).instrument(span));
         let end = futures::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
         Box::pin(ReceiverStream::new(rx).chain(end))
+    }
+}
+
+/// Waits for a stream's task, records the call as `rpc` and sends its final status on
+/// `end`, also when the task failed: a stream must never end with OK while answers are
+/// missing.
+async fn finish_stream(
+    body: tokio::task::JoinHandle<Option<Status>>,
+    rpc: &'static str,
+    started: Instant,
+    end: oneshot::Sender<Status>,
+) {
+    let ending = body.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a stream task failed");
+        Some(Status::internal(
+            "the server failed while running this stream",
+        ))
+    });
+    let code = ending.as_ref().map_or(Code::Ok, |s| s.code());
+    record(rpc, code, started);
+    tracing::debug!(status = ?code, ms = started.elapsed().as_secs_f64() * 1e3, "stream ended");
+    if let Some(status) = ending {
+        let _ = end.send(status);
+    }
+}
+
+/// The task of one stream ([`TidingsService::run_stream`]): what it has read and not yet
+/// answered, and the status it is to end with. Each event of its loop is a method that says
+/// whether the stream ends now.
+struct StreamTask<T> {
+    svc: TidingsService,
+    /// The stream's one batch caller.
+    caller: Caller,
+    answer: Answer<T>,
+    /// Requests being analyzed (or refused), each ending with the id its answer carries.
+    in_flight: FuturesUnordered<BoxFuture<'static, Outcome>>,
+    intake: Intake,
+    /// Answers waiting, in order, for room among those sent.
+    ready: VecDeque<T>,
+    /// Whether it still reads requests.
+    reading: bool,
+    /// Whether the client has sent its last request.
+    input_done: bool,
+    /// The status it ends with once everything read before it is answered (`None`: OK).
+    ending: Option<Status>,
+    /// When a request was last read or an answer last sent.
+    progress: tokio::time::Instant,
+}
+
+impl<T: Send + 'static> StreamTask<T> {
+    /// A stream of `svc` that answers with `answer`, as a new batch caller.
+    fn new(svc: TidingsService, answer: Answer<T>) -> Self {
+        Self {
+            caller: svc.engine.caller(Class::Batch),
+            svc,
+            answer,
+            in_flight: FuturesUnordered::new(),
+            intake: Intake::default(),
+            ready: VecDeque::new(),
+            reading: true,
+            input_done: false,
+            ending: None,
+            progress: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Reads `input` and sends answers on `tx` until the stream ends; returns its final
+    /// status.
+    async fn run(
+        mut self,
+        mut input: impl Stream<Item = Result<Incoming, Status>> + Send + Unpin + 'static,
+        tx: mpsc::Sender<Result<T, Status>>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Option<Status> {
+        let draining = self.svc.draining.clone();
+        let expired = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
+        loop {
+            if !self.reading && self.in_flight.is_empty() && self.ready.is_empty() {
+                break;
+            }
+            let idle_at = self.progress + self.svc.cfg.stream_idle;
+            let flow = tokio::select! {
+                // The client's deadline covers the whole stream, not just its start.
+                _ = &mut expired => {
+                    self.end(Status::deadline_exceeded("the stream's deadline passed"))
+                }
+                _ = tx.closed() => self.end(Status::cancelled("the client went away")),
+                _ = draining.cancelled(), if self.reading => self.drain(),
+                _ = tokio::time::sleep_until(idle_at) => self.idle(),
+                msg = input.next(), if self.may_read() => self.read(msg),
+                unblocked = self.intake.unblocked(), if self.intake.blocked() => {
+                    self.unblocked(unblocked)
+                }
+                Some((res, id)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.answered(res, id)
+                }
+                permit = tx.reserve(), if !self.ready.is_empty() => self.send(permit),
+            };
+            if flow.is_break() {
+                break;
+            }
+        }
+        self.ending
+    }
+
+    /// Ends the stream now with `status`.
+    fn end(&mut self, status: Status) -> ControlFlow<()> {
+        self.ending = Some(status);
+        ControlFlow::Break(())
+    }
+
+    /// The server drains: read no more, and unless the client had sent everything, end
+    /// with UNAVAILABLE once what was read is answered.
+    fn drain(&mut self) -> ControlFlow<()> {
+        self.reading = false;
+        if !self.input_done {
+            self.ending.get_or_insert_with(|| {
+                Status::unavailable(
+                    "the server is shutting down: requests not answered on this stream were \
+                     not read; send them again",
+                )
+            });
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// `stream_idle` passed without progress: the stream ends, unless the wait is the
+    /// server's own (its work in flight, no answer waiting for the client).
+    fn idle(&mut self) -> ControlFlow<()> {
+        if (self.in_flight.is_empty() && !self.intake.blocked()) || !self.ready.is_empty() {
+            return self.end(Status::unavailable(format!(
+                "the stream made no progress for {:?} (no request sent, no answer read): \
+                 closed; send unanswered requests again",
+                self.svc.cfg.stream_idle
+            )));
+        }
+        // The server itself is busy with this stream's work.
+        self.progress = tokio::time::Instant::now();
+        ControlFlow::Continue(())
+    }
+
+    /// Whether it reads the next request now: it is reading, not blocked, and has room.
+    fn may_read(&self) -> bool {
+        self.reading
+            && !self.intake.blocked()
+            && self.in_flight.len() + self.ready.len() < STREAM_IN_FLIGHT
+    }
+
+    /// A request read (`Some(Ok)`), the end of the requests (`None`), or a stream error,
+    /// which ends the stream once what was read is answered.
+    fn read(&mut self, msg: Option<Result<Incoming, Status>>) -> ControlFlow<()> {
+        self.progress = tokio::time::Instant::now();
+        match msg {
+            Some(Ok(incoming)) => {
+                if let Some(work) = self.intake.take(&self.svc, incoming, self.caller) {
+                    self.in_flight.push(work);
+                }
+            }
+            None => {
+                self.input_done = true;
+                self.reading = false;
+            }
+            Some(Err(status)) => {
+                self.reading = false;
+                self.ending
+                    .get_or_insert(message_size_status(status, self.svc.cfg.max_message_bytes));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// The intake may read again, with the parked request and its room when one was
+    /// parked; the stream ends when the server stops.
+    fn unblocked(
+        &mut self,
+        unblocked: Result<Option<(Incoming, OwnedSemaphorePermit)>, AcquireError>,
+    ) -> ControlFlow<()> {
+        match unblocked {
+            Ok(Some((incoming, room))) => {
+                let work = self.svc.clone().answer_one(incoming, self.caller, room);
+                self.in_flight.push(work);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                self.ending
+                    .get_or_insert_with(|| Status::unavailable("the server is shutting down"));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A request's outcome: its answer waits to be sent, or its status ends the stream
+    /// once what was read before it is answered.
+    fn answered(
+        &mut self,
+        res: Result<proto::AnalyzeResponse, Status>,
+        id: String,
+    ) -> ControlFlow<()> {
+        match (self.answer)(res, id) {
+            Ok(out) => self.ready.push_back(out),
+            Err(status) => {
+                self.reading = false;
+                self.ending.get_or_insert(status);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Room for the next answer (sent, in order), or a client that went away.
+    fn send(
+        &mut self,
+        permit: Result<mpsc::Permit<'_, Result<T, Status>>, mpsc::error::SendError<()>>,
+    ) -> ControlFlow<()> {
+        let Ok(permit) = permit else {
+            return self.end(Status::cancelled("the client went away"));
+        };
+        if let Some(out) = self.ready.pop_front() {
+            permit.send(Ok(out));
+        }
+        self.progress = tokio::time::Instant::now();
+        ControlFlow::Continue(())
     }
 }
 

@@ -410,7 +410,7 @@ pub async fn healthz() -> Response {
 
 /// `GET /readyz`: 503 once the server drains.
 pub async fn readyz(State(state): State<HttpState>) -> Response {
-    if *state.ready.borrow() {
+    if !state.not_ready.is_cancelled() {
         json(&serde_json::json!({"status": "SERVING"}))
     } else {
         (

@@ -20,12 +20,13 @@ use crate::api::TlsConfig;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 pub use routes::{Route, ROUTES};
 
@@ -35,26 +36,26 @@ pub struct HttpState {
     svc: TidingsService,
     auth: BearerAuth,
     max_body: usize,
-    /// `false` once the server drains: `/readyz` answers 503.
-    ready: watch::Receiver<bool>,
+    /// Cancelled once the server drains: `/readyz` answers 503.
+    not_ready: CancellationToken,
     openapi: Arc<String>,
 }
 
 impl HttpState {
     /// State over `svc`: `auth` checks bearer tokens, bodies are at most `max_body` bytes
-    /// (the gRPC message limit), `ready` turns `false` when the server starts draining.
+    /// (the gRPC message limit), `not_ready` is cancelled when the server starts draining.
     pub fn new(
         svc: TidingsService,
         auth: BearerAuth,
         max_body: usize,
-        ready: watch::Receiver<bool>,
+        not_ready: CancellationToken,
     ) -> Self {
         let doc = openapi::document(crate::proto::FILE_DESCRIPTOR_SET);
         Self {
             svc,
             auth,
             max_body,
-            ready,
+            not_ready,
             openapi: Arc::new(serde_json::to_string_pretty(&doc).unwrap_or_default()),
         }
     }
@@ -86,42 +87,23 @@ pub fn tls_config(tls: &TlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> 
     tls::server_config(tls)
 }
 
-/// Serves `router` on `listener` (HTTP/1.1 and h2, TLS when `tls` is set) until `stop`
-/// turns `true`; then the listener closes and open connections get `grace` to finish.
+/// Serves `router` on `listener` (HTTP/1.1 and h2, TLS when `tls` is set) until `stop` is
+/// cancelled; then the listener closes and open connections get `grace` to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: ConnLimits,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A timer, so that hyper enforces its header-read timeout (slow clients holding
-    // connections) and h2 keepalive PINGs find dead peers as gRPC's do.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(limits.keepalive)
-        .keep_alive_timeout(crate::api::KEEPALIVE_TIMEOUT)
-        .max_concurrent_streams(limits.max_concurrent_streams);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(conn_builder(limits));
     let graceful = GracefulShutdown::new();
     tracing::info!(addr = %listener.local_addr()?, tls = acceptor.is_some(), "serving HTTP/JSON, /openapi.json and the page");
-    let stopped = async {
-        if stop.wait_for(|s| *s).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::pin!(stopped);
     loop {
         tokio::select! {
-            _ = &mut stopped => break,
+            _ = stop.cancelled() => break,
             conn = listener.accept() => {
                 let (tcp, peer) = match conn {
                     Ok(c) => c,
@@ -135,33 +117,14 @@ pub async fn serve(
                 let _ = tcp.set_nodelay(true);
                 let svc = TowerToHyperService::new(router.clone());
                 let watcher = graceful.watcher();
-                let builder = builder.clone();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let res = match acceptor {
-                        Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                                watcher.watch(conn.into_owned()).await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        },
-                        None => {
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                    };
-                    if let Err(e) = res {
-                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                    }
-                });
+                tokio::spawn(serve_connection(
+                    tcp,
+                    peer,
+                    svc,
+                    acceptor.clone(),
+                    builder.clone(),
+                    watcher,
+                ));
             }
         }
     }
@@ -176,4 +139,58 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// The connection settings: HTTP/1.1 and h2, each with a timer, so that hyper enforces its
+/// header-read timeout (slow clients holding connections) and h2 keepalive PINGs find dead
+/// peers as gRPC's do.
+fn conn_builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.keepalive)
+        .keep_alive_timeout(crate::api::KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(limits.max_concurrent_streams);
+    builder
+}
+
+/// Serves one accepted connection from `peer` until it closes or the graceful shutdown
+/// `watcher` belongs to ends it; with TLS, after a handshake of at most
+/// [`TLS_HANDSHAKE_TIMEOUT`].
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    svc: TowerToHyperService<Router>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+) {
+    let res = match acceptor {
+        Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                watcher.watch(conn.into_owned()).await
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        None => {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+            watcher.watch(conn.into_owned()).await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    }
 }

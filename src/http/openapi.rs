@@ -2,10 +2,13 @@
 //! the route table, schemas and descriptions from the proto's descriptor (with its
 //! comments), in the proto3 JSON mapping. Neither can drift from what is served.
 
-use super::routes::ROUTES;
+use super::routes::{Route, ROUTES};
 use prost::Message;
 use prost_types::field_descriptor_proto::{Label, Type};
-use prost_types::{DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet};
+use prost_types::{
+    DescriptorProto, EnumDescriptorProto, FieldDescriptorProto, FileDescriptorProto,
+    FileDescriptorSet,
+};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
@@ -144,125 +147,18 @@ fn error_schema() -> Value {
 /// The OpenAPI 3.1 document, from an encoded `FileDescriptorSet` holding `tidings.v1`.
 pub fn document(descriptor_set: &[u8]) -> Value {
     let set = FileDescriptorSet::decode(descriptor_set).unwrap_or_default();
-    let mut schemas = Map::new();
-    let mut rpc_docs = HashMap::new();
-    for file in set.file.iter().filter(|f| f.package() == PACKAGE) {
-        let docs = comments(file);
-        for (i, m) in file.message_type.iter().enumerate() {
-            schemas.insert(
-                m.name().to_string(),
-                message_schema(m, &[4, i as i32], &docs),
-            );
-        }
-        for (i, e) in file.enum_type.iter().enumerate() {
-            let names: Vec<&str> = e.value.iter().map(|v| v.name()).collect();
-            let mut desc = docs.get(&vec![5, i as i32]).cloned().unwrap_or_default();
-            for (j, v) in e.value.iter().enumerate() {
-                if let Some(d) = docs.get(&vec![5, i as i32, 2, j as i32]) {
-                    desc.push_str(&format!(" `{}`: {d}", v.name()));
-                }
-            }
-            schemas.insert(
-                e.name().to_string(),
-                json!({"type": "string", "enum": names, "description": desc.trim()}),
-            );
-        }
-        for (s, svc) in file.service.iter().enumerate() {
-            for (j, m) in svc.method.iter().enumerate() {
-                if let Some(d) = docs.get(&vec![6, s as i32, 2, j as i32]) {
-                    rpc_docs.insert(m.name().to_string(), d.clone());
-                }
-            }
-        }
-    }
+    let (mut schemas, rpc_docs) = proto_schemas(&set);
     schemas.insert("Error".into(), error_schema());
-    schemas.insert(
-        "StreamEnd".into(),
-        json!({
-            "type": "object",
-            "description": "The last line of an NDJSON answer: how the stream ended. Code 0 (OK) means every line was answered; otherwise (e.g. 4 DEADLINE_EXCEEDED, 14 UNAVAILABLE while the server drains) the lines without an answer were not read: send them again.",
-            "required": ["end"],
-            "properties": {"end": {"type": "object", "properties": {
-                "code": {"type": "integer"},
-                "status": {"type": "string"},
-                "message": {"type": "string"}
-            }}}
-        }),
-    );
-
+    schemas.insert("StreamEnd".into(), stream_end_schema());
     let mut paths = Map::new();
     for r in ROUTES {
-        let mut description = r.summary.to_string();
-        if let Some(rpc) = r.rpc {
-            description.push_str(&format!(
-                "\n\nThe HTTP form of gRPC `{PACKAGE}.Tidings/{rpc}`: {}",
-                rpc_docs.get(rpc).map_or("", String::as_str)
-            ));
-        }
-        let mut op = json!({
-            "operationId": r.operation_id,
-            "summary": r.summary.split(". ").next().unwrap_or(r.summary).trim_end_matches('.'),
-            "description": description,
-            "responses": {},
-        });
-        let (media, schema) = r.response;
-        let body = match schema {
-            // An NDJSON answer: items, then the line saying how the stream ended.
-            Some(name) if media == "application/x-ndjson" => json!({"schema": {
-                "description": "Each line is one of these JSON objects.",
-                "oneOf": [
-                    {"$ref": format!("#/components/schemas/{name}")},
-                    {"$ref": "#/components/schemas/StreamEnd"}
-                ]
-            }}),
-            Some(name) => json!({"schema": {"$ref": format!("#/components/schemas/{name}")}}),
-            None if media == "text/html" => json!({"schema": {"type": "string"}}),
-            None => json!({"schema": {"type": "object"}}),
-        };
-        op["responses"]["200"] = json!({"description": "OK", "content": {media: body}});
-        if let Some((media, name)) = r.request {
-            op["requestBody"] = json!({
-                "required": true,
-                "content": {media: {"schema": {"$ref": format!("#/components/schemas/{name}")}}},
-            });
-        }
-        if r.rpc.is_some() {
-            op["responses"]["default"] = json!({"$ref": "#/components/responses/Error"});
-            for code in ["400", "401", "429", "503", "504"] {
-                op["responses"][code] = json!({"$ref": "#/components/responses/Error"});
-            }
-            if r.request.is_some() {
-                for code in ["413", "415"] {
-                    op["responses"][code] = json!({"$ref": "#/components/responses/Error"});
-                }
-            }
-        }
-        if r.operation_id == "readyz" {
-            op["responses"]["503"] = json!({
-                "description": "Draining for shutdown: send new work elsewhere.",
-                "content": {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string", "const": "NOT_SERVING"}}}}}
-            });
-        }
-        if r.deadline {
-            op["parameters"] = json!([
-                {"$ref": "#/components/parameters/timeout"},
-                {"$ref": "#/components/parameters/grpcTimeout"}
-            ]);
-        }
-        // The token is needed only when the server was started with one.
-        op["security"] = if r.auth {
-            json!([{"bearer": []}, {}])
-        } else {
-            json!([{}])
-        };
         paths
             .entry(r.path.to_string())
             .or_insert_with(|| json!({}))
             .as_object_mut()
             .expect("a path item is an object")
-            .insert(r.method.to_ascii_lowercase(), op);
+            .insert(r.method.to_ascii_lowercase(), operation(r, &rpc_docs));
     }
-
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -276,31 +172,171 @@ pub fn document(descriptor_set: &[u8]) -> Value {
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"}
         },
         "paths": paths,
-        "components": {
-            "schemas": schemas,
-            "responses": {
-                "Error": {
-                    "description": "The call failed; the body says why.",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        "components": components(schemas),
+    })
+}
+
+/// The schemas of the messages and enums of `tidings.v1` in `set`, by name, and the
+/// documentation of its RPCs, by method name.
+fn proto_schemas(set: &FileDescriptorSet) -> (Map<String, Value>, HashMap<String, String>) {
+    let mut schemas = Map::new();
+    let mut rpc_docs = HashMap::new();
+    for file in set.file.iter().filter(|f| f.package() == PACKAGE) {
+        let docs = comments(file);
+        for (i, m) in file.message_type.iter().enumerate() {
+            schemas.insert(
+                m.name().to_string(),
+                message_schema(m, &[4, i as i32], &docs),
+            );
+        }
+        for (i, e) in file.enum_type.iter().enumerate() {
+            schemas.insert(e.name().to_string(), enum_schema(e, i, &docs));
+        }
+        for (s, svc) in file.service.iter().enumerate() {
+            for (j, m) in svc.method.iter().enumerate() {
+                if let Some(d) = docs.get(&vec![6, s as i32, 2, j as i32]) {
+                    rpc_docs.insert(m.name().to_string(), d.clone());
                 }
+            }
+        }
+    }
+    (schemas, rpc_docs)
+}
+
+/// The schema of the file's `i`th enum: its value names, described by the enum's comment
+/// and each value's.
+fn enum_schema(e: &EnumDescriptorProto, i: usize, docs: &HashMap<Vec<i32>, String>) -> Value {
+    let names: Vec<&str> = e.value.iter().map(|v| v.name()).collect();
+    let mut desc = docs.get(&vec![5, i as i32]).cloned().unwrap_or_default();
+    for (j, v) in e.value.iter().enumerate() {
+        if let Some(d) = docs.get(&vec![5, i as i32, 2, j as i32]) {
+            desc.push_str(&format!(" `{}`: {d}", v.name()));
+        }
+    }
+    json!({"type": "string", "enum": names, "description": desc.trim()})
+}
+
+/// The last line of every NDJSON answer.
+fn stream_end_schema() -> Value {
+    json!({
+        "type": "object",
+        "description": "The last line of an NDJSON answer: how the stream ended. Code 0 (OK) means every line was answered; otherwise (e.g. 4 DEADLINE_EXCEEDED, 14 UNAVAILABLE while the server drains) the lines without an answer were not read: send them again.",
+        "required": ["end"],
+        "properties": {"end": {"type": "object", "properties": {
+            "code": {"type": "integer"},
+            "status": {"type": "string"},
+            "message": {"type": "string"}
+        }}}
+    })
+}
+
+/// The operation of one route: its summary and description (with its RPC's), request,
+/// answers, deadline parameters and security.
+fn operation(r: &Route, rpc_docs: &HashMap<String, String>) -> Value {
+    let mut description = r.summary.to_string();
+    if let Some(rpc) = r.rpc {
+        description.push_str(&format!(
+            "\n\nThe HTTP form of gRPC `{PACKAGE}.Tidings/{rpc}`: {}",
+            rpc_docs.get(rpc).map_or("", String::as_str)
+        ));
+    }
+    let mut op = json!({
+        "operationId": r.operation_id,
+        "summary": r.summary.split(". ").next().unwrap_or(r.summary).trim_end_matches('.'),
+        "description": description,
+        "responses": {},
+    });
+    let (media, schema) = r.response;
+    op["responses"]["200"] =
+        json!({"description": "OK", "content": {media: response_body(media, schema)}});
+    if let Some((media, name)) = r.request {
+        op["requestBody"] = json!({
+            "required": true,
+            "content": {media: {"schema": {"$ref": format!("#/components/schemas/{name}")}}},
+        });
+    }
+    error_responses(r, &mut op["responses"]);
+    if r.deadline {
+        op["parameters"] = json!([
+            {"$ref": "#/components/parameters/timeout"},
+            {"$ref": "#/components/parameters/grpcTimeout"}
+        ]);
+    }
+    // The token is needed only when the server was started with one.
+    op["security"] = if r.auth {
+        json!([{"bearer": []}, {}])
+    } else {
+        json!([{}])
+    };
+    op
+}
+
+/// The content of a successful answer of type `media`, of the schema `schema` names.
+fn response_body(media: &str, schema: Option<&str>) -> Value {
+    match schema {
+        // An NDJSON answer: items, then the line saying how the stream ended.
+        Some(name) if media == "application/x-ndjson" => json!({"schema": {
+            "description": "Each line is one of these JSON objects.",
+            "oneOf": [
+                {"$ref": format!("#/components/schemas/{name}")},
+                {"$ref": "#/components/schemas/StreamEnd"}
+            ]
+        }}),
+        Some(name) => json!({"schema": {"$ref": format!("#/components/schemas/{name}")}}),
+        None if media == "text/html" => json!({"schema": {"type": "string"}}),
+        None => json!({"schema": {"type": "object"}}),
+    }
+}
+
+/// Adds the failure answers of route `r` to its `responses`: the error body for an RPC's
+/// route (with 413 and 415 when it takes a body), and `/readyz`'s 503 while draining.
+fn error_responses(r: &Route, responses: &mut Value) {
+    if r.rpc.is_some() {
+        responses["default"] = json!({"$ref": "#/components/responses/Error"});
+        for code in ["400", "401", "429", "503", "504"] {
+            responses[code] = json!({"$ref": "#/components/responses/Error"});
+        }
+        if r.request.is_some() {
+            for code in ["413", "415"] {
+                responses[code] = json!({"$ref": "#/components/responses/Error"});
+            }
+        }
+    }
+    if r.operation_id == "readyz" {
+        responses["503"] = json!({
+            "description": "Draining for shutdown: send new work elsewhere.",
+            "content": {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string", "const": "NOT_SERVING"}}}}}
+        });
+    }
+}
+
+/// The document's `components`: `schemas`, and the shared error answer, deadline parameters
+/// and bearer scheme.
+fn components(schemas: Map<String, Value>) -> Value {
+    json!({
+        "schemas": schemas,
+        "responses": {
+            "Error": {
+                "description": "The call failed; the body says why.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+            }
+        },
+        "parameters": {
+            "timeout": {
+                "name": "timeout", "in": "query", "required": false,
+                "description": "The call's deadline, e.g. 2s, 1.5s, 250ms or 1m. For analyze and analyze:batch it is capped by the server's request timeout, and past it the call fails with 504 DEADLINE_EXCEEDED; for analyze:stream it bounds the whole stream, which then ends with a StreamEnd line of code 4.",
+                "schema": {"type": "string", "pattern": "^[0-9.]+(ms|s|m|h)$"}
             },
-            "parameters": {
-                "timeout": {
-                    "name": "timeout", "in": "query", "required": false,
-                    "description": "The call's deadline, e.g. 2s, 1.5s, 250ms or 1m. For analyze and analyze:batch it is capped by the server's request timeout, and past it the call fails with 504 DEADLINE_EXCEEDED; for analyze:stream it bounds the whole stream, which then ends with a StreamEnd line of code 4.",
-                    "schema": {"type": "string", "pattern": "^[0-9.]+(ms|s|m|h)$"}
-                },
-                "grpcTimeout": {
-                    "name": "Grpc-Timeout", "in": "header", "required": false,
-                    "description": "The deadline in gRPC's format (e.g. 2S, 250m), as grpc-gateway takes it; the `timeout` parameter wins when both are set.",
-                    "schema": {"type": "string", "pattern": "^[0-9]{1,8}[HMSmun]$"}
-                }
-            },
-            "securitySchemes": {
-                "bearer": {
-                    "type": "http", "scheme": "bearer",
-                    "description": "Required when the server runs with --auth-token-file: `Authorization: Bearer <token>`."
-                }
+            "grpcTimeout": {
+                "name": "Grpc-Timeout", "in": "header", "required": false,
+                "description": "The deadline in gRPC's format (e.g. 2S, 250m), as grpc-gateway takes it; the `timeout` parameter wins when both are set.",
+                "schema": {"type": "string", "pattern": "^[0-9]{1,8}[HMSmun]$"}
+            }
+        },
+        "securitySchemes": {
+            "bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "Required when the server runs with --auth-token-file: `Authorization: Bearer <token>`."
             }
         }
     })
