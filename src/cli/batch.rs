@@ -311,6 +311,36 @@ impl Queue {
 
 /// Runs the job.
 pub fn run(a: BatchArgs) -> Result<()> {
+    check_args(&a)?;
+    let access = Access::from_args(&a)?;
+    let done = done_ids(&a.output)?;
+    let (items, total) = read_items(&a, &done)?;
+    eprintln!(
+        "batch: {total} items, {} already in {}, {} to do",
+        total - items.len(),
+        a.output.display(),
+        items.len()
+    );
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&a.output)?;
+    let mut out = std::io::BufWriter::new(out);
+    out.seek(std::io::SeekFrom::End(0))?;
+    let bar = progress_bar(total, total - items.len());
+    let rt = super::runtime()?;
+    let result = rt.block_on(drive(&a, &access, items, &mut out, &bar));
+    out.flush()?;
+    let failed = result?;
+    bar.finish();
+    eprintln!(
+        "batch: finished, {failed} items with errors (written as {{\"id\",\"error\"}} lines)"
+    );
+    Ok(())
+}
+
+/// Refuses flags that cannot make a job: no concurrency, no server, the input as output.
+fn check_args(a: &BatchArgs) -> Result<()> {
     if a.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
@@ -324,8 +354,13 @@ pub fn run(a: BatchArgs) -> Result<()> {
             a.output.display()
         );
     }
-    let access = Access::from_args(&a)?;
-    let done = done_ids(&a.output)?;
+    Ok(())
+}
+
+/// The input's items not in `done`, each with its index among them as its wire id, and how
+/// many items the input holds. Blank lines are skipped; a line that is not an item, or an id
+/// given twice, is an error naming the line.
+fn read_items(a: &BatchArgs, done: &HashSet<String>) -> Result<(Vec<Item>, usize)> {
     let reader = BufReader::new(
         std::fs::File::open(&a.input).with_context(|| format!("opening {}", a.input.display()))?,
     );
@@ -375,36 +410,22 @@ pub fn run(a: BatchArgs) -> Result<()> {
             });
         }
     }
-    eprintln!(
-        "batch: {total} items, {} already in {}, {} to do",
-        total - items.len(),
-        a.output.display(),
-        items.len()
-    );
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&a.output)?;
-    let mut out = std::io::BufWriter::new(out);
-    out.seek(std::io::SeekFrom::End(0))?;
+    Ok((items, total))
+}
+
+/// The job's progress bar over `total` items, `done` of them already.
+fn progress_bar(total: usize, done: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    bar.set_position((total - items.len()) as u64);
-    let rt = super::runtime()?;
-    let result = rt.block_on(drive(&a, &access, items, &mut out, &bar));
-    out.flush()?;
-    let failed = result?;
-    bar.finish();
-    eprintln!(
-        "batch: finished, {failed} items with errors (written as {{\"id\",\"error\"}} lines)"
-    );
-    Ok(())
+    bar.set_position(done as u64);
+    bar
 }
 
 /// Everything a server's stream needs.
+#[derive(Clone)]
 struct Lane {
     url: String,
     /// The name its certificate is checked against, when not the URL's host.
@@ -451,6 +472,18 @@ async fn drive(
     });
     let items = Arc::new(items);
     let (events_tx, mut events) = mpsc::channel::<LaneEvent>(1024);
+    // Every lane is this one with its server's URL and name.
+    let template = Lane {
+        url: String::new(),
+        name: None,
+        access: access.clone(),
+        concurrency: a.concurrency,
+        retries: a.retries,
+        items: items.clone(),
+        queue,
+        results: events_tx,
+        tasks: a.tasks.clone(),
+    };
     let mut lanes: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut given_up: HashSet<String> = HashSet::new();
     let mut written: HashSet<usize> = HashSet::new();
@@ -459,23 +492,7 @@ async fn drive(
     let result = loop {
         tokio::select! {
             _ = resolve.tick() => {
-                for (url, name) in endpoints(&a.server, access.tls.is_some()).await {
-                    if lanes.get(&url).is_some_and(|h| !h.is_finished()) || given_up.contains(&url) {
-                        continue;
-                    }
-                    let lane = Lane {
-                        url: url.clone(),
-                        name,
-                        access: access.clone(),
-                        concurrency: a.concurrency,
-                        retries: a.retries,
-                        items: items.clone(),
-                        queue: queue.clone(),
-                        results: events_tx.clone(),
-                        tasks: a.tasks.clone(),
-                    };
-                    lanes.insert(url, tokio::spawn(lane.run()));
-                }
+                start_lanes(&a.server, &template, &mut lanes, &given_up).await;
                 if lanes.is_empty() {
                     break Err(anyhow::anyhow!("no server address: {:?} resolved to nothing", a.server));
                 }
@@ -485,20 +502,9 @@ async fn drive(
                     if !written.insert(i) {
                         continue; // answered twice (a retry raced a late answer): once is kept
                     }
-                    let item = &items[i];
-                    match outcome {
-                        Answered::Done(mut resp) => {
-                            resp.id = item.id.clone();
-                            serde_json::to_writer(&mut *out, &resp)?;
-                        }
-                        Answered::Invalid { code, message } => {
-                            failed += 1;
-                            let line = ErrorLine { id: &item.id, error: ErrorBody { code, message: &message } };
-                            serde_json::to_writer(&mut *out, &line)?;
-                        }
+                    if write_answer(out, &items[i], outcome)? {
+                        failed += 1;
                     }
-                    out.write_all(b"\n")?;
-                    out.flush()?;
                     bar.inc(1);
                     outstanding -= 1;
                     if outstanding == 0 {
@@ -525,6 +531,53 @@ async fn drive(
         h.abort();
     }
     result
+}
+
+/// Starts a lane, like `template` but for its server, on each endpoint `servers` stand for
+/// now that has no lane running and was not given up.
+async fn start_lanes(
+    servers: &[String],
+    template: &Lane,
+    lanes: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+    given_up: &HashSet<String>,
+) {
+    for (url, name) in endpoints(servers, template.access.tls.is_some()).await {
+        if lanes.get(&url).is_some_and(|h| !h.is_finished()) || given_up.contains(&url) {
+            continue;
+        }
+        let lane = Lane {
+            url: url.clone(),
+            name,
+            ..template.clone()
+        };
+        lanes.insert(url, tokio::spawn(lane.run()));
+    }
+}
+
+/// Writes the line of `item`'s answer (the user's id put back) and flushes it; returns
+/// whether it is an error line.
+fn write_answer(out: &mut impl Write, item: &Item, outcome: Answered) -> Result<bool> {
+    let error = match outcome {
+        Answered::Done(mut resp) => {
+            resp.id = item.id.clone();
+            serde_json::to_writer(&mut *out, &resp)?;
+            false
+        }
+        Answered::Invalid { code, message } => {
+            let line = ErrorLine {
+                id: &item.id,
+                error: ErrorBody {
+                    code,
+                    message: &message,
+                },
+            };
+            serde_json::to_writer(&mut *out, &line)?;
+            true
+        }
+    };
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(error)
 }
 
 /// The endpoints `specs` stand for now, each with the name its certificate is checked
@@ -707,31 +760,7 @@ impl Lane {
         // Items over the server's text limit are answered here: sent, one could end the
         // whole stream (a message over the size limit) instead of failing alone.
         let mut refused: Vec<usize> = Vec::new();
-        let fill = |tx: &mut Option<mpsc::Sender<AnalyzeRequest>>,
-                    in_flight: &mut HashMap<usize, ()>,
-                    refused: &mut Vec<usize>| {
-            while let Some(sender) = tx.as_ref() {
-                if in_flight.len() >= self.concurrency {
-                    break;
-                }
-                let Some(i) = self.queue.pop() else {
-                    // Nothing left to send: half-close, so the server knows the stream is
-                    // complete once it has answered.
-                    *tx = None;
-                    break;
-                };
-                if self.items[i].request.text.chars().count() > max_chars {
-                    refused.push(i);
-                    continue;
-                }
-                if sender.try_send(self.items[i].request.clone()).is_err() {
-                    self.queue.give_back([i]);
-                    break;
-                }
-                in_flight.insert(i, ());
-            }
-        };
-        fill(&mut tx, &mut in_flight, &mut refused);
+        self.fill(&mut tx, &mut in_flight, &mut refused, max_chars);
         progress |= self.refuse(&mut refused, max_chars).await;
         let requests = self.access.request(ReceiverStream::new(rx));
         let mut responses = match client.analyze_stream_items(requests).await {
@@ -744,27 +773,9 @@ impl Lane {
         let outcome = loop {
             match responses.message().await {
                 Ok(Some(item)) => {
-                    let (wire, outcome) = match item.outcome {
-                        Some(Outcome::Response(r)) => {
-                            (r.id.clone(), Ok(Answered::Done(Box::new(r))))
-                        }
-                        Some(Outcome::Error(e)) if e.code == Code::InvalidArgument as i32 => (
-                            e.id,
-                            Ok(Answered::Invalid {
-                                code: e.code,
-                                message: e.message,
-                            }),
-                        ),
-                        Some(Outcome::Error(e)) => (e.id, Err(e.message)),
-                        None => continue,
-                    };
-                    let Some(i) = wire.parse::<usize>().ok().filter(|&i| i < self.items.len())
-                    else {
+                    let Some((i, outcome)) = self.answer_of(item, &mut in_flight) else {
                         continue;
                     };
-                    if in_flight.remove(&i).is_none() {
-                        continue;
-                    }
                     match outcome {
                         Ok(o) => {
                             progress = true;
@@ -772,39 +783,9 @@ impl Lane {
                                 return Ok(progress);
                             }
                         }
-                        Err(message) => {
-                            // Not the item's fault: it goes to the queue again, a bounded
-                            // number of times.
-                            let tries = {
-                                let mut f = self
-                                    .queue
-                                    .failures
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner());
-                                let n = f.entry(i).or_default();
-                                *n += 1;
-                                *n
-                            };
-                            if tries > self.retries {
-                                self.queue.give_back(in_flight.into_keys().chain([i]));
-                                return Err(StreamError::Fatal(anyhow::anyhow!(
-                                    "item {:?} failed {tries} times ({message}); stopping. \
-                                     Nothing was written for it: a later run retries it",
-                                    self.items[i].id
-                                )));
-                            }
-                            self.queue.give_back([i]);
-                            let _ = self
-                                .results
-                                .send(LaneEvent::Note(format!(
-                                    "{}: item retried: {message}",
-                                    self.url
-                                )))
-                                .await;
-                            tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
-                        }
+                        Err(message) => self.retry(i, &message, &mut in_flight).await?,
                     }
-                    fill(&mut tx, &mut in_flight, &mut refused);
+                    self.fill(&mut tx, &mut in_flight, &mut refused, max_chars);
                     progress |= self.refuse(&mut refused, max_chars).await;
                     if tx.is_none() && in_flight.is_empty() {
                         break Ok(());
@@ -824,6 +805,104 @@ impl Lane {
         outcome
             .map(|()| progress)
             .map_err(|s| classify(s, progress))
+    }
+
+    /// Sends queued items on `tx` while fewer than `concurrency` are in flight; drops `tx`
+    /// (half-closes) once the queue is empty. Items over `max_chars` go to `refused` instead.
+    fn fill(
+        &self,
+        tx: &mut Option<mpsc::Sender<AnalyzeRequest>>,
+        in_flight: &mut HashMap<usize, ()>,
+        refused: &mut Vec<usize>,
+        max_chars: usize,
+    ) {
+        while let Some(sender) = tx.as_ref() {
+            if in_flight.len() >= self.concurrency {
+                break;
+            }
+            let Some(i) = self.queue.pop() else {
+                // Nothing left to send: half-close, so the server knows the stream is
+                // complete once it has answered.
+                *tx = None;
+                break;
+            };
+            if self.items[i].request.text.chars().count() > max_chars {
+                refused.push(i);
+                continue;
+            }
+            if sender.try_send(self.items[i].request.clone()).is_err() {
+                self.queue.give_back([i]);
+                break;
+            }
+            in_flight.insert(i, ());
+        }
+    }
+
+    /// The item a streamed answer is for, taken out of `in_flight`, and what was said of it:
+    /// an answer for the writer, or the message of an error that is not the item's. `None`
+    /// for an answer with no outcome, or for no item of this stream's in flight.
+    fn answer_of(
+        &self,
+        item: tidings::proto::AnalyzeBatchItem,
+        in_flight: &mut HashMap<usize, ()>,
+    ) -> Option<(usize, Result<Answered, String>)> {
+        let (wire, outcome) = match item.outcome? {
+            Outcome::Response(r) => (r.id.clone(), Ok(Answered::Done(Box::new(r)))),
+            Outcome::Error(e) if e.code == Code::InvalidArgument as i32 => (
+                e.id,
+                Ok(Answered::Invalid {
+                    code: e.code,
+                    message: e.message,
+                }),
+            ),
+            Outcome::Error(e) => (e.id, Err(e.message)),
+        };
+        let i = wire
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i < self.items.len())?;
+        in_flight.remove(&i)?;
+        Some((i, outcome))
+    }
+
+    /// Puts item `i`, which failed with `message` for a reason not its own, back in the
+    /// queue, a bounded number of times; past `retries` the job stops (everything in
+    /// `in_flight` given back).
+    async fn retry(
+        &self,
+        i: usize,
+        message: &str,
+        in_flight: &mut HashMap<usize, ()>,
+    ) -> Result<(), StreamError> {
+        let tries = {
+            let mut f = self
+                .queue
+                .failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = f.entry(i).or_default();
+            *n += 1;
+            *n
+        };
+        if tries > self.retries {
+            self.queue
+                .give_back(std::mem::take(in_flight).into_keys().chain([i]));
+            return Err(StreamError::Fatal(anyhow::anyhow!(
+                "item {:?} failed {tries} times ({message}); stopping. \
+                 Nothing was written for it: a later run retries it",
+                self.items[i].id
+            )));
+        }
+        self.queue.give_back([i]);
+        let _ = self
+            .results
+            .send(LaneEvent::Note(format!(
+                "{}: item retried: {message}",
+                self.url
+            )))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(tries))).await;
+        Ok(())
     }
 }
 

@@ -176,7 +176,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "device: {} (candle's CUDA ops, f32; the CPU's peaks are not measured)",
             a.models.device
         );
-        return time_models(&a, &models, None, None, None, None);
+        return time_models(&a, &models, Peaks::default());
     }
     let threads = candle_core::utils::get_num_threads();
     let peak = matmul_peak(2048)?;
@@ -191,6 +191,38 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "machine's best SGEMM: not given (measure it with bench/sgemm_peak.py, pass --blas-gflops)"
         ),
     }
+    let (own_f32, own_int8) = print_kernel_peaks(threads, blas);
+    let precision = [
+        models.ner.as_ref().map(|n| n.model.precision()),
+        models.topics.as_ref().map(|t| t.model.precision()),
+    ];
+    println!(
+        "precision of the products below: ner {}, topics {}",
+        precision[0].map_or("-".into(), |p| p.to_string()),
+        precision[1].map_or("-".into(), |p| p.to_string())
+    );
+    let fma = fma_peak(threads);
+    match &fma {
+        Some((g, how)) => println!("theoretical FMA peak: {g:.1} GFLOP/s ({how})"),
+        None => println!("theoretical FMA peak: not computable from /proc/cpuinfo"),
+    }
+    // The rate of the kernel the products run on, for "of kernel".
+    let kernel = match precision.iter().flatten().next() {
+        Some(tidings::model::Precision::Int8) => own_int8,
+        _ => own_f32,
+    };
+    let peaks = Peaks {
+        candle: Some(peak),
+        blas,
+        fma: fma.map(|f| f.0),
+        kernel,
+    };
+    time_models(&a, &models, peaks)
+}
+
+/// Measures Tidings' own kernels ([`kernel_peaks`] at 2048^3 with `threads` tasks) and prints
+/// their rates, as shares of the machine's best SGEMM `blas` when given; returns them.
+fn print_kernel_peaks(threads: usize, blas: Option<f64>) -> (Option<f64>, Option<f64>) {
     let (own_f32, own_int8) = kernel_peaks(2048, threads);
     let of_blas = |g: f64| {
         blas.map_or(String::new(), |b| {
@@ -220,50 +252,85 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ),
         None => println!("Tidings int8 kernel: not available on this CPU"),
     }
-    let precision = [
-        models.ner.as_ref().map(|n| n.model.precision()),
-        models.topics.as_ref().map(|t| t.model.precision()),
-    ];
-    println!(
-        "precision of the products below: ner {}, topics {}",
-        precision[0].map_or("-".into(), |p| p.to_string()),
-        precision[1].map_or("-".into(), |p| p.to_string())
-    );
-    let fma = fma_peak(threads);
-    match &fma {
-        Some((g, how)) => println!("theoretical FMA peak: {g:.1} GFLOP/s ({how})"),
-        None => println!("theoretical FMA peak: not computable from /proc/cpuinfo"),
+    (own_f32, own_int8)
+}
+
+/// The rates a model's GFLOP/s is given as a share of (`None`: not measured).
+#[derive(Clone, Copy, Default)]
+struct Peaks {
+    /// candle's own f32 matmul.
+    candle: Option<f64>,
+    /// The machine's best SGEMM (`--blas-gflops`).
+    blas: Option<f64>,
+    /// The theoretical FMA peak.
+    fma: Option<f64>,
+    /// Tidings' kernel that the products run on.
+    kernel: Option<f64>,
+}
+
+/// What one timed run computes: forward passes of windows of given lengths.
+struct Workload {
+    /// Window lengths per forward pass, special tokens included.
+    passes: Vec<Vec<usize>>,
+    /// The table's seq column: `--seq`, or `mix`.
+    seq: String,
+}
+
+impl Workload {
+    /// `a`'s article mix, or its `--batch` windows of `--seq` tokens.
+    fn of(a: &BenchArgs) -> Self {
+        match &a.mix {
+            Some(Mix(passes)) => Self {
+                passes: passes.clone(),
+                seq: "mix".to_string(),
+            },
+            None => Self {
+                passes: vec![vec![a.seq.max(3); a.batch]],
+                seq: a.seq.to_string(),
+            },
+        }
     }
-    // The rate of the kernel the products run on, for "of kernel".
-    let kernel = match precision.iter().flatten().next() {
-        Some(tidings::model::Precision::Int8) => own_int8,
-        _ => own_f32,
-    };
-    time_models(&a, &models, Some(peak), blas, fma.map(|f| f.0), kernel)
+
+    /// Windows in all the passes.
+    fn windows(&self) -> usize {
+        self.passes.iter().map(Vec::len).sum()
+    }
+
+    /// Tokens in all the windows.
+    fn tokens(&self) -> usize {
+        self.passes.iter().flatten().sum()
+    }
+
+    /// Matmul FLOPs of all the passes through a model of config `cfg`.
+    fn flops(&self, cfg: &tidings::model::ModelConfig) -> f64 {
+        self.passes
+            .iter()
+            .flatten()
+            .map(|&len| {
+                len as f64
+                    * flops_per_token(
+                        cfg.hidden_size,
+                        cfg.intermediate_size,
+                        cfg.num_hidden_layers,
+                        len,
+                    )
+            })
+            .sum()
+    }
 }
 
 /// Times each loaded model's forward passes on `a`'s batch (or mix) and prints a row per
 /// model, its GFLOP/s as a share of each peak given (candle's, the machine's best SGEMM,
 /// FMA's).
-fn time_models(
-    a: &BenchArgs,
-    models: &Models,
-    peak: Option<f64>,
-    blas: Option<f64>,
-    fma: Option<f64>,
-    kernel: Option<f64>,
-) -> Result<()> {
-    // Window lengths per forward pass, special tokens included.
-    let passes = match &a.mix {
-        Some(Mix(passes)) => passes.clone(),
-        None => vec![vec![a.seq.max(3); a.batch]],
-    };
-    let longest = passes.iter().flatten().copied().max().unwrap_or(3);
+fn time_models(a: &BenchArgs, models: &Models, peaks: Peaks) -> Result<()> {
+    let work = Workload::of(a);
+    let longest = work.passes.iter().flatten().copied().max().unwrap_or(3);
     let ids: Vec<u32> = (0..longest - 2)
         .map(|k| 1000 + (k as u32 * 7919) % 20000)
         .collect();
     let casing = vec![1u32; longest - 2];
-    let batches: Vec<Vec<Row>> = passes
+    let batches: Vec<Vec<Row>> = work
+        .passes
         .iter()
         .map(|lens| {
             lens.iter()
@@ -274,12 +341,33 @@ fn time_models(
                 .collect()
         })
         .collect();
-    let windows: usize = passes.iter().map(Vec::len).sum();
-    let tokens: usize = passes.iter().flatten().sum();
-    let seq = match a.mix {
-        Some(_) => "mix".to_string(),
-        None => a.seq.to_string(),
-    };
+    print_header();
+    // The passes run on a worker of a pool built as the server's, as the batcher runs them.
+    let pool = tidings::engine::model_pool();
+    if let Some(n) = &models.ner {
+        let times = time_passes(&pool, a.iters, &|| {
+            for rows in &batches {
+                token_probs(&n.model, rows, n.specials, &models.device).context("ner forward")?;
+            }
+            Ok(())
+        })?;
+        report("ner", &n.dir.config, times, &work, &peaks);
+    }
+    if let Some(t) = &models.topics {
+        let times = time_passes(&pool, a.iters, &|| {
+            for rows in &batches {
+                embeddings(&t.model, rows, t.specials, &models.device).context("topic forward")?;
+            }
+            Ok(())
+        })?;
+        report("topics", &t.dir.config, times, &work, &peaks);
+    }
+    println!("peak RSS {:.0} MB", peak_rss_mb());
+    Ok(())
+}
+
+/// The table's header.
+fn print_header() {
     println!(
         "{:<8} {:>6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "model",
@@ -294,81 +382,61 @@ fn time_models(
         "of FMA",
         "of kernel"
     );
-    let share = |gflops: f64, of: Option<f64>| {
-        of.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * gflops / p))
-    };
-    // The passes run on a worker of a pool built as the server's, as the batcher runs them.
-    let pool = tidings::engine::model_pool();
-    let report = |name: &str,
-                  cfg: &tidings::model::ModelConfig,
-                  run: &(dyn Fn() -> Result<()> + Sync)|
-     -> Result<()> {
-        let mut times = pool.install(|| -> Result<Vec<f64>> {
+}
+
+/// Seconds of each of `iters` timed runs of `run` on a worker of `pool`, after one untimed
+/// run (whose profile is dropped).
+fn time_passes(
+    pool: &rayon::ThreadPool,
+    iters: usize,
+    run: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<Vec<f64>> {
+    pool.install(|| -> Result<Vec<f64>> {
+        run()?;
+        tidings::model::profile::take();
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
             run()?;
-            tidings::model::profile::take();
-            let mut times = Vec::with_capacity(a.iters);
-            for _ in 0..a.iters {
-                let t = Instant::now();
-                run()?;
-                times.push(t.elapsed().as_secs_f64());
-            }
-            Ok(times)
-        })?;
-        times.sort_by(f64::total_cmp);
-        let p50 = times[times.len() / 2];
-        let p99 = times[((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)];
-        let tps = tokens as f64 / p50;
-        let flops: f64 = passes
-            .iter()
-            .flatten()
-            .map(|&len| {
-                len as f64
-                    * flops_per_token(
-                        cfg.hidden_size,
-                        cfg.intermediate_size,
-                        cfg.num_hidden_layers,
-                        len,
-                    )
-            })
-            .sum();
-        let gflops = flops / p50 / 1e9;
-        println!(
-            "{:<8} {:>6} {:>6} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>9} {:>9} {:>9} {:>9}",
-            name,
-            windows,
-            seq,
-            p50 * 1e3,
-            p99 * 1e3,
-            tps,
-            gflops,
-            share(gflops, peak),
-            share(gflops, blas),
-            share(gflops, fma),
-            share(gflops, kernel)
-        );
-        if tidings::model::profile::enabled() {
-            print_profile(name, times.iter().sum());
+            times.push(t.elapsed().as_secs_f64());
         }
-        Ok(())
-    };
-    if let Some(n) = &models.ner {
-        report("ner", &n.dir.config, &|| {
-            for rows in &batches {
-                token_probs(&n.model, rows, n.specials, &models.device).context("ner forward")?;
-            }
-            Ok(())
-        })?;
+        Ok(times)
+    })
+}
+
+/// Prints model `name`'s row (config `cfg`) from the `times` of its runs of `work`, and its
+/// profile when profiling.
+fn report(
+    name: &str,
+    cfg: &tidings::model::ModelConfig,
+    mut times: Vec<f64>,
+    work: &Workload,
+    peaks: &Peaks,
+) {
+    times.sort_by(f64::total_cmp);
+    let p50 = times[times.len() / 2];
+    let p99 = times[((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)];
+    let tps = work.tokens() as f64 / p50;
+    let gflops = work.flops(cfg) / p50 / 1e9;
+    let share =
+        |of: Option<f64>| of.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * gflops / p));
+    println!(
+        "{:<8} {:>6} {:>6} {:>10.1} {:>10.1} {:>10.0} {:>9.1} {:>9} {:>9} {:>9} {:>9}",
+        name,
+        work.windows(),
+        work.seq,
+        p50 * 1e3,
+        p99 * 1e3,
+        tps,
+        gflops,
+        share(peaks.candle),
+        share(peaks.blas),
+        share(peaks.fma),
+        share(peaks.kernel)
+    );
+    if tidings::model::profile::enabled() {
+        print_profile(name, times.iter().sum());
     }
-    if let Some(t) = &models.topics {
-        report("topics", &t.dir.config, &|| {
-            for rows in &batches {
-                embeddings(&t.model, rows, t.specials, &models.device).context("topic forward")?;
-            }
-            Ok(())
-        })?;
-    }
-    println!("peak RSS {:.0} MB", peak_rss_mb());
-    Ok(())
 }
 
 /// With `TIDINGS_PROFILE` set: each phase of the fused layers as a share of `total` seconds of

@@ -8,12 +8,13 @@ mod eval;
 mod serve;
 mod train;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use tidings::api::convert::Limits;
 use tidings::engine::{Engine, EngineConfig};
 use tidings::pipeline::analysis::Models;
+use tidings::pipeline::assembly::{HeadSpec, ModelPlan, TopicSource};
 use tidings::pipeline::WindowSpec;
 
 /// Tidings: topics and named entities of news articles, over gRPC.
@@ -139,177 +140,56 @@ pub struct ModelArgs {
     pub window_overlap: usize,
 }
 
-/// `[NAME=]PATH` of `--topic-head`. Text before the first `=` is a name only when it is made
-/// of letters, digits, `_`, `-` and `.` (so `/data/run=3/head.json` is a path).
-fn head_spec(spec: &str) -> Result<(Option<&str>, &str)> {
-    match spec.split_once('=') {
-        Some(("", _)) => anyhow::bail!("--topic-head {spec:?}: the name before '=' is empty"),
-        Some((n, p))
-            if n.len() <= 256
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) =>
-        {
-            Ok((Some(n), p.trim()))
-        }
-        _ => Ok((None, spec)),
-    }
-}
-
-/// A trained topic head file, checked against the topic encoder's width.
-fn read_head(p: &std::path::Path, dim: usize) -> Result<tidings::pipeline::analysis::LabelSet> {
-    let head: tidings::pipeline::analysis::LabelSet = serde_json::from_slice(
-        &std::fs::read(p).with_context(|| format!("reading topic head {}", p.display()))?,
-    )
-    .with_context(|| format!("parsing topic head {}", p.display()))?;
-    let memory_fits = head
-        .memory
-        .as_ref()
-        .is_none_or(|m| m.fits(dim, head.names.len()));
-    if head.weights.iter().any(|w| w.len() != dim)
-        || head.bias.len() != head.names.len()
-        || head.weights.len() != head.names.len()
-        || !memory_fits
-    {
-        anyhow::bail!(
-            "topic head {} does not fit the {dim}-wide topic encoder",
-            p.display()
-        );
-    }
-    Ok(head)
-}
-
 /// `None` for the word `none`, which disables a model.
 fn some_path(p: &std::path::Path) -> Option<&std::path::Path> {
     (p.as_os_str() != "none").then_some(p)
 }
 
-/// The topic encoder `--topic-model auto` falls back to.
-const DEFAULT_TOPIC_MODEL: &str = "models/minilm";
-
 impl ModelArgs {
+    /// What the flags ask to load. The `--topic-head` specs are read only with a topic model
+    /// (without one they were never attached, nor checked).
+    pub fn plan(&self) -> Result<ModelPlan> {
+        let topics = TopicSource::from_arg(&self.topic_model);
+        let heads = match topics {
+            TopicSource::None => Vec::new(),
+            _ => self
+                .topic_head
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| HeadSpec::parse(s))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(ModelPlan {
+            ner: some_path(&self.ner_model).map(PathBuf::from),
+            topics,
+            taxonomy: some_path(&self.taxonomy).map(PathBuf::from),
+            heads,
+            topic_scale: self.topic_scale,
+            window: WindowSpec {
+                size: self.window,
+                overlap: self.window_overlap,
+            },
+            precision: self.precision,
+            device: self.device,
+        })
+    }
+
     /// The topic encoder's directory, `auto` resolved (see `--topic-model`); `None` for none.
     pub fn topic_dir(&self) -> Option<PathBuf> {
-        if self.topic_model.as_os_str() != "auto" {
-            return some_path(&self.topic_model).map(PathBuf::from);
-        }
-        let serves_topics = some_path(&self.ner_model).is_some_and(|ner| {
-            std::fs::read(ner.join("config.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<tidings::model::ModelConfig>(&b).ok())
-                .is_some_and(|c| c.tidings_shared_encoder)
-        });
-        Some(if serves_topics {
-            self.ner_model.clone()
-        } else {
-            PathBuf::from(DEFAULT_TOPIC_MODEL)
-        })
+        TopicSource::from_arg(&self.topic_model).resolve(some_path(&self.ner_model))
     }
 
     /// Loads the models named by the flags.
     pub fn load(&self) -> Result<Models> {
-        let started = std::time::Instant::now();
-        let topic_dir = self.topic_dir();
-        let device = self
-            .device
-            .open()
-            .with_context(|| format!("--device {}", self.device))?;
-        let mut models = Models::load_on(
-            some_path(&self.ner_model),
-            topic_dir.as_deref(),
-            some_path(&self.taxonomy),
-            WindowSpec {
-                size: self.window,
-                overlap: self.window_overlap,
-            },
-            self.precision,
-            device,
-        )?;
-        // Loading freed about as much memory as the models keep (f32 tensors, the copies
-        // packed or quantized from them); mimalloc would hold it until this thread allocates
-        // again, which a server's main thread never does. Measured: 200 -> 83 MB resident
-        // with one model loaded.
-        // SAFETY: mi_collect only walks and trims mimalloc's own heaps (the global allocator,
-        // see main.rs).
-        unsafe { libmimalloc_sys::mi_collect(true) };
-        let ner_precision = models.ner.as_ref().map(|n| n.model.precision());
-        let topic_precision = models.topics.as_ref().map(|t| t.model.precision());
-        let cpu = models.device.is_cpu();
-        if cpu
-            && [ner_precision, topic_precision]
-                .into_iter()
-                .flatten()
-                .any(|p| p != self.precision)
-        {
-            tracing::warn!(
-                asked = %self.precision,
-                "--precision {} is not available on this CPU or model path; running f32",
-                self.precision
-            );
-        }
-        // What this topic encoder makes of the probe sentence, to check trained heads
-        // against the encoder they were fitted on (see `LabelSet::encoder_probe`).
-        let own_probe = if self.topic_head.iter().any(|s| !s.trim().is_empty()) {
-            models.encoder_probe()?.unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        if let Some(t) = models.topics.as_mut() {
-            t.scale = self.topic_scale;
-            for spec in self
-                .topic_head
-                .iter()
-                .map(|s| s.trim())
-                .filter(|s| !s.is_empty())
-            {
-                let (name, path) = head_spec(spec)?;
-                let head = read_head(std::path::Path::new(path), t.model.dim())?;
-                if !head.encoder_probe.is_empty() && !own_probe.is_empty() {
-                    let cosine: f32 = own_probe
-                        .iter()
-                        .zip(&head.encoder_probe)
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    if cosine < 0.99 {
-                        tracing::warn!(
-                            head = path,
-                            cosine,
-                            "topic head was fitted on another topic encoder than this one: \
-                             its scores will be off; refit it with `tidings train topics`"
-                        );
-                    }
-                }
-                match name {
-                    Some(n) if t.heads.iter().any(|(k, _)| k == n) => {
-                        anyhow::bail!("--topic-head: the name {n:?} is given twice")
-                    }
-                    Some(n) => t.heads.push((n.to_string(), head)),
-                    None if t.head.is_some() => {
-                        anyhow::bail!(
-                            "--topic-head: more than one default head (give names: NAME=PATH)"
-                        )
-                    }
-                    None => t.head = Some(head),
-                }
-            }
-        }
-        tracing::info!(
-            ner = models.ner.is_some(),
-            topics = models.topics.is_some(),
-            shared_tokenizer = models.shared_tokenizer,
-            shared_encoder = models.shared_encoder,
-            topic_model = topic_dir.as_ref().map(|d| d.display().to_string()),
-            ner_precision = ner_precision.map(|p| p.to_string()),
-            topic_precision = topic_precision.map(|p| p.to_string()),
-            device = %self.device,
-            int8_kernel = tidings::model::qgemm::kernel()
-                .filter(|_| cpu && ner_precision.or(topic_precision) == Some(tidings::model::Precision::Int8))
-                .map(|k| k.name()),
-            // Attention's products, and the others at f32; `gemm` where no kernel of ours runs.
-            f32_kernel = cpu.then(|| tidings::model::sgemm::kernel().map_or("gemm", |k| k.name())),
-            ms = started.elapsed().as_millis() as u64,
-            "models loaded"
-        );
-        Ok(models)
+        self.plan()?.load_then(|| {
+            // Loading freed about as much memory as the models keep (f32 tensors, the copies
+            // packed or quantized from them); mimalloc would hold it until this thread
+            // allocates again, which a server's main thread never does. Measured: 200 -> 83
+            // MB resident with one model loaded.
+            // SAFETY: mi_collect only walks and trims mimalloc's own heaps (the global
+            // allocator, see main.rs).
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        })
     }
 }
 

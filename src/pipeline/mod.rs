@@ -5,11 +5,13 @@
 //! - [`tokens`] — tokenization with byte offsets.
 //! - [`windows`] — overlapping windows and which window speaks for each piece.
 //! - [`analysis`] — one article end to end: prepare, model outputs, finish.
+//! - [`assembly`] — which models to load ([`assembly::ModelPlan`]) and loading them.
 //! - [`batch`] — padded tensors from rows.
 //! - [`entities`] — BIO decoding, offsets, grouping.
 //! - [`topics`] — zero-shot scoring of an article embedding against label embeddings.
 
 pub mod analysis;
+pub mod assembly;
 pub mod batch;
 pub mod casing;
 pub mod entities;

@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tidings::engine::{Engine, EngineConfig};
-use tidings::model::Precision;
 use tidings::pipeline::analysis::{Article, Models, Options};
-use tidings::pipeline::WindowSpec;
+use tidings::pipeline::assembly::{ModelPlan, TopicSource};
 use tidings::proto::tidings_client::TidingsClient;
 use tidings::server::{self as serving, ServerConfig};
 use tonic::transport::Channel;
@@ -47,34 +46,35 @@ pub fn models() -> Arc<Models> {
                 "{} is missing: run models/fetch first (the README's test command does)",
                 minilm.display()
             );
-            load("models/ner", "models/minilm")
+            load("models/ner", TopicSource::Dir(minilm))
         })
         .clone()
 }
 
 /// The shipped multi-task model (`models/multitask`) loaded for both tasks, as `serve
-/// --ner-model models/multitask` loads it: one encoder, one forward pass per window.
+/// --ner-model models/multitask` loads it (`--topic-model auto`): one encoder, one forward
+/// pass per window.
 pub fn shared_models() -> Arc<Models> {
     static MODELS: OnceLock<Arc<Models>> = OnceLock::new();
     MODELS
-        .get_or_init(|| load("models/multitask", "models/multitask"))
+        .get_or_init(|| load("models/multitask", TopicSource::Auto))
         .clone()
 }
 
-/// The models in `ner` and `topics` (relative to the root) with the news taxonomy, in the
-/// serving default's precision.
-fn load(ner: &str, topics: &str) -> Arc<Models> {
+/// The NER model in `ner` (relative to the root) and the topic encoder from `topics`, with
+/// the news taxonomy, assembled as `serve` assembles them ([`ModelPlan`]) in its default
+/// precision.
+fn load(ner: &str, topics: TopicSource) -> Arc<Models> {
     let r = root();
+    let plan = ModelPlan {
+        ner: Some(r.join(ner)),
+        topics,
+        taxonomy: Some(r.join("models/topics/news.json")),
+        ..ModelPlan::default()
+    };
     Arc::new(
-        Models::load(
-            Some(&r.join(ner)),
-            Some(&r.join(topics)),
-            Some(&r.join("models/topics/news.json")),
-            WindowSpec::default(),
-            // the serving default
-            Precision::Int8,
-        )
-        .unwrap_or_else(|e| panic!("loading {ner} and {topics}: {e:#}")),
+        plan.load()
+            .unwrap_or_else(|e| panic!("loading {plan:?}: {e:#}")),
     )
 }
 
