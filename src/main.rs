@@ -13,7 +13,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> Result<()> {
     limit_threads_to_cpu_quota();
     let cli = cli::Cli::parse();
-    cli::init_tracing(cli.log_json);
+    // Held to the end: dropping it flushes the last spans to the OTLP endpoint.
+    let _export = tidings::trace::init(cli.log_json, cli.otlp_endpoint.as_deref())?;
     cli.run()
 }
 

@@ -8,12 +8,50 @@
 //! ([`crate::engine`]), so that every event from the edge to the forward pass that ran the
 //! call's rows names the call: `RUST_LOG=tidings=debug` (with `serve --log-json`, one JSON
 //! object per line) follows one request through the queue and the batcher.
+//!
+//! Under the call, each article has an `item` span ([`item_span`]) and under that its
+//! stages: `admission`, `tokenize`, `queue`, one `inference` span per slice, `decode`.
+//! [`otlp`] exports the lot as OpenTelemetry traces (`serve --otlp-endpoint`), continuing
+//! the caller's `traceparent`.
+
+pub mod otlp;
 
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
 use tracing::Instrument;
+
+/// Sets up logging from `RUST_LOG` (default `info`) on stderr (one JSON object per line
+/// when `json`), and, when `otlp` names a collector, the export of the spans to it as
+/// OpenTelemetry traces ([`otlp`]). Keep the returned export alive while the process runs:
+/// dropping it sends the last spans.
+pub fn init(json: bool, otlp: Option<&str>) -> Result<Option<otlp::Export>, otlp::OtlpError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let text = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let lines = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    let (export_layer, export) = match otlp {
+        Some(endpoint) => {
+            let (layer, export) = otlp::layer(endpoint)?;
+            (Some(layer), Some(export))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(lines)
+        .with(export_layer)
+        .init();
+    Ok(export)
+}
 
 /// The header (and gRPC metadata key) of the request id.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -57,12 +95,12 @@ fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
-/// The request id and trace id of a call with `headers`.
-pub fn ids(headers: &http::HeaderMap) -> (String, String) {
+/// The request id and trace id of a call with `headers`: the trace id its spans are
+/// exported under when they are (`exported`), else its `traceparent`'s, else a new one.
+pub fn ids(headers: &http::HeaderMap, exported: Option<String>) -> (String, String) {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let trace = get("traceparent")
-        .and_then(trace_id_of)
-        .map(str::to_string)
+    let trace = exported
+        .or_else(|| get("traceparent").and_then(trace_id_of).map(str::to_string))
         .unwrap_or_else(|| random_hex(16));
     let request = match get(REQUEST_ID) {
         Some(id) if usable(id) => id.to_string(),
@@ -71,23 +109,30 @@ pub fn ids(headers: &http::HeaderMap) -> (String, String) {
     (request, trace)
 }
 
-/// The span of one call: `protocol` ("grpc" or "http"), its route, and its ids; on the way
-/// out its `status` and `ms`. Each article of the call gets an [`item_span`] inside it.
+/// The span of one call with `headers`: `protocol` ("grpc" or "http"), its route, and its
+/// ids ([`ids`]); on the way out its `status` and `ms`. Each article of the call gets an
+/// [`item_span`] inside it. Returns the span and the call's request id.
 pub fn call_span(
     protocol: &'static str,
     route: &str,
-    request_id: &str,
-    trace_id: &str,
-) -> tracing::Span {
-    tracing::info_span!(
+    headers: &http::HeaderMap,
+) -> (tracing::Span, String) {
+    let span = tracing::info_span!(
         "call",
+        otel.name = %format_args!("{protocol} {route}"),
+        otel.kind = "server",
         protocol,
         route,
-        request_id,
-        trace_id,
+        request_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
         status = tracing::field::Empty,
         ms = tracing::field::Empty,
-    )
+    );
+    let exported = otlp::continue_trace(&span, headers);
+    let (request_id, trace_id) = ids(headers, exported);
+    span.record("request_id", request_id.as_str());
+    span.record("trace_id", trace_id.as_str());
+    (span, request_id)
 }
 
 /// The span of one article of a call (a unary call's one, a batch's or a stream's each):
@@ -165,8 +210,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
-        let (request_id, trace_id) = ids(req.headers());
-        let span = call_span("grpc", req.uri().path(), &request_id, &trace_id);
+        let (span, request_id) = call_span("grpc", req.uri().path(), req.headers());
         req.extensions_mut().insert(RequestId(request_id.clone()));
         let started = Instant::now();
         let fut = span.in_scope(|| self.inner.call(req));
@@ -192,12 +236,11 @@ pub async fn http_middleware(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let (request_id, trace_id) = ids(req.headers());
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
-    let span = call_span("http", &route, &request_id, &trace_id);
+    let (span, request_id) = call_span("http", &route, req.headers());
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let started = Instant::now();
     async move {
@@ -235,20 +278,20 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert("traceparent", tp.parse().unwrap());
         assert_eq!(
-            ids(&h),
+            ids(&h, None),
             (
                 "4bf92f3577b34da6a3ce929d0e0e4736".to_string(),
                 "4bf92f3577b34da6a3ce929d0e0e4736".to_string()
             )
         );
         h.insert(REQUEST_ID, "job-7/item-3".parse().unwrap());
-        assert_eq!(ids(&h).0, "job-7/item-3");
+        assert_eq!(ids(&h, None).0, "job-7/item-3");
         // Too long, or not visible ASCII: one is made.
         h.insert(REQUEST_ID, "x".repeat(129).parse().unwrap());
-        let (r, t) = ids(&h);
+        let (r, t) = ids(&h, None);
         assert_eq!(r, t);
-        let (made, trace) = ids(&http::HeaderMap::new());
+        let (made, trace) = ids(&http::HeaderMap::new(), None);
         assert_eq!((made.len(), trace.len()), (32, 32));
-        assert_ne!(ids(&http::HeaderMap::new()).1, trace);
+        assert_ne!(ids(&http::HeaderMap::new(), None).1, trace);
     }
 }

@@ -24,6 +24,11 @@ pub struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true, env = "TIDINGS_LOG_JSON")]
     pub log_json: bool,
+    /// Export the spans (a call's, its articles' and their stages') as OpenTelemetry traces
+    /// to this OTLP/gRPC endpoint, e.g. `http://localhost:4317`. A caller's W3C
+    /// `traceparent` is continued.
+    #[arg(long, global = true, env = "TIDINGS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// The f32 kernel of the fused path: `avx2`, `avx512`, or `gemm` (gemm's own); the CPU's
     /// fastest by default (gemm's on Intel CPUs with AVX-512). A kernel the CPU does not run
     /// is warned about and the default used.
@@ -75,20 +80,6 @@ impl Cli {
             Command::Train(c) => train::run(c),
             Command::Eval(c) => eval::run(c),
         }
-    }
-}
-
-/// Sets up tracing from `RUST_LOG` (default `info`).
-pub fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

@@ -10,7 +10,8 @@
 //! hold-and-wait deadlock between streams).
 
 use super::EngineError;
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// The kind of caller work comes from: it picks the pool the work is admitted from and its
@@ -44,7 +45,7 @@ pub(crate) struct Pools {
     pub(crate) limit: usize,
     /// Held while the gauges are read and set, so that an older reading never overwrites a
     /// newer one (the batcher thread and the runtime's threads publish at once).
-    publishing: std::sync::Mutex<()>,
+    publishing: parking_lot::Mutex<()>,
 }
 
 impl Pools {
@@ -54,7 +55,7 @@ impl Pools {
             interactive: Arc::new(Semaphore::new(limit)),
             batch: Arc::new(Semaphore::new(limit)),
             limit,
-            publishing: std::sync::Mutex::new(()),
+            publishing: parking_lot::Mutex::new(()),
         }
     }
 
@@ -78,7 +79,7 @@ impl Pools {
     /// Sets the `tidings_queue_tokens` gauge: called at every change, so that it reads 0
     /// when the server is idle.
     fn publish(&self) {
-        let _one_at_a_time = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = self.publishing.lock();
         metrics::gauge!("tidings_queue_tokens").set(self.queued() as f64);
         for class in [Class::Interactive, Class::Batch] {
             metrics::gauge!("tidings_queue_tokens_by_class", "class" => class.name())
@@ -248,7 +249,7 @@ impl Budget {
             Ok(p) => p,
             Err(e) => {
                 // Keep what the request held for its other work.
-                *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+                *self.held.lock() = held;
                 return Err(e);
             }
         };
@@ -261,7 +262,7 @@ impl Budget {
     /// `n` tokens split from what the request holds, or (when it holds fewer) all it holds,
     /// taken out of the budget.
     fn split(&self, n: usize) -> Result<Reservation, Option<OwnedSemaphorePermit>> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held.lock();
         match held.as_mut().and_then(|p| p.split(n)) {
             Some(part) => Ok(self.reservation(part)),
             None => Err(held.take()),
@@ -278,11 +279,7 @@ impl Budget {
 
 impl Drop for Budget {
     fn drop(&mut self) {
-        let held = self
-            .held
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let held = self.held.get_mut().take();
         if held.is_some() {
             drop(held);
             self.pools.publish();

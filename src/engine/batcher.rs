@@ -403,8 +403,25 @@ fn run_slice<M: RowModel + ?Sized>(
         .iter()
         .map(|t| active[t.job].lens[t.rows.clone()].iter().sum::<usize>())
         .sum();
+    // Each job's time in the queue ends with its first slice; the slice is an `inference`
+    // span in each job's trace.
+    let spans: Vec<tracing::Span> = plan
+        .iter()
+        .map(|t| {
+            let job = &mut active[t.job].job;
+            drop(std::mem::replace(&mut job.queued, tracing::Span::none()));
+            tracing::info_span!(
+                parent: &job.span,
+                "inference",
+                rows = t.rows.len(),
+                slice_tokens = tokens,
+                slice_jobs = plan.len()
+            )
+        })
+        .collect();
     let result = run_rows(models, active, plan, cfg.max_batch_tokens);
     let elapsed = started.elapsed();
+    drop(spans);
     metrics::histogram!("tidings_forward_seconds").record(elapsed.as_secs_f64());
     metrics::histogram!("tidings_batch_items").record(plan.len() as f64);
     metrics::histogram!("tidings_batch_tokens").record(tokens as f64);
@@ -736,6 +753,7 @@ mod tests {
                 reply,
                 room: Reservation::unmetered(),
                 span: tracing::Span::none(),
+                queued: tracing::Span::none(),
             };
             (job, answer)
         }

@@ -21,10 +21,12 @@ pub use admission::{Caller, Class};
 use crate::pipeline::analysis::{Analysis, Article, LabelSet, Models, Outputs, Prepared};
 use crate::pipeline::topics::{self, Label};
 use admission::{Budget, Pools, Reservation};
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 /// Limits and batching knobs of the engine.
 #[derive(Debug, Clone, Copy)]
@@ -158,8 +160,10 @@ pub(crate) struct Job {
     /// Queue room held until the job is answered.
     pub(crate) room: Reservation,
     /// The caller's span ([`crate::trace::item_span`]): the batcher's events about the
-    /// job's rows are logged inside it.
+    /// job's rows are logged inside it, and its `inference` spans are its children.
     pub(crate) span: tracing::Span,
+    /// Open from admission to the start of the job's first slice: its time in the queue.
+    pub(crate) queued: tracing::Span,
 }
 
 /// Running totals of what the engine did.
@@ -230,7 +234,7 @@ struct RefiningMark {
 
 impl Drop for RefiningMark {
     fn drop(&mut self) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.lock();
         seen.refining.remove(&self.key);
     }
 }
@@ -299,7 +303,7 @@ impl Engine {
         }
         let key = prototypes_key(&set.weights);
         let (pool, generation) = {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = self.seen.lock();
             if seen.articles.len() < REFINE_MIN_POOL.min(self.cfg.refine_pool) {
                 return set;
             }
@@ -343,7 +347,7 @@ impl Engine {
         .map(Arc::new)
         .ok();
         if let Some(w) = refined {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = self.seen.lock();
             // Memories two generations old hold a pool snapshot nobody else shares: drop
             // them, so a cache of many label sets does not keep many snapshots alive.
             seen.refined.retain(|_, (g, _)| *g + 1 >= generation);
@@ -364,7 +368,7 @@ impl Engine {
         {
             return;
         }
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.lock();
         if seen.articles.len() >= self.cfg.refine_pool {
             seen.articles.pop_front();
         }
@@ -408,6 +412,7 @@ impl Engine {
         caller: Caller,
     ) -> Result<(Outputs, Timing), EngineError> {
         let (reply, rx) = oneshot::channel();
+        let span = tracing::Span::current();
         let job = Job {
             work,
             cost,
@@ -415,7 +420,8 @@ impl Engine {
             enqueued: Instant::now(),
             reply,
             room,
-            span: tracing::Span::current(),
+            queued: tracing::info_span!(parent: &span, "queue", tokens = cost),
+            span,
         };
         self.tx.send(job).map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
@@ -592,12 +598,7 @@ impl Engine {
     /// (`serve --topic-head`) when one is loaded, else the default taxonomy's prototypes,
     /// computed once.
     pub async fn default_label_set(&self) -> Result<LabelSet, EngineError> {
-        if let Some(s) = self
-            .default_labels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(s) = self.default_labels.lock().clone() {
             return Ok(s);
         }
         let Some(t) = &self.models.topics else {
@@ -610,10 +611,7 @@ impl Engine {
                     .await?
             }
         };
-        *self
-            .default_labels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(set.clone());
+        *self.default_labels.lock() = Some(set.clone());
         Ok(set)
     }
 
@@ -678,6 +676,7 @@ impl Engine {
             labels_bound,
             self.article_estimate(&article),
         )
+        .instrument(tracing::info_span!("admission"))
         .await?;
         tracing::debug!(
             wait_ms = admitting.elapsed().as_secs_f64() * 1e3,
@@ -696,6 +695,7 @@ impl Engine {
         let models = self.models.clone();
         let tokenizing = Instant::now();
         let prepared = tokio::task::spawn_blocking(move || models.prepare(article))
+            .instrument(tracing::info_span!("tokenize"))
             .await
             .map_err(|e| EngineError::Tokenize(e.to_string()))?
             .map_err(|e| EngineError::Tokenize(e.to_string()))?;
@@ -721,6 +721,7 @@ impl Engine {
         let models = self.models.clone();
         let analysis =
             tokio::task::spawn_blocking(move || models.finish(&prepared, &out, label_set.as_ref()))
+                .instrument(tracing::info_span!("decode"))
                 .await
                 .map_err(|e| EngineError::Model(e.to_string()))?;
         self.remember(&analysis.embedding);

@@ -180,7 +180,7 @@ impl Mode {
         let keep = 1.0 - self.dropout;
         let n = x.elem_count();
         let mask: Vec<f32> = {
-            let mut rng = DROPOUT_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            let mut rng = DROPOUT_RNG.lock();
             (0..n)
                 .map(|_| {
                     if rng.random::<f32>() < keep {
@@ -198,13 +198,12 @@ impl Mode {
 
 /// Random source of dropout masks. candle's CPU device cannot be seeded, so Tidings draws its
 /// masks on the host from this generator to make training runs repeatable.
-static DROPOUT_RNG: std::sync::LazyLock<std::sync::Mutex<rand::rngs::StdRng>> =
-    std::sync::LazyLock::new(|| std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(0)));
+static DROPOUT_RNG: std::sync::LazyLock<parking_lot::Mutex<rand::rngs::StdRng>> =
+    std::sync::LazyLock::new(|| parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(0)));
 
 /// Seeds the dropout masks of every later training step.
 pub fn seed_dropout(seed: u64) {
-    *DROPOUT_RNG.lock().unwrap_or_else(|e| e.into_inner()) =
-        rand::rngs::StdRng::seed_from_u64(seed);
+    *DROPOUT_RNG.lock() = rand::rngs::StdRng::seed_from_u64(seed);
 }
 
 #[derive(Debug, Clone)]
