@@ -16,10 +16,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tidings::proto::{
     analyze_batch_item::Outcome, tidings_client::TidingsClient, AnalyzeRequest, GetInfoRequest,
@@ -293,14 +294,11 @@ struct Queue {
 
 impl Queue {
     fn pop(&self) -> Option<usize> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_front()
+        self.pending.lock().pop_front()
     }
 
     fn give_back(&self, items: impl IntoIterator<Item = usize>) {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pending.lock();
         for i in items {
             p.push_front(i);
         }
@@ -637,7 +635,7 @@ impl Lane {
     async fn run(self) {
         let mut attempts = 0u32;
         loop {
-            if self.queue.pending.lock().map_or(true, |p| p.is_empty()) {
+            if self.queue.pending.lock().is_empty() {
                 // Nothing to do now; items may come back from another server's failure.
                 let wake = self.queue.returned.notified();
                 tokio::select! {
@@ -875,11 +873,7 @@ impl Lane {
         in_flight: &mut HashMap<usize, ()>,
     ) -> Result<(), StreamError> {
         let tries = {
-            let mut f = self
-                .queue
-                .failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut f = self.queue.failures.lock();
             let n = f.entry(i).or_default();
             *n += 1;
             *n

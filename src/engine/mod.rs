@@ -638,6 +638,26 @@ impl Engine {
             })
     }
 
+    /// Tokenizes and windows an admitted article, off the async runtime.
+    async fn prepare(&self, article: Article) -> Result<Prepared, EngineError> {
+        let models = self.models.clone();
+        let tokenizing = Instant::now();
+        let prepared = tokio::task::spawn_blocking(move || models.prepare(article))
+            .instrument(tracing::info_span!("tokenize"))
+            .await
+            .map_err(|e| EngineError::Tokenize(e.to_string()))?
+            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+        tracing::debug!(
+            tokenize_ms = tokenizing.elapsed().as_secs_f64() * 1e3,
+            cost = prepared.cost(),
+            "tokenized; queued"
+        );
+        self.stats
+            .articles_tokenized
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(prepared)
+    }
+
     /// Analyzes one article for `caller`: admits it on an estimate of its cost, embeds new
     /// labels, tokenizes it (off the async runtime), queues its windows, and decodes the
     /// outputs. `labels` = `None` uses the default labels ([`Engine::default_label_set`]).
@@ -692,22 +712,7 @@ impl Engine {
             Some(set) => Some(self.refined(set).await),
             None => None,
         };
-        let models = self.models.clone();
-        let tokenizing = Instant::now();
-        let prepared = tokio::task::spawn_blocking(move || models.prepare(article))
-            .instrument(tracing::info_span!("tokenize"))
-            .await
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
-        tracing::debug!(
-            tokenize_ms = tokenizing.elapsed().as_secs_f64() * 1e3,
-            cost = prepared.cost(),
-            "tokenized; queued"
-        );
-        self.stats
-            .articles_tokenized
-            .fetch_add(1, Ordering::Relaxed);
-        let prepared = Arc::new(prepared);
+        let prepared = Arc::new(self.prepare(article).await?);
         let cost = prepared.cost();
         let (out, timing) = if cost == 0 {
             (Outputs::default(), Timing::default())
