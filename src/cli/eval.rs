@@ -5,10 +5,10 @@ use super::{LimitArgs, ModelArgs};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
-use tidings::engine::Class;
 use tidings::model::ModelDir;
+use tidings::pipeline::analysis::Analysis;
 use tidings::pipeline::topics::{self, Taxonomy};
-use tidings::train::{conll, ner};
+use tidings::train::{calibration, conll, few_shot, ner};
 
 /// What to score.
 #[derive(Subcommand, Debug)]
@@ -78,22 +78,7 @@ pub enum EvalCommand {
 /// the same format, so that the script can diff them against PyTorch.
 pub fn run(c: EvalCommand) -> Result<()> {
     match c {
-        EvalCommand::Ner { file, models } => {
-            let started = std::time::Instant::now();
-            let docs = conll::read(&file)?;
-            let m = ModelArgs {
-                topic_model: "none".into(),
-                ..models
-            }
-            .load()?;
-            let ner_model = m.ner.as_ref().context("no NER model loaded")?;
-            let dir: &ModelDir = &ner_model.dir;
-            let scorer = ner::evaluate(&ner_model.model, dir, &docs, ner_model.window, &m.device)?;
-            println!("{}", file.display());
-            print!("{}", scorer.table());
-            println!("({:.1}s)", started.elapsed().as_secs_f64());
-            Ok(())
-        }
+        EvalCommand::Ner { file, models } => eval_ner(&file, models),
         EvalCommand::Parity {
             task,
             model,
@@ -109,119 +94,208 @@ pub fn run(c: EvalCommand) -> Result<()> {
             refine,
             models,
             limits,
-        } => {
-            let tax = Taxonomy::read(&labels)?;
-            let mut rows = Vec::new();
-            for ex in tidings::train::topics::read_examples(&file)? {
-                let label: usize = ex.label.parse().context("label column must be 1..N")?;
-                if label == 0 || label > tax.labels.len() {
-                    anyhow::bail!("label {label} has no entry in {}", labels.display());
-                }
-                rows.push((label, ex.title, ex.text));
-                if limit > 0 && rows.len() >= limit {
-                    break;
-                }
-            }
-            // The topic encoder serving would use (`auto` resolved against the NER model).
-            let m = ModelArgs {
-                topic_model: models.topic_dir().unwrap_or_else(|| "none".into()),
-                ner_model: "none".into(),
-                ..models
-            }
-            .load()?;
-            let engine = limits.engine(m);
-            let rt = super::runtime()?;
-            let started = std::time::Instant::now();
-            let articles: Vec<(String, String)> = rows
-                .iter()
-                .map(|(_, t, d)| (t.clone(), d.clone()))
-                .collect();
-            let refine_pool = limits.refine_topics;
-            let engine = engine_with_warm_pool(&rt, engine, &articles, refine_pool)?;
-            let results = super::analyze_topics(&rt, &engine, &articles, Some(&tax.labels))?;
-            if refine_pool > 0 {
-                let odd: Vec<bool> = rows
-                    .iter()
-                    .zip(&results)
-                    .enumerate()
-                    .filter(|(i, _)| i % 2 == 1)
-                    .map(|(_, ((gold, _, _), a))| tax.labels[gold - 1].name == a.topics[0].label)
-                    .collect();
-                println!(
-                    "--refine-topics {refine_pool}: the even rows were analyzed first (the pool); accuracy on the odd rows {:.4}",
-                    odd.iter().filter(|&&b| b).count() as f64 / odd.len().max(1) as f64
-                );
-            }
-            if refine || fit_multi_label {
-                let mut sets = Vec::new();
-                for path in std::iter::once(&labels).chain(&calibration_labels) {
-                    let t = Taxonomy::read(path)?;
-                    if t.labels.len() != tax.labels.len() {
-                        anyhow::bail!(
-                            "{} has {} labels, not {}",
-                            path.display(),
-                            t.labels.len(),
-                            tax.labels.len()
-                        );
-                    }
-                    let set = rt
-                        .block_on(engine.label_set(&t.labels, engine.caller(Class::Batch)))
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    sets.push((path.display().to_string(), set.weights));
-                }
-                let golds: Vec<usize> = rows.iter().map(|(g, _, _)| g - 1).collect();
-                let embeddings: Vec<&[f32]> =
-                    results.iter().map(|a| a.embedding.as_slice()).collect();
-                if refine {
-                    let names: Vec<String> = tax.labels.iter().map(|l| l.name.clone()).collect();
-                    refine_report(&names, &sets, &embeddings, &golds);
-                }
-                if fit_multi_label {
-                    multi_label_report(&sets, &embeddings, &golds);
-                }
-            }
-            let n = tax.labels.len();
-            let mut confusion = vec![vec![0usize; n]; n];
-            let mut correct = 0;
-            let mut nll = 0f64;
-            for ((gold, _, _), a) in rows.iter().zip(results) {
-                let best = &a.topics[0].label;
-                let pred = tax.labels.iter().position(|l| &l.name == best).unwrap_or(0);
-                let gold_i = gold - 1;
-                confusion[gold_i][pred] += 1;
-                correct += usize::from(pred == gold_i);
-                let p = a
-                    .topics
-                    .iter()
-                    .find(|t| t.label == tax.labels[gold_i].name)
-                    .map_or(1e-9, |t| t.score);
-                nll -= (p.max(1e-9) as f64).ln();
-            }
-            println!(
-                "{} ({} rows), labels from {}",
-                file.display(),
-                rows.len(),
-                labels.display()
-            );
-            println!(
-                "accuracy {:.4}  mean NLL {:.4}  ({:.1}s)",
-                correct as f64 / rows.len() as f64,
-                nll / rows.len() as f64,
-                started.elapsed().as_secs_f64()
-            );
-            println!(
-                "confusion (rows gold, columns predicted): {}",
-                tax.labels
-                    .iter()
-                    .map(|l| l.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            for (l, row) in tax.labels.iter().zip(&confusion) {
-                println!("{:>10} {:?}", l.name, row);
-            }
-            Ok(())
+        } => eval_topics(TopicsEval {
+            file,
+            labels,
+            limit,
+            fit_multi_label,
+            calibration_labels,
+            refine,
+            models,
+            limits,
+        }),
+    }
+}
+
+/// `tidings eval ner`: strict entity-level scores of the NER model on the CoNLL `file`.
+fn eval_ner(file: &std::path::Path, models: ModelArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let docs = conll::read(file)?;
+    let m = ModelArgs {
+        topic_model: "none".into(),
+        ..models
+    }
+    .load()?;
+    let ner_model = m.ner.as_ref().context("no NER model loaded")?;
+    let dir: &ModelDir = &ner_model.dir;
+    let scorer = ner::evaluate(&ner_model.model, dir, &docs, ner_model.window, &m.device)?;
+    println!("{}", file.display());
+    print!("{}", scorer.table());
+    println!("({:.1}s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The flags of `tidings eval topics` (see [`EvalCommand::Topics`]).
+struct TopicsEval {
+    file: PathBuf,
+    labels: PathBuf,
+    limit: usize,
+    fit_multi_label: bool,
+    calibration_labels: Vec<PathBuf>,
+    refine: bool,
+    models: ModelArgs,
+    limits: LimitArgs,
+}
+
+/// A labelled row of `tidings eval topics`: its class (1..N), title and text.
+type Row = (usize, String, String);
+
+/// `tidings eval topics`: accuracy, NLL and confusion of the topics served for the rows of
+/// `e.file` with the labels of `e.labels`, after the refinement and calibration reports
+/// asked for.
+fn eval_topics(e: TopicsEval) -> Result<()> {
+    let tax = Taxonomy::read(&e.labels)?;
+    let rows = read_rows(&e.file, &tax, &e.labels, e.limit)?;
+    // The topic encoder serving would use (`auto` resolved against the NER model).
+    let m = ModelArgs {
+        topic_model: e.models.topic_dir().unwrap_or_else(|| "none".into()),
+        ner_model: "none".into(),
+        ..e.models
+    }
+    .load()?;
+    let engine = e.limits.engine(m);
+    let rt = super::runtime()?;
+    let started = std::time::Instant::now();
+    let articles: Vec<(String, String)> = rows
+        .iter()
+        .map(|(_, t, d)| (t.clone(), d.clone()))
+        .collect();
+    let refine_pool = e.limits.refine_topics;
+    let engine = engine_with_warm_pool(&rt, engine, &articles, refine_pool)?;
+    let results = super::analyze_topics(&rt, &engine, &articles, Some(&tax.labels))?;
+    if refine_pool > 0 {
+        print_pool_accuracy(refine_pool, &tax, &rows, &results);
+    }
+    if e.refine || e.fit_multi_label {
+        let paths: Vec<&PathBuf> = std::iter::once(&e.labels)
+            .chain(&e.calibration_labels)
+            .collect();
+        let sets = wordings(&rt, &engine, &paths, tax.labels.len())?;
+        let golds: Vec<usize> = rows.iter().map(|(g, _, _)| g - 1).collect();
+        let embeddings: Vec<&[f32]> = results.iter().map(|a| a.embedding.as_slice()).collect();
+        if e.refine {
+            let names: Vec<String> = tax.labels.iter().map(|l| l.name.clone()).collect();
+            refine_report(&names, &sets, &embeddings, &golds);
         }
+        if e.fit_multi_label {
+            multi_label_report(&sets, &embeddings, &golds);
+        }
+    }
+    print_scores(&e.file, &e.labels, &tax, &rows, results, started);
+    Ok(())
+}
+
+/// The rows of `file` (the first `limit`, 0 for all), whose labels must be 1..N for the N
+/// labels of `tax` (read from `labels`).
+fn read_rows(
+    file: &std::path::Path,
+    tax: &Taxonomy,
+    labels: &std::path::Path,
+    limit: usize,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for ex in tidings::train::topics::read_examples(file)? {
+        let label: usize = ex.label.parse().context("label column must be 1..N")?;
+        if label == 0 || label > tax.labels.len() {
+            anyhow::bail!("label {label} has no entry in {}", labels.display());
+        }
+        rows.push((label, ex.title, ex.text));
+        if limit > 0 && rows.len() >= limit {
+            break;
+        }
+    }
+    Ok(rows)
+}
+
+/// With `--refine-topics`, the accuracy on the odd rows (the even ones filled the pool).
+fn print_pool_accuracy(refine_pool: usize, tax: &Taxonomy, rows: &[Row], results: &[Analysis]) {
+    let odd: Vec<bool> = rows
+        .iter()
+        .zip(results)
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, ((gold, _, _), a))| tax.labels[gold - 1].name == a.topics[0].label)
+        .collect();
+    println!(
+        "--refine-topics {refine_pool}: the even rows were analyzed first (the pool); accuracy on the odd rows {:.4}",
+        odd.iter().filter(|&&b| b).count() as f64 / odd.len().max(1) as f64
+    );
+}
+
+/// The prototypes of each label wording in `paths` (taxonomy files of `classes` labels each),
+/// named by the path.
+fn wordings(
+    rt: &tokio::runtime::Runtime,
+    engine: &tidings::engine::Engine,
+    paths: &[&PathBuf],
+    classes: usize,
+) -> Result<Vec<(String, Vec<Vec<f32>>)>> {
+    let mut sets = Vec::new();
+    for path in paths {
+        let t = Taxonomy::read(path)?;
+        if t.labels.len() != classes {
+            anyhow::bail!(
+                "{} has {} labels, not {}",
+                path.display(),
+                t.labels.len(),
+                classes
+            );
+        }
+        let weights = super::train::label_weights(rt, engine, &t.labels)?;
+        sets.push((path.display().to_string(), weights));
+    }
+    Ok(sets)
+}
+
+/// Prints the accuracy, mean NLL of the gold label and the confusion matrix of `results`
+/// against `rows` (labels of `tax`).
+fn print_scores(
+    file: &std::path::Path,
+    labels: &std::path::Path,
+    tax: &Taxonomy,
+    rows: &[Row],
+    results: Vec<Analysis>,
+    started: std::time::Instant,
+) {
+    let n = tax.labels.len();
+    let mut confusion = vec![vec![0usize; n]; n];
+    let mut correct = 0;
+    let mut nll = 0f64;
+    for ((gold, _, _), a) in rows.iter().zip(results) {
+        let best = &a.topics[0].label;
+        let pred = tax.labels.iter().position(|l| &l.name == best).unwrap_or(0);
+        let gold_i = gold - 1;
+        confusion[gold_i][pred] += 1;
+        correct += usize::from(pred == gold_i);
+        let p = a
+            .topics
+            .iter()
+            .find(|t| t.label == tax.labels[gold_i].name)
+            .map_or(1e-9, |t| t.score);
+        nll -= (p.max(1e-9) as f64).ln();
+    }
+    println!(
+        "{} ({} rows), labels from {}",
+        file.display(),
+        rows.len(),
+        labels.display()
+    );
+    println!(
+        "accuracy {:.4}  mean NLL {:.4}  ({:.1}s)",
+        correct as f64 / rows.len() as f64,
+        nll / rows.len() as f64,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "confusion (rows gold, columns predicted): {}",
+        tax.labels
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (l, row) in tax.labels.iter().zip(&confusion) {
+        println!("{:>10} {:?}", l.name, row);
     }
 }
 
@@ -285,9 +359,9 @@ fn parity(
     Ok(())
 }
 
-/// Accuracy of each label wording in `sets` (labels `names`) on the odd rows, before and
-/// after refining its prototypes with the even rows' articles as unlabelled text, and with a
-/// memory of those articles labelled by the refined prototypes (what `serve
+/// Prints the accuracy of each label wording in `sets` (labels `names`) on the odd rows,
+/// before and after refining its prototypes with the even rows' articles as unlabelled text,
+/// and with a memory of those articles labelled by the refined prototypes (what `serve
 /// --refine-topics` serves).
 fn refine_report(
     names: &[String],
@@ -295,159 +369,46 @@ fn refine_report(
     embeddings: &[&[f32]],
     golds: &[usize],
 ) {
-    use tidings::pipeline::analysis::LabelSet;
-    use tidings::train::topics::{accuracy, memory_head_refined};
     let pool: Vec<&[f32]> = embeddings.iter().step_by(2).copied().collect();
-    let (odd_x, odd_y): (Vec<Vec<f32>>, Vec<usize>) = (1..embeddings.len())
-        .step_by(2)
-        .map(|i| (embeddings[i].to_vec(), golds[i]))
-        .unzip();
+    let (odd_x, odd_y) = few_shot::odd_rows(embeddings, golds);
     println!(
         "refinement: {} unlabelled articles (even rows), accuracy on the {} odd rows",
         pool.len(),
         odd_x.len()
     );
-    let odd = |set: &LabelSet| accuracy(set, &odd_x, &odd_y);
-    let prototypes =
-        |w: &[Vec<f32>]| LabelSet::prototypes(names.to_vec(), w.to_vec(), topics::DEFAULT_SCALE);
     let pooled = std::sync::Arc::new(pool.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
     for (path, weights) in sets {
-        let refined = topics::refine(weights, &pool, topics::REFINE_ROUNDS);
+        let s = few_shot::refinement_scores(names, weights, &pool, pooled.clone(), &odd_x, &odd_y);
         println!(
             "  {path}: {:.4} -> {:.4} refined -> {:.4} with the memory",
-            odd(&prototypes(weights)),
-            odd(&prototypes(&refined)),
-            odd(&memory_head_refined(names, refined, pooled.clone(), &[]))
+            s.zero_shot, s.refined, s.memory
         );
     }
 }
 
-/// One-vs-rest pairs `(cosine, about)` of articles against labels.
-fn pairs(
-    weights: &[Vec<f32>],
-    embeddings: &[&[f32]],
-    golds: &[usize],
-    keep: impl Fn(usize) -> bool,
-) -> Vec<(f64, f64)> {
-    let mut out = Vec::new();
-    for (i, (e, &g)) in embeddings.iter().zip(golds).enumerate() {
-        if !keep(i) {
-            continue;
-        }
-        for (j, w) in weights.iter().enumerate() {
-            let cos: f32 = w.iter().zip(e.iter()).map(|(a, b)| a * b).sum();
-            out.push((cos as f64, f64::from(u8::from(j == g))));
-        }
-    }
-    out
-}
-
-/// Mean log loss of `sigmoid(a * x + b)` on `data`.
-fn log_loss(data: &[(f64, f64)], a: f64, b: f64) -> f64 {
-    data.iter()
-        .map(|&(x, y)| {
-            let z = a * x + b;
-            // log(1 + e^z) - y z, computed stably
-            z.max(0.0) + (-z.abs()).exp().ln_1p() - y * z
-        })
-        .sum::<f64>()
-        / data.len().max(1) as f64
-}
-
-/// Platt scaling: the `(slope, offset)` of `sigmoid(slope * x + offset)` minimising the log
-/// loss, by Newton's method with step halving, from the base rate.
-fn fit_platt(data: &[(f64, f64)]) -> (f64, f64) {
-    let rate = data.iter().map(|d| d.1).sum::<f64>() / data.len().max(1) as f64;
-    let (mut a, mut b) = (0.0f64, (rate / (1.0 - rate)).ln());
-    let mut loss = log_loss(data, a, b);
-    for _ in 0..100 {
-        let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 1e-9, 0.0, 1e-9);
-        for &(x, y) in data {
-            let p = 1.0 / (1.0 + (-(a * x + b)).exp());
-            let r = p - y;
-            let w = p * (1.0 - p);
-            ga += r * x;
-            gb += r;
-            haa += w * x * x;
-            hab += w * x;
-            hbb += w;
-        }
-        let det = haa * hbb - hab * hab;
-        if det.abs() < 1e-12 {
-            break;
-        }
-        let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
-        let mut step = 1.0;
-        while step > 1e-4 {
-            let l = log_loss(data, a - step * da, b - step * db);
-            if l <= loss {
-                a -= step * da;
-                b -= step * db;
-                loss = l;
-                break;
-            }
-            step /= 2.0;
-        }
-        if (step * da).abs() < 1e-7 && (step * db).abs() < 1e-7 {
-            break;
-        }
-    }
-    (a, b)
-}
-
-/// Expected calibration error (10 equal-width bins), Brier score, and precision and recall
-/// of "about" at 0.5, of `sigmoid(slope * x + offset)` on `data`.
-fn reliability(data: &[(f64, f64)], slope: f64, offset: f64) -> (f64, f64, f64, f64) {
-    let mut bins = [(0.0f64, 0.0f64, 0usize); 10];
-    let (mut brier, mut tp, mut fp, mut fneg) = (0.0, 0.0, 0.0, 0.0);
-    for &(x, y) in data {
-        let p = 1.0 / (1.0 + (-(slope * x + offset)).exp());
-        let b = ((p * 10.0) as usize).min(9);
-        bins[b].0 += p;
-        bins[b].1 += y;
-        bins[b].2 += 1;
-        brier += (p - y) * (p - y);
-        match (p >= 0.5, y > 0.5) {
-            (true, true) => tp += 1.0,
-            (true, false) => fp += 1.0,
-            (false, true) => fneg += 1.0,
-            _ => {}
-        }
-    }
-    let n = data.len().max(1) as f64;
-    let ece = bins
-        .iter()
-        .filter(|b| b.2 > 0)
-        .map(|b| (b.0 - b.1).abs() / n)
-        .sum();
-    let precision = if tp + fp > 0.0 { tp / (tp + fp) } else { 0.0 };
-    (ece, brier / n, precision, tp / (tp + fneg).max(1.0))
-}
-
 /// Fits the multi-label calibration on the even rows, pooled over the label wordings `sets`,
-/// and reports it, and the shipped one, on the odd rows of each wording.
+/// and prints its reliability, and the shipped one's, on the odd rows of each wording.
 fn multi_label_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], golds: &[usize]) {
-    let fit: Vec<(f64, f64)> = sets
-        .iter()
-        .flat_map(|(_, w)| pairs(w, embeddings, golds, |i| i % 2 == 0))
-        .collect();
-    let (a, b) = fit_platt(&fit);
-    println!(
-        "multi-label calibration fitted on the even rows ({} article-label pairs over {} wordings): slope {a:.3} offset {b:.3}",
-        fit.len(),
-        sets.len()
-    );
     let shipped = (
         f64::from(topics::MULTI_LABEL_SLOPE),
         f64::from(topics::MULTI_LABEL_OFFSET),
     );
-    for (path, weights) in sets {
-        let held = pairs(weights, embeddings, golds, |i| i % 2 == 1);
-        for (name, (s, o)) in [("fitted", (a, b)), ("shipped", shipped)] {
-            let (ece, brier, p, r) = reliability(&held, s, o);
+    let cal = calibration::multi_label_calibration(sets, embeddings, golds, shipped);
+    let (a, b) = (cal.slope, cal.offset);
+    println!(
+        "multi-label calibration fitted on the even rows ({} article-label pairs over {} wordings): slope {a:.3} offset {b:.3}",
+        cal.pairs,
+        sets.len()
+    );
+    for w in &cal.wordings {
+        let path = &w.name;
+        for (name, (s, o), r) in [
+            ("fitted", (a, b), w.fitted),
+            ("shipped", shipped, w.shipped),
+        ] {
             println!(
-                "  {path}: {name:>7} (slope {s:.2}, offset {o:.2}) on the {} odd rows: ECE {ece:.4}  Brier {brier:.4}  precision@0.5 {p:.3}  recall@0.5 {r:.3}",
-                held.len() / weights.len().max(1)
+                "  {path}: {name:>7} (slope {s:.2}, offset {o:.2}) on the {} odd rows: ECE {:.4}  Brier {:.4}  precision@0.5 {:.3}  recall@0.5 {:.3}",
+                w.rows, r.ece, r.brier, r.precision, r.recall
             );
         }
     }

@@ -1,9 +1,14 @@
-//! `tidings train ner`: fine-tune the NER model.
+//! `tidings train ner`, `tidings train projection` and `tidings train topics`: flags, and the
+//! calls into [`tidings::train`] that do the work.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
+use tidings::pipeline::analysis::LabelSet;
+use tidings::train::embedding_cache;
+use tidings::train::few_shot::{self, FewShot};
 use tidings::train::ner::{self, NerTrainConfig};
+use tidings::train::topics::{self, HeadConfig};
 
 /// What to train.
 #[derive(Subcommand, Debug)]
@@ -241,149 +246,59 @@ pub fn run(c: TrainCommand) -> Result<()> {
     }
 }
 
+/// `tidings train topics`: embeds the labelled (and unlabelled) articles, then either prints
+/// the few-shot report (`--shots`) or cross-validates and writes a head.
 fn train_topics(a: TrainTopicsArgs) -> Result<()> {
-    use anyhow::Context;
-    use tidings::train::topics::{self, HeadConfig};
     let started = std::time::Instant::now();
     let examples = topics::read_examples(&a.data)?;
-    if let Some(i) = examples.iter().position(|e| e.label.trim().is_empty()) {
-        anyhow::bail!("{}: row {} has no label", a.data.display(), i + 1);
-    }
+    topics::check_labelled(&examples, &a.data)?;
     if a.unlabelled.is_some() && a.prior.is_none() && a.shots.is_empty() {
         anyhow::bail!(
             "--unlabelled builds a memory head from the --prior prototypes: give --prior too"
         );
     }
-    let rename: std::collections::HashMap<String, String> = a
-        .label_names
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        })
-        .collect();
-    let mut values: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
-    values.sort();
-    values.dedup();
-    if values.len() < 2 {
-        anyhow::bail!("{}: need at least two labels", a.data.display());
-    }
-    let names: Vec<String> = values
-        .iter()
-        .map(|v| rename.get(v).cloned().unwrap_or_else(|| v.clone()))
-        .collect();
-    let y: Vec<usize> = examples
-        .iter()
-        .map(|e| values.binary_search(&e.label).unwrap_or(0))
-        .collect();
-    let topic_model = a.models.topic_dir().unwrap_or_else(|| "none".into());
-    let topic_dir = topic_model.display().to_string();
-    let (device, window, overlap) = (a.models.device, a.models.window, a.models.window_overlap);
-    let models = super::ModelArgs {
-        topic_model,
-        ner_model: "none".into(),
-        topic_head: Vec::new(),
-        ..a.models
-    }
-    .load()?;
-    // The arithmetic the encoder runs in, not the one asked for (int8 falls back to f32 off
-    // the CPU's fused path), and the device when it is not the CPU.
-    let precision = models
-        .topics
-        .as_ref()
-        .map_or("-".into(), |t| t.model.precision().to_string());
-    let precision = match device {
-        tidings::model::DeviceSpec::Cpu => precision,
-        other => format!("{precision}@{other}"),
-    };
-    let cache_key = format!(
-        "{topic_dir}|{precision}|{window}|{overlap}|{}",
-        a.limits.max_text_chars
-    );
-    let engine = a.limits.engine(models);
-    let rt = super::runtime()?;
-    let embed = |examples: &[topics::Example]| -> Result<Vec<Vec<f32>>> {
-        embed_cached(
-            &rt,
-            &engine,
-            examples,
-            &cache_key,
-            a.embeddings_cache.as_deref(),
-        )
-    };
-    let x = embed(&examples)?;
-    let unlabelled: Vec<Vec<f32>> = match (&a.unlabelled, a.shots.is_empty()) {
-        (Some(p), true) => {
-            let rows = topics::read_examples(p)?;
-            if rows.is_empty() {
-                anyhow::bail!("{}: no articles", p.display());
-            }
-            embed(&rows)?
-        }
+    let classes = topics::Classes::new(&examples, a.label_names.as_deref(), &a.data)?;
+    let names = &classes.names;
+    let encoder = TopicEncoder::load(&a.models, &a.limits)?;
+    let cache = a.embeddings_cache.as_deref();
+    let x = encoder.embed(&examples, cache)?;
+    let unlabelled = match (&a.unlabelled, a.shots.is_empty()) {
+        (Some(p), true) => encoder.embed_file(p, cache)?,
         _ => Vec::new(),
     };
     let unlabelled = std::sync::Arc::new(unlabelled);
     let embedded = started.elapsed();
-    let prior: Option<Vec<Vec<f32>>> = match &a.prior {
-        Some(p) => {
-            let tax = tidings::pipeline::topics::Taxonomy::read(p)?;
-            if tax.labels.len() != names.len() {
-                anyhow::bail!(
-                    "{} has {} labels; the data has {} classes",
-                    p.display(),
-                    tax.labels.len(),
-                    names.len()
-                );
-            }
-            let set = rt
-                .block_on(
-                    engine.label_set(&tax.labels, engine.caller(tidings::engine::Class::Batch)),
-                )
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Some(set.weights)
-        }
+    let prior = match &a.prior {
+        Some(p) => Some(encoder.prior(p, names.len())?),
         None => None,
     };
-    let cfg = HeadConfig {
-        steps: a.steps.unwrap_or(if prior.is_some() {
-            topics::PRIOR_STEPS
-        } else {
-            300
-        }),
-        lr: if prior.is_some() {
-            topics::PRIOR_LR
-        } else {
-            HeadConfig::default().lr
-        },
-        ..HeadConfig::default()
-    };
+    let cfg = topics::head_config(a.steps, prior.is_some());
     if !a.shots.is_empty() {
-        return few_shot_report(&x, &y, &names, cfg, prior.as_deref(), &a.shots, a.draws);
+        let run = FewShot::new(&x, &classes.y, names, cfg, prior.as_deref());
+        return few_shot_report(&run, cfg, &a.shots, a.draws);
     }
     // The same kind of head is cross-validated and written.
-    let make = |tx: &[Vec<f32>], ty: &[usize]| match &prior {
-        Some(p) if !unlabelled.is_empty() => {
-            topics::memory_head(&names, p, unlabelled.clone(), tx, ty)
-        }
-        p => topics::fit_from(tx, ty, &names, cfg, p.as_deref()),
-    };
-    let cv = topics::cross_validate_with(&x, &y, a.folds, cfg.seed, make)?;
-    let mean = cv.iter().sum::<f64>() / cv.len() as f64;
-    let mut head = make(&x, &y)?;
-    head.encoder_probe = engine.models().encoder_probe()?.unwrap_or_default();
-    if let Some(parent) = a.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&a.out, serde_json::to_vec(&head)?)
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    let mut trained = topics::train_head(
+        &x,
+        &classes.y,
+        names,
+        cfg,
+        prior.as_deref(),
+        &unlabelled,
+        a.folds,
+    )?;
+    trained.head.encoder_probe = encoder.engine.models().encoder_probe()?.unwrap_or_default();
+    write_head(&a.out, &trained.head)?;
     println!("{} rows, {} labels {:?}", x.len(), names.len(), names);
     println!(
         "{}-fold cross-validated accuracy {:.4} (folds {:?})",
         a.folds,
-        mean,
-        cv.iter().map(|v| format!("{v:.4}")).collect::<Vec<_>>()
+        trained.mean_accuracy(),
+        trained
+            .folds
+            .iter()
+            .map(|v| format!("{v:.4}"))
+            .collect::<Vec<_>>()
     );
     println!(
         "head written to {} ({:.0}s embedding, {:.0}s total)",
@@ -394,210 +309,156 @@ fn train_topics(a: TrainTopicsArgs) -> Result<()> {
     Ok(())
 }
 
-/// Embeddings of `examples` as serving computes them, through files named after `cache`
-/// when given: reused when the file was written for the same rows (a hash of every title
-/// and text, in order) under the same `model` key (topic model, window settings) and has one
-/// vector per row, else recomputed and written there (a failed write only warns).
-fn embed_cached(
-    rt: &tokio::runtime::Runtime,
-    engine: &tidings::engine::Engine,
-    examples: &[tidings::train::topics::Example],
-    model: &str,
-    cache: Option<&std::path::Path>,
-) -> Result<Vec<Vec<f32>>> {
-    #[derive(serde::Serialize, serde::Deserialize)]
-    struct Cached {
-        key: String,
-        embeddings: Vec<Vec<f32>>,
+/// Writes `head` as JSON to `out`, creating its folder.
+fn write_head(out: &std::path::Path, head: &LabelSet) -> Result<()> {
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
     }
-    let mut h = Fnv1a::default();
-    h.add(model);
-    for e in examples {
-        h.add(&e.title);
-        h.add(&e.text);
-    }
-    let key = format!("{:016x}-{}", h.0, examples.len());
-    let file = cache.map(|c| {
-        let mut name = c.file_name().unwrap_or_default().to_os_string();
-        name.push(format!(".{key}.json"));
-        c.with_file_name(name)
-    });
-    let dim = engine.models().topics.as_ref().map(|t| t.model.dim());
-    if let Some(f) = &file {
-        if let Ok(raw) = std::fs::read(f) {
-            if let Ok(hit) = serde_json::from_slice::<Cached>(&raw) {
-                if hit.key == key
-                    && hit.embeddings.len() == examples.len()
-                    && hit.embeddings.iter().all(|v| Some(v.len()) == dim)
-                {
-                    eprintln!("{} embeddings from {}", examples.len(), f.display());
-                    return Ok(hit.embeddings);
-                }
-            }
+    std::fs::write(out, serde_json::to_vec(head)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// The topic encoder `tidings train topics` embeds articles with, as serving would: the
+/// engine over the flags' topic model alone, and what names its embeddings in a cache key.
+struct TopicEncoder {
+    rt: tokio::runtime::Runtime,
+    engine: tidings::engine::Engine,
+    /// [`embedding_cache::model_key`] of the encoder.
+    key: String,
+}
+
+impl TopicEncoder {
+    /// Loads the topic model the flags name (no NER model, no heads) and starts an engine.
+    fn load(models: &super::ModelArgs, limits: &super::LimitArgs) -> Result<Self> {
+        let topic_model = models.topic_dir().unwrap_or_else(|| "none".into());
+        let topic_dir = topic_model.display().to_string();
+        let (device, window, overlap) = (models.device, models.window, models.window_overlap);
+        let models = super::ModelArgs {
+            topic_model,
+            ner_model: "none".into(),
+            topic_head: Vec::new(),
+            ..models.clone()
         }
+        .load()?;
+        // The arithmetic the encoder runs in, not the one asked for (int8 falls back to f32
+        // off the CPU's fused path), and the device when it is not the CPU.
+        let precision = models
+            .topics
+            .as_ref()
+            .map_or("-".into(), |t| t.model.precision().to_string());
+        let precision = match device {
+            tidings::model::DeviceSpec::Cpu => precision,
+            other => format!("{precision}@{other}"),
+        };
+        let key = embedding_cache::model_key(
+            &topic_dir,
+            &precision,
+            window,
+            overlap,
+            limits.max_text_chars,
+        );
+        let engine = limits.engine(models);
+        let rt = super::runtime()?;
+        Ok(Self { rt, engine, key })
     }
-    eprintln!("embedding {} articles...", examples.len());
-    let articles: Vec<(String, String)> = examples
-        .iter()
-        .map(|e| (e.title.clone(), e.text.clone()))
-        .collect();
-    let embeddings: Vec<Vec<f32>> = super::analyze_topics(rt, engine, &articles, None)?
-        .into_iter()
-        .map(|a| a.embedding)
-        .collect();
-    if let Some(f) = &file {
-        let out = Cached { key, embeddings };
-        let written = f
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(f, serde_json::to_vec(&out).unwrap_or_default()));
-        if let Err(e) = written {
-            eprintln!(
-                "warning: could not keep the embeddings in {}: {e}",
-                f.display()
+
+    /// Embeddings of `examples`, through the cache files named after `cache` when given
+    /// ([`embedding_cache::embed_cached`]).
+    fn embed(
+        &self,
+        examples: &[topics::Example],
+        cache: Option<&std::path::Path>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let dim = self.engine.models().topics.as_ref().map(|t| t.model.dim());
+        embedding_cache::embed_cached(examples, &self.key, cache, dim, |articles| {
+            Ok(
+                super::analyze_topics(&self.rt, &self.engine, articles, None)?
+                    .into_iter()
+                    .map(|a| a.embedding)
+                    .collect(),
+            )
+        })
+    }
+
+    /// Embeddings of the articles of the file `path` (labels ignored), which must hold some.
+    fn embed_file(
+        &self,
+        path: &std::path::Path,
+        cache: Option<&std::path::Path>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let rows = topics::read_examples(path)?;
+        if rows.is_empty() {
+            anyhow::bail!("{}: no articles", path.display());
+        }
+        self.embed(&rows, cache)
+    }
+
+    /// The zero-shot prototypes of the taxonomy file `path`, which must have `classes`
+    /// labels.
+    fn prior(&self, path: &std::path::Path, classes: usize) -> Result<Vec<Vec<f32>>> {
+        let tax = tidings::pipeline::topics::Taxonomy::read(path)?;
+        if tax.labels.len() != classes {
+            anyhow::bail!(
+                "{} has {} labels; the data has {} classes",
+                path.display(),
+                tax.labels.len(),
+                classes
             );
         }
-        return Ok(out.embeddings);
-    }
-    Ok(embeddings)
-}
-
-/// FNV-1a over strings, each followed by a 0xff separator: a cache key of rows.
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
+        label_weights(&self.rt, &self.engine, &tax.labels)
     }
 }
 
-impl Fnv1a {
-    fn add(&mut self, s: &str) {
-        for b in s.bytes().chain([0xff]) {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+/// The prototypes of `labels` as `engine` computes them for a request.
+pub(super) fn label_weights(
+    rt: &tokio::runtime::Runtime,
+    engine: &tidings::engine::Engine,
+    labels: &[tidings::pipeline::topics::Label],
+) -> Result<Vec<Vec<f32>>> {
+    let caller = engine.caller(tidings::engine::Class::Batch);
+    let set = rt
+        .block_on(engine.label_set(labels, caller))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(set.weights)
 }
 
-/// Few-shot accuracy: for each count in `shots`, `draws` random draws of that many rows per
-/// class from the even rows to fit on, scored on the odd rows; next to zero-shot (the prior
-/// alone) and, with a prior, the semi-supervised route: the prior refined with the drawn rows
-/// and the even rows' text (labels unread), then the head fitted from the refined prototypes.
-fn few_shot_report(
-    x: &[Vec<f32>],
-    y: &[usize],
-    names: &[String],
-    cfg: tidings::train::topics::HeadConfig,
-    prior: Option<&[Vec<f32>]>,
-    shots: &[usize],
-    draws: usize,
-) -> Result<()> {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    use tidings::pipeline::topics as zs;
-    use tidings::train::topics;
+/// Prints the few-shot accuracies of `run` for each count in `shots`, `draws` random draws
+/// each ([`FewShot`]), after its zero-shot scores when it has a prior.
+fn few_shot_report(run: &FewShot, cfg: HeadConfig, shots: &[usize], draws: usize) -> Result<()> {
     let started = std::time::Instant::now();
-    let k = names.len();
-    let prototypes = |p: &[Vec<f32>]| {
-        tidings::pipeline::analysis::LabelSet::prototypes(
-            names.to_vec(),
-            p.to_vec(),
-            zs::DEFAULT_SCALE,
-        )
-    };
-    let (vx, vy): (Vec<Vec<f32>>, Vec<usize>) = (1..x.len())
-        .step_by(2)
-        .map(|i| (x[i].clone(), y[i]))
-        .unzip();
-    let even: Vec<usize> = (0..x.len()).step_by(2).collect();
     println!(
         "few-shot heads ({} steps, lr {}, {}), {} draws per count from the {} even rows, scored on the {} odd rows",
         cfg.steps,
         cfg.lr,
-        if prior.is_some() {
+        if run.has_prior() {
             "from the zero-shot prototypes"
         } else {
             "from zeros"
         },
         draws,
-        even.len(),
-        vx.len()
+        run.even_rows(),
+        run.odd_rows()
     );
-    if let Some(p) = prior {
-        let pool: Vec<&[f32]> = even.iter().map(|&i| x[i].as_slice()).collect();
-        let pooled = std::sync::Arc::new(even.iter().map(|&i| x[i].clone()).collect::<Vec<_>>());
-        let refined = zs::refine(p, &pool, zs::REFINE_ROUNDS);
+    if let Some(z) = run.zero_shot() {
         println!(
             "  0 per class: zero-shot {:.4}; with the even rows' text: refined prototypes {:.4}, memory {:.4}",
-            topics::accuracy(&prototypes(p), &vx, &vy),
-            topics::accuracy(&prototypes(&refined), &vx, &vy),
-            topics::accuracy(
-                &topics::memory_head_refined(names, refined, pooled, &[]),
-                &vx,
-                &vy
-            )
+            z.zero_shot, z.refined, z.memory
         );
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let sd = |v: &[f64]| {
-        let m = mean(v);
-        (v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / v.len().max(1) as f64).sqrt()
+    let show = |v: &[f64]| {
+        let (mean, sd) = few_shot::mean_sd(v);
+        format!("{mean:.4} (sd {sd:.4})")
     };
-    let show = |v: &[f64]| format!("{:.4} (sd {:.4})", mean(v), sd(v));
     for &n in shots {
-        let (mut heads, mut refined, mut semi, mut memory) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for draw in 0..draws {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(1000 * n as u64 + draw as u64);
-            let mut picked = vec![false; x.len()];
-            for c in 0..k {
-                let mut rows: Vec<usize> = even.iter().copied().filter(|&i| y[i] == c).collect();
-                rows.shuffle(&mut rng);
-                rows.iter().take(n).for_each(|&i| picked[i] = true);
-            }
-            let (tx, ty): (Vec<Vec<f32>>, Vec<usize>) = (0..x.len())
-                .filter(|&i| picked[i])
-                .map(|i| (x[i].clone(), y[i]))
-                .unzip();
-            heads.push(topics::accuracy(
-                &topics::fit_from(&tx, &ty, names, cfg, prior)?,
-                &vx,
-                &vy,
-            ));
-            if let Some(p) = prior {
-                let pool: Vec<&[f32]> = even
-                    .iter()
-                    .filter(|&&i| !picked[i])
-                    .map(|&i| x[i].as_slice())
-                    .collect();
-                let labelled: Vec<(&[f32], usize)> = tx
-                    .iter()
-                    .map(Vec::as_slice)
-                    .zip(ty.iter().copied())
-                    .collect();
-                let r = zs::refine_with_examples(p, &pool, &labelled, zs::REFINE_ROUNDS);
-                refined.push(topics::accuracy(&prototypes(&r), &vx, &vy));
-                semi.push(topics::accuracy(
-                    &topics::fit_from(&tx, &ty, names, cfg, Some(&r))?,
-                    &vx,
-                    &vy,
-                ));
-                let pooled =
-                    std::sync::Arc::new(pool.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
-                memory.push(topics::accuracy(
-                    &topics::memory_head_refined(names, r, pooled, &labelled),
-                    &vx,
-                    &vy,
-                ));
-            }
-        }
-        println!("{n:>3} per class: head {}", show(&heads));
-        if prior.is_some() {
+        let s = run.shots(n, draws)?;
+        println!("{n:>3} per class: head {}", show(&s.head));
+        if run.has_prior() {
             println!(
                 "               semi-supervised: refined prototypes {}, head from them {}, memory {}",
-                show(&refined),
-                show(&semi),
-                show(&memory)
+                show(&s.refined),
+                show(&s.semi),
+                show(&s.memory)
             );
         }
     }

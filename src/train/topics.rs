@@ -269,6 +269,128 @@ pub fn cross_validate_with(
     Ok(out)
 }
 
+/// Fails on the first of `examples` (read from `source`) without a label.
+pub fn check_labelled(examples: &[Example], source: &std::path::Path) -> Result<()> {
+    if let Some(i) = examples.iter().position(|e| e.label.trim().is_empty()) {
+        bail!("{}: row {} has no label", source.display(), i + 1);
+    }
+    Ok(())
+}
+
+/// The renames of `--label-names`: comma-separated `value=name` pairs, trimmed (entries
+/// without `=` are ignored).
+pub fn label_names(spec: Option<&str>) -> std::collections::HashMap<String, String> {
+    spec.unwrap_or("")
+        .split(',')
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The classes of labelled rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classes {
+    /// The distinct label values, sorted: class `i` is `values[i]`.
+    pub values: Vec<String>,
+    /// The name of each class: its value, or what `--label-names` renames it to.
+    pub names: Vec<String>,
+    /// Each row's class index.
+    pub y: Vec<usize>,
+}
+
+impl Classes {
+    /// The classes of `examples` (read from `source`), named by the `value=name` pairs of
+    /// `label_names` ([`label_names`]); at least two are needed.
+    pub fn new(
+        examples: &[Example],
+        label_names: Option<&str>,
+        source: &std::path::Path,
+    ) -> Result<Self> {
+        let rename = self::label_names(label_names);
+        let mut values: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
+        values.sort();
+        values.dedup();
+        if values.len() < 2 {
+            bail!("{}: need at least two labels", source.display());
+        }
+        let names = values
+            .iter()
+            .map(|v| rename.get(v).cloned().unwrap_or_else(|| v.clone()))
+            .collect();
+        let y = examples
+            .iter()
+            .map(|e| values.binary_search(&e.label).unwrap_or(0))
+            .collect();
+        Ok(Self { values, names, y })
+    }
+}
+
+/// The head settings of `tidings train topics`: `steps` optimizer steps (by default 300, or
+/// [`PRIOR_STEPS`] from a prior) at the default learning rate, or [`PRIOR_LR`] from a prior.
+pub fn head_config(steps: Option<usize>, prior: bool) -> HeadConfig {
+    HeadConfig {
+        steps: steps.unwrap_or(if prior { PRIOR_STEPS } else { 300 }),
+        lr: if prior {
+            PRIOR_LR
+        } else {
+            HeadConfig::default().lr
+        },
+        ..HeadConfig::default()
+    }
+}
+
+/// The head `tidings train topics` makes of rows `x`, `y`: with a `prior` and unlabelled
+/// articles, a [`memory_head`]; otherwise a fitted regression ([`fit_from`]), from the prior
+/// when there is one.
+pub fn fit_head(
+    names: &[String],
+    cfg: HeadConfig,
+    prior: Option<&[Vec<f32>]>,
+    unlabelled: &std::sync::Arc<Vec<Vec<f32>>>,
+    x: &[Vec<f32>],
+    y: &[usize],
+) -> Result<LabelSet> {
+    match prior {
+        Some(p) if !unlabelled.is_empty() => memory_head(names, p, unlabelled.clone(), x, y),
+        p => fit_from(x, y, names, cfg, p),
+    }
+}
+
+/// A head fitted on all rows, and the cross-validated accuracy of its kind.
+#[derive(Debug, Clone)]
+pub struct TrainedHead {
+    /// The head, fitted on every row.
+    pub head: LabelSet,
+    /// Accuracy on each held-out fold.
+    pub folds: Vec<f64>,
+}
+
+impl TrainedHead {
+    /// Mean accuracy over the folds.
+    pub fn mean_accuracy(&self) -> f64 {
+        self.folds.iter().sum::<f64>() / self.folds.len() as f64
+    }
+}
+
+/// Cross-validates the head [`fit_head`] makes over `folds` folds (drawn with `cfg.seed`),
+/// then fits it on all rows.
+pub fn train_head(
+    x: &[Vec<f32>],
+    y: &[usize],
+    names: &[String],
+    cfg: HeadConfig,
+    prior: Option<&[Vec<f32>]>,
+    unlabelled: &std::sync::Arc<Vec<Vec<f32>>>,
+    folds: usize,
+) -> Result<TrainedHead> {
+    let make = |tx: &[Vec<f32>], ty: &[usize]| fit_head(names, cfg, prior, unlabelled, tx, ty);
+    let folds = cross_validate_with(x, y, folds, cfg.seed, make)?;
+    let head = make(x, y)?;
+    Ok(TrainedHead { head, folds })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +412,88 @@ mod tests {
         assert_eq!(accuracy(&head, &x, &y), 1.0);
         let cv = cross_validate(&x, &y, &names, 4, HeadConfig::default()).unwrap();
         assert!(cv.iter().all(|&a| a == 1.0), "{cv:?}");
+    }
+
+    fn example(label: &str) -> Example {
+        Example {
+            label: label.into(),
+            title: String::new(),
+            text: format!("about {label}"),
+        }
+    }
+
+    #[test]
+    fn label_names_are_parsed_and_trimmed() {
+        let m = label_names(Some(" 1 = World ,2=Sports,bad,3=Sci/Tech=x"));
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert_eq!(m["1"], "World");
+        assert_eq!(m["2"], "Sports");
+        assert_eq!(m["3"], "Sci/Tech=x", "split at the first =");
+        assert!(label_names(None).is_empty());
+        assert!(label_names(Some("")).is_empty());
+    }
+
+    #[test]
+    fn classes_are_the_sorted_values_renamed() {
+        let rows: Vec<Example> = ["2", "1", "3", "2"].iter().map(|l| example(l)).collect();
+        let path = std::path::Path::new("data.csv");
+        let c = Classes::new(&rows, Some("1=World,3=Sci"), path).unwrap();
+        assert_eq!(c.values, ["1", "2", "3"]);
+        assert_eq!(c.names, ["World", "2", "Sci"]);
+        assert_eq!(c.y, [1, 0, 2, 1]);
+        let one = Classes::new(&rows[..1], None, path).unwrap_err();
+        assert_eq!(one.to_string(), "data.csv: need at least two labels");
+    }
+
+    #[test]
+    fn a_row_without_a_label_is_named() {
+        let path = std::path::Path::new("d.jsonl");
+        let rows = vec![example("a"), example(" "), example("")];
+        let err = check_labelled(&rows, path).unwrap_err();
+        assert_eq!(err.to_string(), "d.jsonl: row 2 has no label");
+        assert!(check_labelled(&rows[..1], path).is_ok());
+    }
+
+    #[test]
+    fn head_settings_follow_the_prior() {
+        let plain = head_config(None, false);
+        assert_eq!((plain.steps, plain.lr), (300, HeadConfig::default().lr));
+        let prior = head_config(None, true);
+        assert_eq!((prior.steps, prior.lr), (PRIOR_STEPS, PRIOR_LR));
+        assert_eq!(head_config(Some(7), true).steps, 7);
+        assert_eq!(head_config(Some(7), false).steps, 7);
+        assert_eq!(prior.seed, HeadConfig::default().seed);
+    }
+
+    /// A unit vector of class `c` (0 or 1) in 2 dimensions: near axis `c`, nudged by `i`.
+    fn near_axis(c: usize, i: usize) -> Vec<f32> {
+        let mut v = [0.03 * (i % 5) as f32; 2];
+        v[c] = 1.0;
+        let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        v.iter().map(|a| a / norm).collect()
+    }
+
+    #[test]
+    fn the_head_kind_follows_the_prior_and_the_pool() {
+        let names: Vec<String> = vec!["a".into(), "b".into()];
+        let x: Vec<Vec<f32>> = (0..24).map(|i| near_axis(i % 2, i)).collect();
+        let y: Vec<usize> = (0..24).map(|i| i % 2).collect();
+        let prior = vec![vec![1.0f32, 0.0], vec![0.0, 1.0]];
+        let none = std::sync::Arc::new(Vec::new());
+        let pool = std::sync::Arc::new((0..20).map(|i| near_axis(i % 2, i + 2)).collect());
+        let cfg = head_config(None, true);
+        let fitted = fit_head(&names, cfg, Some(&prior), &none, &x, &y).unwrap();
+        assert!(fitted.memory.is_none(), "no pool: a fitted regression");
+        let plain = fit_head(&names, head_config(None, false), None, &pool, &x, &y).unwrap();
+        assert!(plain.memory.is_none(), "no prior: the pool is not used");
+        assert_eq!(accuracy(&plain, &x, &y), 1.0);
+        let memory = fit_head(&names, cfg, Some(&prior), &pool, &x, &y).unwrap();
+        let remembered = memory.memory.as_ref().map(|m| m.vectors.len());
+        assert_eq!(remembered, Some(20 + 24), "the pool and the labelled rows");
+        let trained = train_head(&x, &y, &names, cfg, Some(&prior), &pool, 3).unwrap();
+        assert!(trained.head.memory.is_some());
+        assert_eq!(trained.folds.len(), 3);
+        assert_eq!(trained.mean_accuracy(), 1.0, "{:?}", trained.folds);
+        assert_eq!(accuracy(&trained.head, &x, &y), 1.0);
     }
 }
