@@ -33,6 +33,10 @@ pub enum EvalCommand {
         /// Use only the first N rows (0 = all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Score only these rows (of the first `--limit`): `odd` measures a topic memory
+        /// built with `tidings train memory --rows even` on rows it was not built from.
+        #[arg(long, value_enum, default_value_t = super::memory::Rows::All)]
+        rows: super::memory::Rows,
         /// Also fit the multi-label calibration (Platt scaling of the cosines, one-vs-rest)
         /// on the even rows and report its reliability on the odd rows, next to the shipped
         /// calibration's.
@@ -89,6 +93,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
             file,
             labels,
             limit,
+            rows,
             fit_multi_label,
             calibration_labels,
             refine,
@@ -98,6 +103,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
             file,
             labels,
             limit,
+            rows,
             fit_multi_label,
             calibration_labels,
             refine,
@@ -130,6 +136,7 @@ struct TopicsEval {
     file: PathBuf,
     labels: PathBuf,
     limit: usize,
+    rows: super::memory::Rows,
     fit_multi_label: bool,
     calibration_labels: Vec<PathBuf>,
     refine: bool,
@@ -145,15 +152,25 @@ type Row = (usize, String, String);
 /// asked for.
 fn eval_topics(e: TopicsEval) -> Result<()> {
     let tax = Taxonomy::read(&e.labels)?;
-    let rows = read_rows(&e.file, &tax, &e.labels, e.limit)?;
+    let rows: Vec<Row> = read_rows(&e.file, &tax, &e.labels, e.limit)?
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| e.rows.keeps(*i))
+        .map(|(_, r)| r)
+        .collect();
     // The topic encoder serving would use (`auto` resolved against the NER model).
-    let m = ModelArgs {
+    let models = ModelArgs {
         topic_model: e.models.topic_dir().unwrap_or_else(|| "none".into()),
         ner_model: "none".into(),
         ..e.models
-    }
-    .load()?;
+    };
+    let m = models.load()?;
+    let memory = models.topic_memory(&m)?;
     let engine = e.limits.engine(m);
+    let engine = match memory {
+        Some(memory) => engine.with_topic_memory(memory),
+        None => engine,
+    };
     let rt = super::runtime()?;
     let started = std::time::Instant::now();
     let articles: Vec<(String, String)> = rows

@@ -5,6 +5,7 @@ mod analyze;
 mod batch;
 mod bench;
 mod eval;
+mod memory;
 mod serve;
 mod train;
 
@@ -113,6 +114,12 @@ pub struct ModelArgs {
     /// temperature's inverse).
     #[arg(long, env = "TIDINGS_TOPIC_SCALE", default_value_t = tidings::pipeline::topics::DEFAULT_SCALE)]
     pub topic_scale: f32,
+    /// A topic memory built by `tidings train memory`: zero-shot label sets (the default
+    /// taxonomy and request labels) are refined against its articles, which then vote on
+    /// each article's topics. Deterministic: the same file gives the same scores on every
+    /// replica and after a restart.
+    #[arg(long, env = "TIDINGS_TOPIC_MEMORY")]
+    pub topic_memory: Option<PathBuf>,
     /// Arithmetic of the encoders' matrix products: `int8` (weights quantized per column at
     /// load, activations per row at each product; x86-64 with AVX2, f32 elsewhere) or `f32`.
     /// int8 is the default because it keeps accuracy (CoNLL dev F1 -0.04 points, AG dev
@@ -137,6 +144,29 @@ fn some_path(p: &std::path::Path) -> Option<&std::path::Path> {
 }
 
 impl ModelArgs {
+    /// The `--topic-memory` file, read and checked against the loaded topic encoder.
+    pub fn topic_memory(
+        &self,
+        models: &Models,
+    ) -> Result<Option<tidings::pipeline::topic_memory::TopicMemory>> {
+        let Some(path) = &self.topic_memory else {
+            return Ok(None);
+        };
+        let Some(topics) = &models.topics else {
+            anyhow::bail!("--topic-memory needs a topic model");
+        };
+        let probe = models.encoder_probe()?.unwrap_or_default();
+        let memory = tidings::pipeline::topic_memory::load(path, topics.model.dim(), &probe)?;
+        tracing::info!(
+            path = %path.display(),
+            name = memory.name,
+            articles = memory.vectors.len(),
+            sha256 = memory.sha256,
+            "topic memory loaded"
+        );
+        Ok(Some(memory))
+    }
+
     /// What the flags ask to load. The `--topic-head` specs are read only with a topic model
     /// (without one they were never attached, nor checked).
     pub fn plan(&self) -> Result<ModelPlan> {

@@ -71,10 +71,8 @@ pub struct ServeArgs {
     limits: LimitArgs,
 }
 
-/// Runs the server until SIGINT/SIGTERM.
-pub fn run(a: ServeArgs) -> Result<()> {
-    disable_transparent_huge_pages();
-    // Access settings are read before anything starts: a bad file fails fast.
+/// The TLS settings and bearer token the flags ask for, read and checked.
+fn access(a: &ServeArgs) -> Result<(Option<TlsConfig>, Option<String>)> {
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(TlsConfig {
             cert: read(c, "TLS certificate")?,
@@ -103,6 +101,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
              proxy on a trusted network"
         );
     }
+    Ok((tls, auth_token))
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub fn run(a: ServeArgs) -> Result<()> {
+    disable_transparent_huge_pages();
+    // Access settings are read before anything starts: a bad file fails fast.
+    let (tls, auth_token) = access(&a)?;
     let rt = super::runtime()?;
     rt.block_on(async move {
         // Bind first: a port in use fails before minutes of model loading.
@@ -118,16 +124,31 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 .with_context(|| format!("starting the metrics exporter on {m}"))?;
             tracing::info!(addr = %m, "metrics on /metrics");
         }
-        let models = tokio::task::spawn_blocking({
+        if a.models.topic_memory.is_some() && a.limits.refine_topics > 0 {
+            anyhow::bail!(
+                "--topic-memory and --refine-topics: choose one (a fixed memory, the same on \
+                 every replica, or one learnt online from this replica's traffic)"
+            );
+        }
+        let (models, memory) = tokio::task::spawn_blocking({
             let m = a.models.clone();
-            move || m.load()
+            move || -> Result<_> {
+                let models = m.load()?;
+                let memory = m.topic_memory(&models)?;
+                Ok((models, memory))
+            }
         })
         .await??;
         let engine = a.limits.engine(models);
-        // Compute the default taxonomy's prototypes before the first request.
+        let engine = match memory {
+            Some(m) => engine.with_topic_memory(m),
+            None => engine,
+        };
+        // Compute the default taxonomy's prototypes (and its memory) before the first
+        // request.
         if engine.models().topics.is_some() {
             engine
-                .default_label_set()
+                .warm_default_topics()
                 .await
                 .map_err(|e| anyhow::anyhow!("embedding the default taxonomy: {e}"))?;
         }

@@ -22,6 +22,9 @@ pub enum TrainCommand {
     /// Fit a topic classification head on labelled articles (CSV label,title,description or
     /// JSONL {label,text,title}); reports k-fold cross-validated accuracy.
     Topics(TrainTopicsArgs),
+    /// Build a topic memory from unlabelled articles (their embeddings, no text) for
+    /// `serve --topic-memory`: deterministic memory-backed topics.
+    Memory(super::memory::TrainMemoryArgs),
 }
 
 /// Flags of `tidings train projection`.
@@ -194,6 +197,7 @@ fn keep_freed_memory() {
 /// Runs a training command.
 pub fn run(c: TrainCommand) -> Result<()> {
     match c {
+        TrainCommand::Memory(a) => super::memory::run(a),
         TrainCommand::Ner(a) => {
             keep_freed_memory();
             let cfg = NerTrainConfig {

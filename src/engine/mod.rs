@@ -204,6 +204,21 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     /// Embeddings of recently analyzed articles, for refining prototypes.
     seen: Arc<Mutex<Seen>>,
+    /// The topic memory loaded at start-up, when there is one ([`Engine::with_topic_memory`]).
+    fixed: Option<Arc<FixedMemory>>,
+}
+
+/// Bytes of refined label distributions kept for the label sets scored against a fixed
+/// topic memory (N articles x K labels x 4 bytes each: 1,900 articles and 17 labels are
+/// 130 KB); the least recently used go first, so no label set's memory is wiped by others.
+const FIXED_REFINED_BYTES: u64 = 64 << 20;
+
+/// A topic memory loaded at start-up, and the memories of the label sets refined against it.
+struct FixedMemory {
+    memory: crate::pipeline::topic_memory::TopicMemory,
+    /// Label set key -> its memory. Bounded by bytes; one computation per key however many
+    /// requests ask at once.
+    refined: moka::future::Cache<u64, Arc<topics::Memory>>,
 }
 
 /// Refined label sets kept at most (each holds a label distribution per pooled article, a
@@ -289,7 +304,61 @@ impl Engine {
             next_caller: Arc::new(AtomicU64::new(1)),
             stats,
             seen: Arc::new(Mutex::new(Seen::default())),
+            fixed: None,
         }
+    }
+
+    /// Scores zero-shot label sets (the default taxonomy and request labels) against
+    /// `memory`: each set's prototypes are refined with the memory's articles and those
+    /// articles then vote ([`topics::refine`], [`topics::Memory`]). The memory never changes
+    /// while the engine runs, so the same request gets the same scores on every replica
+    /// that loaded the same file, and after a restart. Takes the place of online refinement
+    /// ([`EngineConfig::refine_pool`]).
+    pub fn with_topic_memory(mut self, memory: crate::pipeline::topic_memory::TopicMemory) -> Self {
+        let refined = moka::future::Cache::builder()
+            .max_capacity(FIXED_REFINED_BYTES)
+            .weigher(|_, m: &Arc<topics::Memory>| {
+                let bytes = m.labels.iter().map(|l| l.len() * 4).sum::<usize>();
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            })
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        self.fixed = Some(Arc::new(FixedMemory { memory, refined }));
+        self
+    }
+
+    /// The topic memory loaded at start-up, if any.
+    pub fn topic_memory(&self) -> Option<&crate::pipeline::topic_memory::TopicMemory> {
+        self.fixed.as_ref().map(|f| &f.memory)
+    }
+
+    /// `set` with its memory from the fixed topic memory (computed once per label set).
+    async fn refined_fixed(&self, fixed: &FixedMemory, mut set: LabelSet) -> LabelSet {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (prototypes_key(&set.weights), set.scale.to_bits()).hash(&mut h);
+        let (weights, scale, pool) = (set.weights.clone(), set.scale, fixed.memory.vectors.clone());
+        let memory = fixed
+            .refined
+            .try_get_with(h.finish(), async move {
+                tokio::task::spawn_blocking(move || {
+                    let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
+                    let prototypes = topics::refine(&weights, &refs, topics::REFINE_ROUNDS);
+                    Arc::new(topics::Memory::pseudo_labelled(
+                        &prototypes,
+                        pool.clone(),
+                        &[],
+                        scale,
+                    ))
+                })
+                .await
+            })
+            .await;
+        match memory {
+            Ok(m) => set.memory = Some(m),
+            Err(e) => tracing::error!(error = %e, "refining a label set against the topic memory"),
+        }
+        set
     }
 
     /// `set` with a memory of the seen articles, labelled by prototypes refined against them
@@ -298,7 +367,13 @@ impl Engine {
     /// every [`REFINE_EVERY`] new articles; they serve single-label scores, while
     /// multi-label scores keep the calibrated original prototypes.
     async fn refined(&self, mut set: LabelSet) -> LabelSet {
-        if self.cfg.refine_pool == 0 || set.multi_label.is_none() {
+        if set.multi_label.is_none() {
+            return set;
+        }
+        if let Some(fixed) = &self.fixed {
+            return self.refined_fixed(fixed, set).await;
+        }
+        if self.cfg.refine_pool == 0 {
             return set;
         }
         let key = prototypes_key(&set.weights);
@@ -363,6 +438,7 @@ impl Engine {
     /// Adds an analyzed article's embedding to the refinement pool.
     fn remember(&self, embedding: &[f32]) {
         if self.cfg.refine_pool == 0
+            || self.fixed.is_some()
             || embedding.is_empty()
             || !embedding.iter().all(|x| x.is_finite())
         {
@@ -613,6 +689,16 @@ impl Engine {
         };
         *self.default_labels.lock() = Some(set.clone());
         Ok(set)
+    }
+
+    /// Computes the default labels' prototypes, and their memory when a topic memory is
+    /// loaded, so that the first request does not wait for them.
+    pub async fn warm_default_topics(&self) -> Result<(), EngineError> {
+        let set = self.default_label_set().await?;
+        if self.fixed.is_some() {
+            self.refined(set).await;
+        }
+        Ok(())
     }
 
     /// The trained head loaded as `name` (`serve --topic-head NAME=PATH`).

@@ -8,6 +8,7 @@
 //! - [`assembly`] — which models to load ([`assembly::ModelPlan`]) and loading them.
 //! - [`batch`] — padded tensors from rows.
 //! - [`entities`] — BIO decoding, offsets, grouping.
+//! - [`topic_memory`] — memory files of unlabelled article embeddings (`--topic-memory`).
 //! - [`topics`] — zero-shot scoring of an article embedding against label embeddings.
 
 pub mod analysis;
@@ -16,6 +17,7 @@ pub mod batch;
 pub mod casing;
 pub mod entities;
 pub mod tokens;
+pub mod topic_memory;
 pub mod topics;
 pub mod windows;
 
