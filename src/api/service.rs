@@ -815,14 +815,11 @@ impl Tidings for TidingsService {
                     labels: h.names.clone(),
                 })
                 .collect(),
-            topic_memory: self
-                .engine
-                .topic_memory()
-                .map(|m| proto::TopicMemory {
-                    name: m.name.clone(),
-                    articles: m.vectors.len() as u32,
-                    sha256: m.sha256.clone(),
-                }),
+            topic_memory: self.engine.topic_memory().map(|m| proto::TopicMemory {
+                name: m.name.clone(),
+                articles: m.vectors.len() as u32,
+                sha256: m.sha256.clone(),
+            }),
             limits: Some(proto::Limits {
                 max_text_chars: self.cfg.limits.max_text_chars as u32,
                 max_labels: self.cfg.limits.max_labels as u32,

@@ -22,8 +22,8 @@ impl Rows {
     pub fn keeps(self, i: usize) -> bool {
         match self {
             Rows::All => true,
-            Rows::Even => i % 2 == 0,
-            Rows::Odd => i % 2 == 1,
+            Rows::Even => i.is_multiple_of(2),
+            Rows::Odd => !i.is_multiple_of(2),
         }
     }
 }

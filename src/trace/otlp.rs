@@ -106,9 +106,7 @@ impl Drop for Export {
 /// that feeds it; the service is named `tidings`. The batch processor's settings come from
 /// the standard `OTEL_BSP_*` variables (default: a batch every 5 s, at most 2,048 spans
 /// queued; more are dropped, never held).
-pub fn layer<S>(
-    endpoint: &str,
-) -> Result<(impl tracing_subscriber::Layer<S>, Export), OtlpError>
+pub fn layer<S>(endpoint: &str) -> Result<(impl tracing_subscriber::Layer<S>, Export), OtlpError>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
