@@ -206,9 +206,11 @@ fn iptc_media_topics_taxonomy_answers_with_qcodes() {
     process::stop(child);
 }
 
-/// `--refine-topics`: once the server has seen enough articles, single-label scores come from
-/// a memory of them labelled by refined prototypes; multi-label scores keep the calibrated
-/// originals.
+/// `--refine-topics`: once the server has seen enough articles scored with its default
+/// taxonomy, that taxonomy's single-label scores come from a memory of them labelled by
+/// refined prototypes; multi-label scores keep the calibrated originals. Only the default
+/// taxonomy's traffic feeds the pool, and request labels are never adapted online (issue
+/// #28): a caller with its own labels neither steers nor is steered by others' traffic.
 #[tokio::test]
 async fn prototypes_are_refined_with_the_articles_the_server_sees() {
     use tidings::engine::{EngineConfig, REFINE_MIN_POOL};
@@ -225,64 +227,94 @@ async fn prototypes_are_refined_with_the_articles_the_server_sees() {
         label("Sports", "", ""),
         label("Business", "", ""),
     ];
-    let probe = |multi: bool| proto::AnalyzeRequest {
-        labels: labels.clone(),
+    let probe = |own: bool, multi: bool| proto::AnalyzeRequest {
+        labels: if own { labels.clone() } else { Vec::new() },
         multi_label: multi,
         ..request("probe", DEBT_DEAL)
     };
-    let before = c.analyze(probe(false)).await.unwrap().into_inner();
-    let before_multi = c.analyze(probe(true)).await.unwrap().into_inner();
+    let mut probes = Vec::new();
+    for (own, multi) in [(false, false), (false, true), (true, false)] {
+        probes.push(c.analyze(probe(own, multi)).await.unwrap().into_inner());
+    }
     // The summit article, sentence by sentence: news for the pool.
     let sentences: Vec<String> = common::summit_article()
         .split(". ")
         .filter(|s| s.split_whitespace().count() > 4)
         .map(str::to_string)
         .collect();
-    let mut seen = 0;
-    while seen < REFINE_MIN_POOL + 8 {
-        let requests = (0..64)
-            .map(|i| {
-                request(
-                    &format!("w{}", seen + i),
-                    &sentences[(seen + i) % sentences.len()],
-                )
-            })
-            .collect();
-        let r = c
-            .analyze_batch(proto::AnalyzeBatchRequest { requests })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.items.iter().all(|i| matches!(
-            i.outcome,
-            Some(proto::analyze_batch_item::Outcome::Response(_))
-        )));
-        seen += 64;
-    }
-    let after = c.analyze(probe(false)).await.unwrap().into_inner();
-    let after_multi = c.analyze(probe(true)).await.unwrap().into_inner();
+    let feeder = c.clone();
+    let traffic = |own_labels: bool| {
+        let sentences = sentences.clone();
+        let labels = labels.clone();
+        let mut c = feeder.clone();
+        async move {
+            let mut seen = 0;
+            while seen < REFINE_MIN_POOL + 8 {
+                let requests = (0..64)
+                    .map(|i| proto::AnalyzeRequest {
+                        labels: if own_labels {
+                            labels.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        ..request(
+                            &format!("w{}", seen + i),
+                            &sentences[(seen + i) % sentences.len()],
+                        )
+                    })
+                    .collect();
+                let r = c
+                    .analyze_batch(proto::AnalyzeBatchRequest { requests })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(r.items.iter().all(|i| matches!(
+                    i.outcome,
+                    Some(proto::analyze_batch_item::Outcome::Response(_))
+                )));
+                seen += 64;
+            }
+        }
+    };
     let scores = |r: &proto::AnalyzeResponse| {
-        let mut v: Vec<(String, f32)> = r
+        let mut v: Vec<(String, u32)> = r
             .topics
             .iter()
-            .map(|t| (t.label.clone(), t.score))
+            .map(|t| (t.label.clone(), t.score.to_bits()))
             .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort();
         v
     };
-    let changed = scores(&before)
-        .iter()
-        .zip(scores(&after))
-        .any(|(a, b)| (a.1 - b.1).abs() > 1e-4);
-    assert!(
-        changed,
+    // Traffic with its own labels feeds nothing.
+    traffic(true).await;
+    let after_own = c.analyze(probe(false, false)).await.unwrap().into_inner();
+    assert_eq!(
+        scores(&probes[0]),
+        scores(&after_own),
+        "articles scored with request labels must not adapt the default taxonomy"
+    );
+    // The default taxonomy's traffic adapts the default taxonomy, and only it.
+    traffic(false).await;
+    let mut after = Vec::new();
+    for (own, multi) in [(false, false), (false, true), (true, false)] {
+        after.push(c.analyze(probe(own, multi)).await.unwrap().into_inner());
+    }
+    assert_ne!(
+        scores(&probes[0]),
+        scores(&after[0]),
         "refinement changed nothing: {:?} vs {:?}",
-        before.topics, after.topics
+        probes[0].topics,
+        after[0].topics
     );
     assert_eq!(
-        scores(&before_multi),
-        scores(&after_multi),
+        scores(&probes[1]),
+        scores(&after[1]),
         "multi-label scores must not drift"
+    );
+    assert_eq!(
+        scores(&probes[2]),
+        scores(&after[2]),
+        "a caller's own labels are not steered by other callers' traffic"
     );
 }
 

@@ -151,6 +151,14 @@ type Row = (usize, String, String);
 /// `e.file` with the labels of `e.labels`, after the refinement and calibration reports
 /// asked for.
 fn eval_topics(e: TopicsEval) -> Result<()> {
+    if e.limits.refine_topics > 0 {
+        anyhow::bail!(
+            "online refinement (--refine-topics) adapts only the default taxonomy, and eval \
+             topics scores request labels: to measure memory-backed topics, build a memory \
+             from the even rows (`tidings train memory --unlabelled FILE --rows even`) and \
+             pass it with --topic-memory --rows odd"
+        );
+    }
     let tax = Taxonomy::read(&e.labels)?;
     let rows: Vec<Row> = read_rows(&e.file, &tax, &e.labels, e.limit)?
         .into_iter()
@@ -177,12 +185,7 @@ fn eval_topics(e: TopicsEval) -> Result<()> {
         .iter()
         .map(|(_, t, d)| (t.clone(), d.clone()))
         .collect();
-    let refine_pool = e.limits.refine_topics;
-    let engine = engine_with_warm_pool(&rt, engine, &articles, refine_pool)?;
     let results = super::analyze_topics(&rt, &engine, &articles, Some(&tax.labels))?;
-    if refine_pool > 0 {
-        print_pool_accuracy(refine_pool, &tax, &rows, &results);
-    }
     if e.refine || e.fit_multi_label {
         let paths: Vec<&PathBuf> = std::iter::once(&e.labels)
             .chain(&e.calibration_labels)
@@ -222,21 +225,6 @@ fn read_rows(
         }
     }
     Ok(rows)
-}
-
-/// With `--refine-topics`, the accuracy on the odd rows (the even ones filled the pool).
-fn print_pool_accuracy(refine_pool: usize, tax: &Taxonomy, rows: &[Row], results: &[Analysis]) {
-    let odd: Vec<bool> = rows
-        .iter()
-        .zip(results)
-        .enumerate()
-        .filter(|(i, _)| i % 2 == 1)
-        .map(|(_, ((gold, _, _), a))| tax.labels[gold - 1].name == a.topics[0].label)
-        .collect();
-    println!(
-        "--refine-topics {refine_pool}: the even rows were analyzed first (the pool); accuracy on the odd rows {:.4}",
-        odd.iter().filter(|&&b| b).count() as f64 / odd.len().max(1) as f64
-    );
 }
 
 /// The prototypes of each label wording in `paths` (taxonomy files of `classes` labels each),
@@ -429,19 +417,4 @@ fn multi_label_report(sets: &[(String, Vec<Vec<f32>>)], embeddings: &[&[f32]], g
             );
         }
     }
-}
-
-/// With `--refine-topics`, first analyzes the even rows (default labels, results dropped), as
-/// a server would have seen such news before, so that the scored pass is refined.
-fn engine_with_warm_pool(
-    rt: &tokio::runtime::Runtime,
-    engine: tidings::engine::Engine,
-    articles: &[(String, String)],
-    pool: usize,
-) -> Result<tidings::engine::Engine> {
-    if pool > 0 {
-        let even: Vec<(String, String)> = articles.iter().step_by(2).cloned().collect();
-        super::analyze_topics(rt, &engine, &even, None)?;
-    }
-    Ok(engine)
 }

@@ -221,38 +221,42 @@ struct FixedMemory {
     refined: moka::future::Cache<u64, Arc<topics::Memory>>,
 }
 
-/// Refined label sets kept at most (each holds a label distribution per pooled article, a
-/// few hundred KiB for a large taxonomy; the pooled vectors are shared by the label sets of
-/// a generation, and memories of older generations are dropped, so at most two pool
-/// snapshots are alive through this cache).
-const REFINED_KEPT: usize = 256;
-
-/// The refinement pool: recent article embeddings, and the memories refined from them by
-/// label set.
+/// The refinement pool of online refinement (`--refine-topics`): recent articles scored
+/// with the default taxonomy, and the default taxonomy's memory refined from them.
+///
+/// Only the default taxonomy is refined online, and only from its own traffic: a caller
+/// with labels of its own neither feeds the pool nor gets scores steered by it, so no
+/// caller's traffic changes another's scores unless both chose the server's shared
+/// taxonomy. Request labels get memory-backed scores from a fixed memory instead
+/// (`--topic-memory`), the same on every replica.
 #[derive(Default)]
 struct Seen {
     articles: std::collections::VecDeque<Vec<f32>>,
     pushed: u64,
-    /// The pool as of one generation, shared by the memories of all label sets.
-    snapshot: Option<(u64, Arc<Vec<Vec<f32>>>)>,
-    /// Hash of the original prototypes -> (pool generation, memory).
-    refined: std::collections::HashMap<u64, (u64, Arc<topics::Memory>)>,
-    /// Label sets being refined now.
-    refining: std::collections::HashSet<u64>,
+    /// The default taxonomy's memory and the pool generation it was refined from.
+    refined: Option<(u64, Arc<topics::Memory>)>,
+    /// Whether a refinement is running (one at a time; the others keep the previous one).
+    refining: bool,
 }
 
-/// Marks a label set as being refined until dropped.
+/// Marks the refinement as running until dropped; dropped early (the caller went away),
+/// it tells the computation to stop.
 struct RefiningMark {
     seen: Arc<Mutex<Seen>>,
-    key: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for RefiningMark {
     fn drop(&mut self) {
-        let mut seen = self.seen.lock();
-        seen.refining.remove(&self.key);
+        self.stop.store(true, Ordering::Relaxed);
+        self.seen.lock().refining = false;
     }
 }
+
+/// Multiply-adds of refinement charged as one token of queue room: about what one token
+/// costs the default topic encoder (MiniLM-L6: ~11 M per token in its six layers), so a
+/// refinement holds room in the batch pool like model work of the same size.
+const REFINE_MACS_PER_TOKEN: usize = 11_000_000;
 
 /// A hash of prototypes, identifying a label set.
 fn prototypes_key(weights: &[Vec<f32>]) -> u64 {
@@ -361,76 +365,79 @@ impl Engine {
         set
     }
 
-    /// `set` with a memory of the seen articles, labelled by prototypes refined against them
-    /// ([`topics::refine`], [`topics::Memory`]), when refinement is on, the set is zero-shot
-    /// and the pool holds enough articles. Memories are kept per label set and recomputed
-    /// every [`REFINE_EVERY`] new articles; they serve single-label scores, while
-    /// multi-label scores keep the calibrated original prototypes.
-    async fn refined(&self, mut set: LabelSet) -> LabelSet {
+    /// `set` with a memory that gives its single-label scores (multi-label scores keep the
+    /// calibrated original prototypes): from the fixed topic memory when one is loaded (any
+    /// zero-shot set), else, for the default taxonomy (`default`) with online refinement on,
+    /// from the articles seen ([`Engine::refined_online`]).
+    async fn refined(&self, set: LabelSet, default: bool) -> LabelSet {
         if set.multi_label.is_none() {
             return set;
         }
-        if let Some(fixed) = &self.fixed {
-            return self.refined_fixed(fixed, set).await;
+        match &self.fixed {
+            Some(fixed) => self.refined_fixed(fixed, set).await,
+            None if default && self.cfg.refine_pool > 0 => self.refined_online(set).await,
+            None => set,
         }
-        if self.cfg.refine_pool == 0 {
-            return set;
-        }
-        let key = prototypes_key(&set.weights);
+    }
+
+    /// The default taxonomy with a memory of the articles seen with it, labelled by
+    /// prototypes refined against them ([`topics::refine`], [`topics::Memory`]), once the
+    /// pool holds enough articles; recomputed every [`REFINE_EVERY`] new articles, one
+    /// computation at a time (the others keep the previous memory meanwhile). The work is
+    /// charged to the batch pool (it waits for room like stream work), counted in
+    /// `tidings_topic_refinements_total`, and stops when its caller goes away.
+    async fn refined_online(&self, mut set: LabelSet) -> LabelSet {
         let (pool, generation) = {
             let mut seen = self.seen.lock();
             if seen.articles.len() < REFINE_MIN_POOL.min(self.cfg.refine_pool) {
                 return set;
             }
             let generation = seen.pushed / REFINE_EVERY;
-            let stale = seen.refined.get(&key).cloned();
-            if let Some((g, w)) = &stale {
-                if *g == generation {
-                    set.memory = Some(w.clone());
-                    return set;
-                }
-            }
-            // One refinement per label set at a time: the others use the previous one (or
-            // the original prototypes) meanwhile, instead of all computing the same thing.
-            if !seen.refining.insert(key) {
-                set.memory = stale.map(|(_, w)| w);
+            set.memory = seen.refined.as_ref().map(|(_, m)| m.clone());
+            if seen.refined.as_ref().is_some_and(|(g, _)| *g == generation) || seen.refining {
                 return set;
             }
-            let pool = match &seen.snapshot {
-                Some((g, pool)) if *g == generation => pool.clone(),
-                _ => {
-                    let pool = Arc::new(seen.articles.iter().cloned().collect::<Vec<_>>());
-                    seen.snapshot = Some((generation, pool.clone()));
-                    pool
-                }
-            };
+            seen.refining = true;
+            let pool = Arc::new(seen.articles.iter().cloned().collect::<Vec<_>>());
             (pool, generation)
         };
-        // Clears the mark however this ends, also when the caller's deadline drops us.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Clears the mark however this ends, and stops the work when the caller's deadline
+        // or cancellation drops this future.
         let _mark = RefiningMark {
             seen: self.seen.clone(),
-            key,
+            stop: stop.clone(),
         };
-        let weights = set.weights.clone();
-        let scale = set.scale;
+        let dim = set.weights.first().map_or(0, Vec::len);
+        let macs = pool.len() * set.weights.len() * dim * (topics::REFINE_ROUNDS + 1);
+        let tokens = macs.div_ceil(REFINE_MACS_PER_TOKEN).max(1);
+        let Ok(_room) = Budget::admit(&self.pools, Class::Batch, 0, tokens).await else {
+            return set;
+        };
+        let started = Instant::now();
+        let (weights, scale) = (set.weights.clone(), set.scale);
         let refined = tokio::task::spawn_blocking(move || {
             let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
-            let prototypes = topics::refine(&weights, &refs, topics::REFINE_ROUNDS);
-            topics::Memory::pseudo_labelled(&prototypes, pool.clone(), &[], scale)
+            let stopped = || stop.load(Ordering::Relaxed);
+            let prototypes =
+                topics::refine_unless(&weights, &refs, topics::REFINE_ROUNDS, &stopped)?;
+            Some(topics::Memory::pseudo_labelled(
+                &prototypes,
+                pool.clone(),
+                &[],
+                scale,
+            ))
         })
         .await
-        .map(Arc::new)
-        .ok();
-        if let Some(w) = refined {
-            let mut seen = self.seen.lock();
-            // Memories two generations old hold a pool snapshot nobody else shares: drop
-            // them, so a cache of many label sets does not keep many snapshots alive.
-            seen.refined.retain(|_, (g, _)| *g + 1 >= generation);
-            if seen.refined.len() >= REFINED_KEPT {
-                seen.refined.clear();
-            }
-            seen.refined.insert(key, (generation, w.clone()));
-            set.memory = Some(w);
+        .ok()
+        .flatten()
+        .map(Arc::new);
+        let outcome = if refined.is_some() { "done" } else { "stopped" };
+        metrics::counter!("tidings_topic_refinements_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("tidings_topic_refine_seconds").record(started.elapsed().as_secs_f64());
+        if let Some(m) = refined {
+            self.seen.lock().refined = Some((generation, m.clone()));
+            set.memory = Some(m);
         }
         set
     }
@@ -696,7 +703,7 @@ impl Engine {
     pub async fn warm_default_topics(&self) -> Result<(), EngineError> {
         let set = self.default_label_set().await?;
         if self.fixed.is_some() {
-            self.refined(set).await;
+            self.refined(set, true).await;
         }
         Ok(())
     }
@@ -765,6 +772,9 @@ impl Engine {
             None => None,
         };
         let custom = labels.filter(|l| article.options.topics && !l.is_empty());
+        // Scored with the server's own taxonomy: the only traffic online refinement learns
+        // from, and the only label set it refines.
+        let shared = article.options.topics && custom.is_none() && head.is_none();
         // The default labels come before admission: they are admitted on their own (once),
         // and a request holding room while it waited for them could hold the room they
         // need (a deadlock when one request's estimate fills the pool).
@@ -795,7 +805,7 @@ impl Engine {
             (true, None) => default_set,
         };
         let label_set = match label_set {
-            Some(set) => Some(self.refined(set).await),
+            Some(set) => Some(self.refined(set, shared).await),
             None => None,
         };
         let prepared = Arc::new(self.prepare(article).await?);
@@ -815,7 +825,9 @@ impl Engine {
                 .instrument(tracing::info_span!("decode"))
                 .await
                 .map_err(|e| EngineError::Model(e.to_string()))?;
-        self.remember(&analysis.embedding);
+        if shared {
+            self.remember(&analysis.embedding);
+        }
         Ok((analysis, timing))
     }
 }

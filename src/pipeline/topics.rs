@@ -170,13 +170,39 @@ pub fn refine_with_examples(
     labelled: &[(&[f32], usize)],
     rounds: usize,
 ) -> Vec<Vec<f32>> {
+    refine_rounds(prototypes, articles, labelled, rounds, &|| false)
+        .unwrap_or_else(|| prototypes.to_vec())
+}
+
+/// [`refine`], given up (`None`) as soon as `stop` says so, checked before each round: for
+/// a server, whose caller may go away while its prototypes are refined.
+pub fn refine_unless(
+    prototypes: &[Vec<f32>],
+    articles: &[&[f32]],
+    rounds: usize,
+    stop: &dyn Fn() -> bool,
+) -> Option<Vec<Vec<f32>>> {
+    refine_rounds(prototypes, articles, &[], rounds, stop)
+}
+
+/// The rounds of [`refine_with_examples`]; `None` when `stop` said so before a round.
+fn refine_rounds(
+    prototypes: &[Vec<f32>],
+    articles: &[&[f32]],
+    labelled: &[(&[f32], usize)],
+    rounds: usize,
+    stop: &dyn Fn() -> bool,
+) -> Option<Vec<Vec<f32>>> {
     let mut current = prototypes.to_vec();
     if (articles.is_empty() && labelled.is_empty()) || prototypes.is_empty() {
-        return current;
+        return Some(current);
     }
     let k = prototypes.len();
     let d = prototypes[0].len();
     for _ in 0..rounds {
+        if stop() {
+            return None;
+        }
         let refs: Vec<&[f32]> = current.iter().map(Vec::as_slice).collect();
         let mut sums = vec![vec![0f32; d]; k];
         let mut mass = vec![0f32; k];
@@ -208,7 +234,7 @@ pub fn refine_with_examples(
             })
             .collect();
     }
-    current
+    Some(current)
 }
 
 /// Neighbours that vote in a [`Memory`].
@@ -498,5 +524,21 @@ mod tests {
             ..Label::default()
         };
         assert_eq!(l.prototype_texts().len(), 2);
+    }
+
+    #[test]
+    fn refinement_stops_when_asked() {
+        let prototypes = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let a = [0.8f32, 0.6];
+        let articles: Vec<&[f32]> = vec![&a; 8];
+        let full = refine(&prototypes, &articles, REFINE_ROUNDS);
+        assert_eq!(
+            refine_unless(&prototypes, &articles, REFINE_ROUNDS, &|| false),
+            Some(full)
+        );
+        assert_eq!(
+            refine_unless(&prototypes, &articles, REFINE_ROUNDS, &|| true),
+            None
+        );
     }
 }
