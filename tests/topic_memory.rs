@@ -2,36 +2,13 @@
 //! `serve --topic-memory` loads it, and then every replica that loaded the same file, and
 //! the same server after a restart, gives bit-identical topic scores for the same request,
 //! for the default taxonomy and for request labels alike. Checked with real servers and a
-//! real client. The unlabelled articles are the project's own hand-written texts
-//! (models/ner/ood, one sentence an article), so the test runs from a fresh clone.
+//! real client. The unlabelled articles are the project's own (models/topics/corpus, 513
+//! short news items written for Tidings), so the test runs from a fresh clone.
 
 mod common;
 
 use common::process;
 use tidings::proto::{AnalyzeRequest, GetInfoRequest, TopicLabel};
-
-/// One JSON line per sentence of the project's own CoNLL-format texts.
-fn unlabelled(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut lines = String::new();
-    for file in ["news-2020s.txt", "wiki-style.txt"] {
-        let text =
-            std::fs::read_to_string(common::root().join("models/ner/ood").join(file)).unwrap();
-        for sentence in text.split("\n\n") {
-            let words: Vec<&str> = sentence
-                .lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .filter(|w| *w != "-DOCSTART-")
-                .collect();
-            if words.len() >= 5 {
-                let line = serde_json::json!({"title": "", "text": words.join(" ")});
-                lines.push_str(&format!("{line}\n"));
-            }
-        }
-    }
-    let path = dir.join("unlabelled.jsonl");
-    std::fs::write(&path, lines).unwrap();
-    path
-}
 
 /// The request: the summit article against the default taxonomy, or against `labels`.
 fn request(labels: &[&str]) -> AnalyzeRequest {
@@ -86,7 +63,9 @@ fn replicas_with_one_memory_file_score_alike() {
         "train".as_ref(),
         "memory".as_ref(),
         "--unlabelled".as_ref(),
-        unlabelled(dir.path()).as_os_str(),
+        common::root()
+            .join("models/topics/corpus/own-news.jsonl")
+            .as_os_str(),
         "--name".as_ref(),
         "own texts".as_ref(),
         "--out".as_ref(),
@@ -104,7 +83,7 @@ fn replicas_with_one_memory_file_score_alike() {
     assert_eq!(from_first, scores(b), "two replicas, one memory file");
     let reported = info(a).topic_memory.expect("GetInfo reports the memory");
     assert_eq!(reported.name, "own texts");
-    assert!(reported.articles >= 200, "{reported:?}");
+    assert_eq!(reported.articles, 513, "{reported:?}");
     assert_eq!(reported, info(b).topic_memory.unwrap());
     assert!(said.contains(&reported.sha256), "{said}");
     // Traffic changes nothing: the same request again, after others.

@@ -3,7 +3,7 @@
 
 use super::{LimitArgs, ModelArgs};
 use anyhow::{Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use tidings::model::ModelDir;
 use tidings::pipeline::analysis::Analysis;
@@ -23,40 +23,7 @@ pub enum EvalCommand {
     },
     /// Topic accuracy on a CSV of `label,title,description` (AG News layout), with the
     /// labels of a taxonomy file passed as request-time labels (label i+1 = entry i).
-    Topics {
-        /// CSV file.
-        #[arg(default_value = "../shared/data/ag_news/dev.csv")]
-        file: PathBuf,
-        /// Taxonomy whose labels, in order, are the CSV's classes 1..N.
-        #[arg(long, default_value = "models/topics/ag_news.json")]
-        labels: PathBuf,
-        /// Use only the first N rows (0 = all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-        /// Score only these rows (of the first `--limit`): `odd` measures a topic memory
-        /// built with `tidings train memory --rows even` on rows it was not built from.
-        #[arg(long, value_enum, default_value_t = super::memory::Rows::All)]
-        rows: super::memory::Rows,
-        /// Also fit the multi-label calibration (Platt scaling of the cosines, one-vs-rest)
-        /// on the even rows and report its reliability on the odd rows, next to the shipped
-        /// calibration's.
-        #[arg(long)]
-        fit_multi_label: bool,
-        /// More wordings of the same classes (taxonomy files, same order) to fit the
-        /// multi-label calibration on, pooled with `--labels`; each is reported on its own.
-        #[arg(long = "calibration-labels")]
-        calibration_labels: Vec<PathBuf>,
-        /// Also score `--labels` and every `--calibration-labels` wording on the odd rows:
-        /// zero-shot, with prototypes refined with the even rows' articles as unlabelled text
-        /// (their labels are not read), and with a memory of those articles (what `serve
-        /// --refine-topics` serves).
-        #[arg(long)]
-        refine: bool,
-        #[command(flatten)]
-        models: ModelArgs,
-        #[command(flatten)]
-        limits: LimitArgs,
-    },
+    Topics(TopicsEval),
     /// Raw logits (`--task ner`) or embeddings (`--task embed`) of the sentences in a
     /// tools/parity.py JSON file, as JSON in the same format.
     Parity {
@@ -89,27 +56,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
             sentences,
             precision,
         } => parity(&task, &model, &sentences, precision),
-        EvalCommand::Topics {
-            file,
-            labels,
-            limit,
-            rows,
-            fit_multi_label,
-            calibration_labels,
-            refine,
-            models,
-            limits,
-        } => eval_topics(TopicsEval {
-            file,
-            labels,
-            limit,
-            rows,
-            fit_multi_label,
-            calibration_labels,
-            refine,
-            models,
-            limits,
-        }),
+        EvalCommand::Topics(e) => eval_topics(e),
     }
 }
 
@@ -132,15 +79,39 @@ fn eval_ner(file: &std::path::Path, models: ModelArgs) -> Result<()> {
 }
 
 /// The flags of `tidings eval topics` (see [`EvalCommand::Topics`]).
-struct TopicsEval {
+#[derive(Args, Debug)]
+pub struct TopicsEval {
+    /// CSV file.
+    #[arg(default_value = "../shared/data/ag_news/dev.csv")]
     file: PathBuf,
+    /// Taxonomy whose labels, in order, are the CSV's classes 1..N.
+    #[arg(long, default_value = "models/topics/ag_news.json")]
     labels: PathBuf,
+    /// Use only the first N rows (0 = all).
+    #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Score only these rows (of the first `--limit`): `odd` measures a topic memory
+    /// built with `tidings train memory --rows even` on rows it was not built from.
+    #[arg(long, value_enum, default_value_t = super::memory::Rows::All)]
     rows: super::memory::Rows,
+    /// Also fit the multi-label calibration (Platt scaling of the cosines, one-vs-rest)
+    /// on the even rows and report its reliability on the odd rows, next to the shipped
+    /// calibration's.
+    #[arg(long)]
     fit_multi_label: bool,
+    /// More wordings of the same classes (taxonomy files, same order) to fit the
+    /// multi-label calibration on, pooled with `--labels`; each is reported on its own.
+    #[arg(long = "calibration-labels")]
     calibration_labels: Vec<PathBuf>,
+    /// Also score `--labels` and every `--calibration-labels` wording on the odd rows:
+    /// zero-shot, with prototypes refined with the even rows' articles as unlabelled text
+    /// (their labels are not read), and with a memory of those articles (what `serve
+    /// --refine-topics` serves).
+    #[arg(long)]
     refine: bool,
+    #[command(flatten)]
     models: ModelArgs,
+    #[command(flatten)]
     limits: LimitArgs,
 }
 
