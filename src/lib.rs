@@ -7,12 +7,16 @@
 //!
 //! # Layout
 //! The layers call only downwards:
-//! - [`api`] — tonic services, protobuf <-> domain types, status mapping, health, reflection.
+//! - [`server`] — the process: config, both listeners, TLS, health, reflection, shutdown.
+//! - [`api`] — the tonic service, protobuf <-> domain types, status mapping, auth.
 //! - [`http`] — the HTTP/JSON API, its OpenAPI document and the page, on the same service.
-//! - [`engine`] — the bounded queue and the dynamic batcher thread that runs the models.
-//! - [`pipeline`] — text -> pieces -> windows -> rows; model outputs -> entities and topics.
+//! - [`trace`] — a span per call, article and stage, request ids, OpenTelemetry export.
+//! - [`engine`] — the bounded queue and the dynamic batcher thread that runs the models
+//!   (through a model trait, so its scheduling is unit-tested alone).
+//! - [`pipeline`] — text -> pieces -> windows -> rows; model outputs -> entities and topics;
+//!   model assembly ([`pipeline::assembly`]) and topic memories ([`pipeline::topic_memory`]).
 //! - [`model`] — HF-format model directories, the BERT-family encoder and its heads.
-//! - [`train`] — CoNLL reading, fine-tuning, scoring.
+//! - [`train`] — CoNLL reading, NER fine-tuning, topic heads, calibration, scoring.
 //! - [`proto`] — the code generated from `proto/tidings/v1/tidings.proto`.
 
 pub mod api;

@@ -4,6 +4,11 @@
 //!
 //! It runs on a dedicated OS thread, never on tokio's workers: a forward pass holds the CPU
 //! for milliseconds to seconds and would stall every connection the runtime serves.
+//!
+//! It runs rows through a `RowModel`: the loaded models in a server, a stand-in in the
+//! tests below, which check turns, shares, deadlines, cancellation and failed passes in
+//! milliseconds. Each job's `queue` span ends when its first slice starts, and each slice is
+//! an `inference` span in the trace of every job it ran ([`crate::trace`]).
 
 use super::{Class, EngineConfig, EngineError, EngineStats, Job, Timing, Work};
 use crate::pipeline::analysis::{Models, Outputs};
