@@ -27,25 +27,35 @@ use tracing::Instrument;
 /// OpenTelemetry traces ([`otlp`]). Keep the returned export alive while the process runs:
 /// dropping it sends the last spans.
 pub fn init(json: bool, otlp: Option<&str>) -> Result<Option<otlp::Export>, otlp::OtlpError> {
-    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::layer::{Layer, SubscriberExt};
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let text = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let logs = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let text = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(logs())
+    });
     let lines = json.then(|| {
         tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
+            .with_filter(logs())
     });
+    // The export has a filter of its own: `RUST_LOG=warn` quiets the logs, not the traces,
+    // and the exporter's own HTTP/2 and gRPC spans are never exported back to it.
     let (export_layer, export) = match otlp {
         Some(endpoint) => {
             let (layer, export) = otlp::layer(endpoint)?;
-            (Some(layer), Some(export))
+            let spans = tracing_subscriber::filter::Targets::new()
+                .with_target("tidings", tracing::Level::INFO);
+            (Some(layer.with_filter(spans)), Some(export))
         }
         None => (None, None),
     };
     tracing_subscriber::registry()
-        .with(filter)
         .with(text)
         .with(lines)
         .with(export_layer)

@@ -111,6 +111,9 @@ fn spans_arrive_at_an_otlp_receiver_as_one_trace_per_call() {
             .add_service(TraceServiceServer::new(received.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+    // Logs quieted to warnings must not quiet the traces (the export has its own filter).
+    // This file holds one test, so the variable reaches only its server.
+    std::env::set_var("RUST_LOG", "warn");
     let (port, http_port) = (process::free_port(), process::free_port());
     let server = process::serve(
         port,
