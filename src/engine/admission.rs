@@ -144,6 +144,23 @@ pub(crate) struct Reservation {
     pools: Arc<Pools>,
 }
 
+impl Reservation {
+    /// `n` tokens of `class`'s pool taken at once, or refused with
+    /// [`EngineError::QueueFull`]: for work the engine does on its own account (a topic
+    /// refinement) inside a request that holds room already, which must never wait for more
+    /// (waiting while holding is how pools deadlock).
+    pub(crate) fn try_take(
+        pools: &Arc<Pools>,
+        class: Class,
+        n: usize,
+    ) -> Result<Self, EngineError> {
+        Ok(Self {
+            permit: Some(pools.try_acquire(class, n)?),
+            pools: pools.clone(),
+        })
+    }
+}
+
 #[cfg(test)]
 impl Reservation {
     /// Room that holds nothing, for the batcher's tests (which admit no requests).

@@ -219,6 +219,9 @@ struct FixedMemory {
     /// Label set key -> its memory. Bounded by bytes; one computation per key however many
     /// requests ask at once.
     refined: moka::future::Cache<u64, Arc<topics::Memory>>,
+    /// One refinement at a time on the blocking pool: many new label sets at once queue
+    /// here instead of taking every core from the batcher.
+    running: tokio::sync::Semaphore,
 }
 
 /// The refinement pool of online refinement (`--refine-topics`): recent articles scored
@@ -239,17 +242,22 @@ struct Seen {
     refining: bool,
 }
 
-/// Marks the refinement as running until dropped; dropped early (the caller went away),
-/// it tells the computation to stop.
+/// Marks the refinement as running until dropped; dropped before it finished (the caller
+/// went away), it tells the computation to stop and counts it as stopped.
 struct RefiningMark {
     seen: Arc<Mutex<Seen>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    finished: bool,
 }
 
 impl Drop for RefiningMark {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.seen.lock().refining = false;
+        if !self.finished {
+            metrics::counter!("tidings_topic_refinements_total", "outcome" => "stopped")
+                .increment(1);
+        }
     }
 }
 
@@ -327,7 +335,11 @@ impl Engine {
             })
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        self.fixed = Some(Arc::new(FixedMemory { memory, refined }));
+        self.fixed = Some(Arc::new(FixedMemory {
+            memory,
+            refined,
+            running: tokio::sync::Semaphore::new(1),
+        }));
         self
     }
 
@@ -345,6 +357,7 @@ impl Engine {
         let memory = fixed
             .refined
             .try_get_with(h.finish(), async move {
+                let _one_at_a_time = fixed.running.acquire().await;
                 tokio::task::spawn_blocking(move || {
                     let refs: Vec<&[f32]> = pool.iter().map(Vec::as_slice).collect();
                     let prototypes = topics::refine(&weights, &refs, topics::REFINE_ROUNDS);
@@ -404,14 +417,20 @@ impl Engine {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Clears the mark however this ends, and stops the work when the caller's deadline
         // or cancellation drops this future.
-        let _mark = RefiningMark {
+        let mut mark = RefiningMark {
             seen: self.seen.clone(),
             stop: stop.clone(),
+            finished: false,
         };
         let dim = set.weights.first().map_or(0, Vec::len);
         let macs = pool.len() * set.weights.len() * dim * (topics::REFINE_ROUNDS + 1);
         let tokens = macs.div_ceil(REFINE_MACS_PER_TOKEN).max(1);
-        let Ok(_room) = Budget::admit(&self.pools, Class::Batch, 0, tokens).await else {
+        // Room now or not this time (the previous memory serves meanwhile): the caller holds
+        // room already, and waiting for more while holding it could deadlock the pool.
+        let Ok(_room) = Reservation::try_take(&self.pools, Class::Batch, tokens) else {
+            mark.finished = true;
+            metrics::counter!("tidings_topic_refinements_total", "outcome" => "no_room")
+                .increment(1);
             return set;
         };
         let started = Instant::now();
@@ -432,6 +451,7 @@ impl Engine {
         .ok()
         .flatten()
         .map(Arc::new);
+        mark.finished = true;
         let outcome = if refined.is_some() { "done" } else { "stopped" };
         metrics::counter!("tidings_topic_refinements_total", "outcome" => outcome).increment(1);
         metrics::histogram!("tidings_topic_refine_seconds").record(started.elapsed().as_secs_f64());
