@@ -72,7 +72,19 @@ pub fn run(a: TrainMemoryArgs) -> Result<()> {
     let engine = a.limits.engine(models);
     let rt = runtime()?;
     let analyses = analyze_topics(&rt, &engine, &articles, None)?;
-    let embeddings: Vec<Vec<f32>> = analyses.into_iter().map(|x| x.embedding).collect();
+    let total = analyses.len();
+    // An article with no text to read has no embedding: skipped, and said.
+    let embeddings: Vec<Vec<f32>> = analyses
+        .into_iter()
+        .map(|x| x.embedding)
+        .filter(|e| e.iter().all(|v| v.is_finite()) && e.iter().any(|v| *v != 0.0))
+        .collect();
+    if embeddings.len() < total {
+        eprintln!(
+            "train memory: {} of {total} articles have no embedding (no text?) and were skipped",
+            total - embeddings.len()
+        );
+    }
     let file = a
         .unlabelled
         .file_name()

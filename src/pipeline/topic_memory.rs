@@ -65,11 +65,12 @@ pub enum MemoryError {
         #[source]
         source: safetensors::SafeTensorError,
     },
-    /// Too few articles, or vectors that are not finite.
-    #[error(
-        "a topic memory needs at least {MIN_ARTICLES} articles with finite embeddings; got {0}"
-    )]
+    /// Too few articles.
+    #[error("a topic memory needs at least {MIN_ARTICLES} articles; got {0}")]
     TooFew(usize),
+    /// An article's embedding is empty, zero or not finite.
+    #[error("article {0} has no usable embedding (empty, zero or not finite)")]
+    Unusable(usize),
 }
 
 /// A loaded topic memory.
@@ -77,7 +78,8 @@ pub enum MemoryError {
 pub struct TopicMemory {
     /// The corpus it was built from, as its builder named it.
     pub name: String,
-    /// SHA-256 of the file (hex): the same hash on two replicas means the same scores.
+    /// SHA-256 (hex) of its content, metadata and vectors: the same hash on two replicas
+    /// means the same scores, and the same corpus built twice gives the same hash.
     pub sha256: String,
     /// Unit-length article embeddings, as stored (f16, widened).
     pub vectors: Arc<Vec<Vec<f32>>>,
@@ -99,8 +101,12 @@ pub fn save(
     articles: &[Vec<f32>],
     probe: &[f32],
 ) -> Result<String, MemoryError> {
-    let vectors: Vec<Vec<f32>> = articles.iter().filter_map(|a| unit(a)).collect();
-    if vectors.len() < MIN_ARTICLES || vectors.len() != articles.len() {
+    let vectors: Vec<Vec<f32>> = articles
+        .iter()
+        .enumerate()
+        .map(|(i, a)| unit(a).ok_or(MemoryError::Unusable(i)))
+        .collect::<Result<_, _>>()?;
+    if vectors.len() < MIN_ARTICLES {
         return Err(MemoryError::TooFew(vectors.len()));
     }
     let dim = vectors[0].len();
@@ -127,25 +133,32 @@ pub fn save(
             serde_json::to_string(probe).unwrap_or_default(),
         ),
     ]);
+    let hash = content_hash(&metadata, &bytes);
     safetensors::serialize_to_file([("vectors", view)], Some(metadata), path).map_err(
         |source| MemoryError::Write {
             path: path.display().to_string(),
             source,
         },
     )?;
-    let written = std::fs::read(path).map_err(|source| MemoryError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(sha256_hex(&written))
+    Ok(hash)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// SHA-256 (hex) of a memory's content: its metadata, sorted by key, then its vectors'
+/// bytes. The file's own bytes would not do: safetensors writes the metadata in hash-map
+/// order, so the same corpus built twice gives other bytes but the same content hash.
+fn content_hash(metadata: &HashMap<String, String>, vectors: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut keys: Vec<&String> = metadata.keys().collect();
+    keys.sort();
+    let mut h = sha2::Sha256::new();
+    for k in keys {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(metadata[k].as_bytes());
+        h.update([0]);
+    }
+    h.update(vectors);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads the memory at `path` for a topic encoder of width `dim` whose probe embedding is
@@ -184,14 +197,27 @@ pub fn load(path: &Path, dim: usize, probe: &[f32]) -> Result<TopicMemory, Memor
                 .collect()
         })
         .collect();
-    if vectors.len() < MIN_ARTICLES || vectors.iter().flatten().any(|x| !x.is_finite()) {
+    if let Some(i) = vectors
+        .iter()
+        .position(|v| v.iter().any(|x| !x.is_finite()))
+    {
+        return Err(MemoryError::Unusable(i));
+    }
+    if vectors.len() < MIN_ARTICLES {
         return Err(MemoryError::TooFew(vectors.len()));
     }
     let stored: Vec<f32> = meta
         .get("encoder_probe")
         .and_then(|p| serde_json::from_str(p).ok())
         .unwrap_or_default();
-    if !probe.is_empty() && stored.len() == probe.len() {
+    if !probe.is_empty() && stored.len() != probe.len() {
+        return Err(bad(format!(
+            "no encoder probe of width {} (it has {} values)",
+            probe.len(),
+            stored.len()
+        )));
+    }
+    if !probe.is_empty() {
         let cosine: f32 = stored.iter().zip(probe).map(|(a, b)| a * b).sum();
         if cosine < 0.99 {
             return Err(MemoryError::OtherEncoder {
@@ -202,7 +228,7 @@ pub fn load(path: &Path, dim: usize, probe: &[f32]) -> Result<TopicMemory, Memor
     }
     Ok(TopicMemory {
         name: meta.get("name").cloned().unwrap_or_default(),
-        sha256: sha256_hex(&bytes),
+        sha256: content_hash(&meta, tensor.data()),
         vectors: Arc::new(vectors),
     })
 }
@@ -255,6 +281,15 @@ mod tests {
             save(&path, "c", "t", &articles(5, 4), &probe),
             Err(MemoryError::TooFew(5))
         ));
+        let mut zero = articles(40, 4);
+        zero[7] = vec![0.0; 4];
+        assert!(matches!(
+            save(&path, "c", "t", &zero, &probe),
+            Err(MemoryError::Unusable(7))
+        ));
+        // Built again, the same content has the same hash.
+        let again = save(&path, "corpus", "test", &articles(40, 4), &probe).unwrap();
+        assert_eq!(again, written);
         std::fs::write(&path, b"not a memory").unwrap();
         assert!(matches!(
             load(&path, 4, &[]),
