@@ -10,7 +10,8 @@
 # REF_THREADS (its torch / ONNX Runtime intra-op threads, default 2), REF_ARGS (extra arguments
 # of bench/reference_server.py, e.g. --max-wait-ms 5), TIDINGS_PORT (50071), REF_PORT (50072);
 # NER_MODEL (models/ner) and TAXONOMY (models/topics/news.json; empty for each server's
-# built-in default) given to both servers; TOPIC_MODEL (models/minilm) given to the reference,
+# built-in default) given to both servers; TIDINGS_NER_MODEL (NER_MODEL) given to Tidings
+# instead, e.g. models/ner-accurate against a reference running the fast tier; TOPIC_MODEL (models/minilm) given to the reference,
 # and to Tidings as TIDINGS_TOPIC_MODEL (auto: the NER model's own encoder when it was
 # trained for both tasks; models/minilm runs the two-model path); TIDINGS_ARGS (extra
 # arguments of `tidings serve`); NO_TIDINGS=1 to bench the reference only; PYTHON (python3:
@@ -24,6 +25,7 @@ REF_THREADS=${REF_THREADS:-2}
 REF_BACKEND=${REF_BACKEND:-torch}
 PYTHON=${PYTHON:-python3}
 NER_MODEL=${NER_MODEL:-models/ner}
+TIDINGS_NER_MODEL=${TIDINGS_NER_MODEL:-$NER_MODEL}
 TOPIC_MODEL=${TOPIC_MODEL:-models/minilm}
 TIDINGS_TOPIC_MODEL=${TIDINGS_TOPIC_MODEL:-auto}
 TAXONOMY=${TAXONOMY-models/topics/news.json}   # default topics of both servers
@@ -50,7 +52,7 @@ args=(--reference-addr "127.0.0.1:$REF_PORT" --reference-pid "$ref_pid")
 if [[ -z "${NO_TIDINGS:-}" && -x target/release/tidings ]] \
    && target/release/tidings serve --help >/dev/null 2>&1; then
   # shellcheck disable=SC2086
-  target/release/tidings serve --addr "127.0.0.1:$TIDINGS_PORT" --ner-model "$NER_MODEL" \
+  target/release/tidings serve --addr "127.0.0.1:$TIDINGS_PORT" --ner-model "$TIDINGS_NER_MODEL" \
     --topic-model "$TIDINGS_TOPIC_MODEL" ${TAXONOMY:+--taxonomy "$TAXONOMY"} ${TIDINGS_ARGS:-} \
     >"$LOGS/tidings.log" 2>&1 &
   tid_pid=$!

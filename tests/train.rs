@@ -58,6 +58,8 @@ fn config(dir: &std::path::Path, epochs: usize, resume: bool) -> NerTrainConfig 
         case_augment: 0.5,
         entity_replace: 0.5,
         ema: 0.9,
+        adapter_rank: 0,
+        adapter_alpha: 0.0,
     }
 }
 
@@ -105,4 +107,69 @@ fn loss_goes_down_output_loads_and_checkpoint_resumes() {
     other.ema = 0.5;
     let err = ner::train(&other).expect_err("a resume with another --ema");
     assert!(err.to_string().contains("--ema"), "{err:#}");
+}
+
+#[test]
+fn an_adapter_run_saves_only_what_it_trained_and_loads_over_its_base() {
+    common::models(); // clear message if models/fetch was not run
+    let base = common::root().join("models/minilm");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), 3, false);
+    cfg.adapter_rank = 4;
+    cfg.lr = 3e-3;
+    cfg.distill = 0.0;
+    cfg.ema = 0.0;
+    cfg.entity_replace = 0.0;
+    cfg.case_augment = 0.0;
+    let report = ner::train(&cfg).expect("adapter training");
+    let (l1, l3) = (report.epochs[0].loss, report.epochs[2].loss);
+    assert!(l3 < l1 * 0.8, "loss did not go down: {l1} -> {l3}");
+
+    // The file holds the adapters, biases, norms and head: a few percent of the base.
+    let out = tmp.path().join("model");
+    let own = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let full = std::fs::metadata(base.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(own * 20 < full, "{own} bytes saved for a {full}-byte base");
+    let dir = ModelDir::open(&out).expect("output dir");
+    let adapter = dir
+        .config
+        .tidings_adapter
+        .clone()
+        .expect("an adapter config");
+    assert_eq!(
+        (adapter.rank, adapter.alpha, adapter.base_bytes),
+        (4, 8.0, full)
+    );
+    assert_eq!(
+        std::path::Path::new(&adapter.base),
+        base.canonicalize().unwrap()
+    );
+
+    // Merged over the base as it loads, on the fused serving path, the model tags the dev
+    // data exactly as the training graph (adapters unmerged) did.
+    let model = TokenClassifier::load(&dir, &candle_core::Device::Cpu).expect("serving loader");
+    let docs = tidings::train::conll::parse(TINY).unwrap();
+    let window = tidings::pipeline::WindowSpec::default().fit(dir.config.max_tokens());
+    let scored = ner::evaluate(&model, &dir, &docs, window, &candle_core::Device::Cpu).unwrap();
+    let f1 = scored.overall().f1();
+    assert!(f1 > 0.5, "the adapters did not learn the tiny set: F1 {f1}");
+    assert_eq!(Some(f1), report.epochs[report.best_epoch - 1].dev_f1);
+
+    // Other weights of the same architecture are refused, not merged into.
+    let mut moved = dir.config.clone();
+    if let Some(a) = moved.tidings_adapter.as_mut() {
+        a.base_bytes += 1;
+    }
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string(&moved).unwrap(),
+    )
+    .unwrap();
+    let err = TokenClassifier::load(&ModelDir::open(&out).unwrap(), &candle_core::Device::Cpu)
+        .expect_err("a base of another size");
+    assert!(err.to_string().contains("other weights"), "{err:#}");
 }

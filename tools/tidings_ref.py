@@ -157,7 +157,46 @@ def pad_casing(rows: list[list[int]], width: int):
 def _read_weights(model_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     sd = load_file(str(Path(model_dir) / "model.safetensors"))
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    adapter = json.loads((Path(model_dir) / "config.json").read_text()).get("tidings_adapter")
+    return _merge_adapter(sd, model_dir, adapter) if adapter else sd
+
+
+def _merge_adapter(own: dict[str, torch.Tensor], model_dir, adapter: dict) -> dict[str, torch.Tensor]:
+    """A model saved as low-rank adapters over a base (config.json's "tidings_adapter", as
+    `tidings train ner --adapter-rank` writes it): the base's tensors renamed under the model's
+    prefix, the model's own in their place where it has them, and W + (alpha / rank) B @ A for
+    each adapted weight. Written from the definition, apart from Rust's model::adapter."""
+    from safetensors.torch import load_file
+    base_dir = Path(adapter["base"])
+    if not base_dir.is_absolute():
+        base_dir = Path(model_dir) / base_dir
+    base_file = base_dir / "model.safetensors"
+    if base_file.stat().st_size != adapter["base_bytes"]:
+        raise ValueError(f"{model_dir}: an adapter over {adapter['base']} of {adapter['base_bytes']} bytes; "
+                         f"{base_file} is another size")
+    base = load_file(str(base_file))
+    table = "embeddings.word_embeddings.weight"
+    prefix = next(k[: -len(table)] for k in base if k.endswith(table))  # "" or e.g. "mpnet."
+    scale = adapter["alpha"] / adapter["rank"]
+    out = {}
+    for name, w in base.items():
+        if not name.startswith(prefix) or name[len(prefix):].startswith("pooler."):
+            continue
+        target = f"{adapter['prefix']}.{name[len(prefix):]}"
+        if target in own:
+            out[target] = own.pop(target)
+            continue
+        w = w.float() if w.is_floating_point() else w
+        stem = target.removesuffix(".weight")
+        if f"{stem}.lora_A" in own:
+            w = w + scale * (own.pop(f"{stem}.lora_B") @ own.pop(f"{stem}.lora_A"))
+        out[target] = w
+    left = [k for k in own if k.endswith((".lora_A", ".lora_B"))]
+    if left:
+        raise ValueError(f"{model_dir}: adapters without a base weight: {left}")
+    out.update(own)
+    return out
 
 
 def _pop_projection(sd: dict[str, torch.Tensor], raw: dict, model_dir, hidden: int):

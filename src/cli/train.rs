@@ -174,6 +174,14 @@ pub struct TrainNerArgs {
     /// better (0 = off).
     #[arg(long, default_value_t = 0.998)]
     ema: f64,
+    /// Train low-rank adapters (LoRA) of this rank on every dense layer of a frozen --base,
+    /// with the biases, layer norms and head, and save only those (a few MB, loaded over the
+    /// base); 0 = train and save every weight.
+    #[arg(long, default_value_t = 0)]
+    adapter_rank: usize,
+    /// LoRA's alpha (adapter products scaled by alpha / rank); 0 = twice the rank.
+    #[arg(long, default_value_t = 0.0)]
+    adapter_alpha: f64,
 }
 
 /// mimalloc's `purge_delay` option (its position in `mi_option_e`; libmimalloc-sys names
@@ -225,6 +233,8 @@ pub fn run(c: TrainCommand) -> Result<()> {
                 case_augment: a.case_augment,
                 entity_replace: a.entity_replace,
                 ema: a.ema,
+                adapter_rank: a.adapter_rank,
+                adapter_alpha: a.adapter_alpha,
             };
             // On a worker of the model pool, as the server's batcher and `tidings bench` run
             // the encoder: the training ops' parallel loops then run on that pool instead of

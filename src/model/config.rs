@@ -62,9 +62,43 @@ pub struct ModelConfig {
     /// projection` to match the base sentence encoder's embeddings, then to unit length.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tidings_topic_projection: bool,
+    /// Tidings' extension: the weights file holds a low-rank adapter over another model's
+    /// weights (see [`AdapterConfig`]), merged into them as the model loads. Absent in other
+    /// models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tidings_adapter: Option<AdapterConfig>,
     /// Everything else in the file, kept so that a config written back stays complete.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A model saved as what training changed in a base model it does not ship: low-rank
+/// adapters (LoRA) on the dense layers, the biases and layer norms, and its own head, in a
+/// few megabytes; the base's weights come from their own directory (fetched by
+/// `models/fetch`, sha256-checked).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdapterConfig {
+    /// The base model's directory, relative to this model's directory (or absolute).
+    pub base: String,
+    /// sha256 of the base's `model.safetensors`, as trained on.
+    pub base_sha256: String,
+    /// Size in bytes of the base's `model.safetensors`: checked at every load, a cheap guard
+    /// against merging into other weights.
+    pub base_bytes: u64,
+    /// Prefix of this model's encoder tensors (e.g. `mpnet`); the base's own prefix is found
+    /// in its file.
+    pub prefix: String,
+    /// Rank of the adapters.
+    pub rank: usize,
+    /// LoRA's alpha: the adapters' products are scaled by `alpha / rank`.
+    pub alpha: f64,
+}
+
+impl AdapterConfig {
+    /// The factor on the adapters' products, `alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank.max(1) as f64
+    }
 }
 
 fn default_model_type() -> String {

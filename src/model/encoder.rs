@@ -37,6 +37,28 @@ enum Layout {
 }
 
 impl Layout {
+    /// The layout of `cfg`'s architecture.
+    fn of(cfg: &ModelConfig) -> Result<Self> {
+        Ok(match cfg.model_type.as_str() {
+            "distilbert" => Layout::DistilBert,
+            "bert" | "roberta" | "xlm-roberta" | "camembert" => Layout::Bert,
+            "mpnet" => Layout::MpNet,
+            other => candle_core::bail!(
+                "model_type {other:?} is not supported (bert, roberta, xlm-roberta, \
+                 camembert, distilbert, mpnet; deberta-v2 and modernbert through \
+                 candle-transformers)"
+            ),
+        })
+    }
+
+    /// Where the layers sit: `encoder.layer` or `transformer.layer`.
+    fn stack(self) -> &'static str {
+        match self {
+            Layout::Bert | Layout::MpNet => "encoder.layer",
+            Layout::DistilBert => "transformer.layer",
+        }
+    }
+
     /// A layer's tensors under `...layer.N`: query, key, value, attention output, its norm,
     /// feed-forward in and out, output norm.
     fn layer_tensors(self) -> [&'static str; 8] {
@@ -85,6 +107,18 @@ struct Dense {
     weight: Tensor,
     transposed: Option<Tensor>,
     bias: Tensor,
+    /// A low-rank adapter being trained on the frozen weight (none outside training: a saved
+    /// adapter is merged into the weight as the model loads, see [`super::adapter`]).
+    adapter: Option<LowRank>,
+}
+
+/// A low-rank adapter (LoRA, Hu et al. 2021) on a dense layer: the layer computes
+/// `x W^T + b + scale (x A^T) B^T`, with `A`: `[rank, in]` and `B`: `[out, rank]`.
+#[derive(Debug, Clone)]
+struct LowRank {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
 }
 
 impl Dense {
@@ -96,10 +130,23 @@ impl Dense {
         };
         let x2 = x.reshape((lead, in_dim))?;
         let y = match &self.transposed {
+            // Training through a frozen weight: only the input's gradient is wanted.
+            Some(wt) if x2.track_op() && super::train_ops::applies(&x2) => {
+                super::train_ops::frozen_product(&x2, &self.weight, wt)?
+            }
             Some(wt) => x2.matmul(wt)?,
             None => x2.matmul(&self.weight.t()?)?,
         };
         let y = y.broadcast_add(&self.bias)?;
+        let y = match &self.adapter {
+            Some(lr) => {
+                (y + x2
+                    .matmul(&lr.a.t()?)?
+                    .matmul(&lr.b.t()?)?
+                    .affine(lr.scale, 0.0)?)?
+            }
+            None => y,
+        };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = y.dim(1)?;
@@ -108,7 +155,22 @@ impl Dense {
     }
 }
 
-fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
+/// The dense layer under `vb`, with its adapter (`lora_A`, `lora_B`) when `adapter` gives
+/// one's rank and scale and `vb` holds it.
+fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    adapter: Option<(usize, f64)>,
+) -> Result<Dense> {
+    let adapter = match adapter {
+        Some((rank, scale)) if vb.contains_tensor("lora_A") => Some(LowRank {
+            a: vb.get((rank, in_dim), "lora_A")?,
+            b: vb.get((out_dim, rank), "lora_B")?,
+            scale,
+        }),
+        _ => None,
+    };
     let l = candle_nn::linear(in_dim, out_dim, vb)?;
     let weight = l.weight().clone();
     let bias = l
@@ -124,7 +186,15 @@ fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
         weight,
         transposed,
         bias,
+        adapter,
     })
+}
+
+impl Dense {
+    /// Whether training can change this layer.
+    fn trainable(&self) -> bool {
+        self.weight.is_variable() || self.bias.is_variable() || self.adapter.is_some()
+    }
 }
 
 /// Layer norm that uses candle's fused kernel for inference and a differentiable
@@ -320,14 +390,15 @@ impl Layer {
         let heads = cfg.num_attention_heads;
         let head_dim = h / heads;
         let [q, k, v, o, attn_norm, ffn_in, ffn_out, out_norm] = layout.layer_tensors();
+        let ad = cfg.tidings_adapter.as_ref().map(|a| (a.rank, a.scale()));
         Ok(Self {
-            query: linear(h, h, vb.pp(q))?,
-            key: linear(h, h, vb.pp(k))?,
-            value: linear(h, h, vb.pp(v))?,
-            attn_out: linear(h, h, vb.pp(o))?,
+            query: linear(h, h, vb.pp(q), ad)?,
+            key: linear(h, h, vb.pp(k), ad)?,
+            value: linear(h, h, vb.pp(v), ad)?,
+            attn_out: linear(h, h, vb.pp(o), ad)?,
             attn_norm: Norm::load(vb.pp(attn_norm), h, eps)?,
-            ffn_in: linear(h, i, vb.pp(ffn_in))?,
-            ffn_out: linear(i, h, vb.pp(ffn_out))?,
+            ffn_in: linear(h, i, vb.pp(ffn_in), ad)?,
+            ffn_out: linear(i, h, vb.pp(ffn_out), ad)?,
             out_norm: Norm::load(vb.pp(out_norm), h, eps)?,
             heads,
             head_dim,
@@ -370,6 +441,22 @@ impl Layer {
 }
 
 impl Layer {
+    /// Whether training can change this layer (any weight a `Var`, or an adapter).
+    fn trainable(&self) -> bool {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.ffn_in,
+            &self.ffn_out,
+        ]
+        .iter()
+        .any(|d| d.trainable())
+            || self.attn_norm.weight.is_variable()
+            || self.out_norm.weight.is_variable()
+    }
+
     /// The same layer for the fused CPU inference path, its products in `precision` where
     /// it applies (see [`FusedLinear::finish`]).
     fn fuse(&self, precision: Precision) -> Result<FusedLayer> {
@@ -404,6 +491,29 @@ impl Layer {
             },
         })
     }
+}
+
+/// The dense layers of `cfg`'s transformer layers that take a low-rank adapter, by name under
+/// the encoder's prefix (e.g. `encoder.layer.3.attention.attn.q`), with their input and
+/// output widths: every attention projection and both feed-forward layers.
+pub fn adaptable_layers(cfg: &ModelConfig) -> Result<Vec<(String, usize, usize)>> {
+    let layout = Layout::of(cfg)?;
+    let [q, k, v, o, _, ffn_in, ffn_out, _] = layout.layer_tensors();
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let dims = [
+        (q, h, h),
+        (k, h, h),
+        (v, h, h),
+        (o, h, h),
+        (ffn_in, h, i),
+        (ffn_out, i, h),
+    ];
+    Ok((0..cfg.num_hidden_layers)
+        .flat_map(|l| {
+            dims.iter()
+                .map(move |(name, i, o)| (format!("{}.{l}.{name}", layout.stack()), *i, *o))
+        })
+        .collect())
 }
 
 /// How the transformer layers run.
@@ -498,7 +608,7 @@ impl Encoder {
         let enc = Self::load_graph(vb, cfg)?;
         let (frozen, cpu) = match (&enc.stack, &enc.embeddings) {
             (Stack::Graph(layers), Some(emb)) => (
-                layers.iter().all(|l| !l.query.weight.is_variable()),
+                layers.iter().all(|l| !l.trainable()),
                 emb.word.embeddings().device().is_cpu(),
             ),
             _ => return Ok(enc),
@@ -584,23 +694,11 @@ impl Encoder {
                 hidden_size: cfg.hidden_size,
             });
         }
-        let layout = match cfg.model_type.as_str() {
-            "distilbert" => Layout::DistilBert,
-            "bert" | "roberta" | "xlm-roberta" | "camembert" => Layout::Bert,
-            "mpnet" => Layout::MpNet,
-            other => candle_core::bail!(
-                "model_type {other:?} is not supported (bert, roberta, xlm-roberta, \
-                 camembert, distilbert, mpnet; deberta-v2 and modernbert through \
-                 candle-transformers)"
-            ),
-        };
+        let layout = Layout::of(cfg)?;
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!("hidden_size is not a multiple of num_attention_heads");
         }
-        let stack = match layout {
-            Layout::Bert | Layout::MpNet => vb.pp("encoder").pp("layer"),
-            Layout::DistilBert => vb.pp("transformer").pp("layer"),
-        };
+        let stack = vb.pp(layout.stack());
         let relative = match layout {
             Layout::MpNet => Some(RelativeBias::load(
                 vb.pp("encoder").pp("relative_attention_bias"),

@@ -129,12 +129,16 @@ impl ModelDir {
         self.dir.join("model.safetensors")
     }
 
-    /// Memory-maps the weights, converting them to `dtype`.
+    /// Memory-maps the weights, converting them to `dtype`; a model saved as an adapter over
+    /// a base gets the merged weights (see [`super::adapter`]).
     pub fn var_builder(
         &self,
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>, ModelError> {
+        if let Some(adapter) = &self.config.tidings_adapter {
+            return super::adapter::merged_var_builder(self, adapter, dtype, device);
+        }
         // SAFETY: the file is memory-mapped read-only; Tidings never writes to a model it
         // serves. A file truncated by someone else under a running server is outside what any
         // mmap-based loader (candle's examples, TEI) can guard against.

@@ -1,5 +1,6 @@
 //! The model layer: Hugging Face-format model directories loaded into candle.
 //!
+//! - [`adapter`] — a model saved as low-rank adapters over a base model, merged at load.
 //! - [`choices`] — kernel and profiling choices given as flags.
 //! - [`config`] — `config.json`.
 //! - [`encoder`] — the transformer body: Tidings' own for the BERT family (BERT, RoBERTa/XLM-R,
@@ -14,6 +15,7 @@
 //! - [`heads`] — what sits on the encoder: token classification (NER) and mean-pooled
 //!   sentence embeddings (topics).
 
+pub mod adapter;
 pub mod choices;
 pub mod config;
 pub mod device;

@@ -313,6 +313,41 @@ impl CustomOp2 for GeluGrad {
     }
 }
 
+/// `x W^T` for a frozen `W` (`[out, in]`; `wt` its contiguous transpose): the same product as
+/// `x.matmul(wt)`, but its backward pass computes only the input's gradient, `g W`. candle's
+/// own matmul also computes the weight's gradient, which a frozen weight (an adapter run's
+/// base) throws away: a third of a dense layer's training work.
+pub fn frozen_product(x: &Tensor, w: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenProduct {
+        w: w.clone(),
+        wt: wt.clone(),
+    })
+}
+
+/// See [`frozen_product`].
+struct FrozenProduct {
+    w: Tensor,
+    wt: Tensor,
+}
+
+impl CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "tidings-frozen-product"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(self.name(), s, l)?;
+        let (m, k) = l.shape().dims2()?;
+        let y = Tensor::from_slice(x, (m, k), &candle_core::Device::Cpu)?.matmul(&self.wt)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,5 +440,22 @@ mod tests {
             &[random(&[5, 333], 5)],
             1e-5,
         );
+    }
+
+    #[test]
+    fn a_frozen_product_matches_matmul_and_keeps_no_weight_gradient() {
+        let w = random(&[24, 40], 6);
+        let wt = w.t().unwrap().contiguous().unwrap();
+        let x = Var::from_tensor(&random(&[9, 40], 7)).unwrap();
+        let weights = random(&[9, 24], 8);
+        let grad_of = |y: Tensor| {
+            let loss = (&y * &weights).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            (y, grads.get(&x).unwrap().clone())
+        };
+        let (y1, g1) = grad_of(frozen_product(x.as_tensor(), &w, &wt).unwrap());
+        let (y2, g2) = grad_of(x.as_tensor().matmul(&wt).unwrap());
+        assert_close(&y1, &y2, 1e-4, "values");
+        assert_close(&g1, &g2, 1e-4, "input gradient");
     }
 }

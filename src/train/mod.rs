@@ -3,6 +3,7 @@
 //!
 //! - [`conll`] — CoNLL-2003 reader and IOB span reading.
 //! - [`score`] — entity-level precision/recall/F1.
+//! - [`adapter`] — `tidings train ner --adapter-rank`: low-rank adapters on a frozen base.
 //! - [`ner`] — `tidings train ner` and the dev evaluation it shares with `tidings eval ner`.
 //! - [`projection`] — `tidings train projection`: a multi-task model's pooled states mapped
 //!   onto its base sentence encoder's.
@@ -15,6 +16,7 @@
 //! - [`calibration`] — `tidings eval topics --fit-multi-label`: Platt scaling of cosines and
 //!   its reliability (ECE, Brier, precision and recall).
 
+pub mod adapter;
 pub mod calibration;
 pub mod conll;
 pub mod embedding_cache;

@@ -21,11 +21,13 @@ use crate::pipeline::batch::{encode_rows, Row};
 use crate::pipeline::{self, entities::TagSet, tokens, Specials};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Settings of one training run (the `tidings train ner` flags).
@@ -93,6 +95,14 @@ pub struct NerTrainConfig {
     /// 0 = off.
     #[serde(default)]
     pub ema: f64,
+    /// Rank of low-rank adapters (LoRA) trained on every dense layer of a frozen base, saved
+    /// alone as an adapter over `base` (see [`super::adapter`]); 0 = every weight trains and
+    /// the whole model is saved.
+    #[serde(default)]
+    pub adapter_rank: usize,
+    /// LoRA's alpha (the adapters' products are scaled by alpha / rank); 0 = twice the rank.
+    #[serde(default)]
+    pub adapter_alpha: f64,
 }
 
 /// What a finished run reports.
@@ -676,6 +686,18 @@ fn tagged_config(
     // has one gets none until `tidings train projection` fits its own.
     model_cfg.tidings_topic_projection = false;
     model_cfg.extra.remove("label2id");
+    model_cfg.tidings_adapter = if cfg.adapter_rank > 0 {
+        let (prefix, _) = hf_layout(&model_cfg.model_type);
+        Some(super::adapter::config_for(
+            base,
+            &cfg.out,
+            prefix,
+            cfg.adapter_rank,
+            cfg.adapter_alpha,
+        )?)
+    } else {
+        None
+    };
     Ok((names, model_cfg))
 }
 
@@ -730,7 +752,14 @@ fn init_from_base(
         .collect();
     varmap.set_one("classifier.weight", Tensor::from_vec(w, (n, h), &device)?)?;
     varmap.set_one("classifier.bias", Tensor::zeros(n, DType::F32, &device)?)?;
-    let expected = varmap.all_vars().len() - 2 - usize::from(model_cfg.tidings_casing);
+    let adapters = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .filter(|k| super::adapter::is_adapter(k))
+        .count();
+    let expected = varmap.all_vars().len() - 2 - usize::from(model_cfg.tidings_casing) - adapters;
     if loaded != expected {
         bail!(
             "loaded {loaded} of {expected} encoder tensors from {}",
@@ -797,14 +826,16 @@ fn read_data(cfg: &NerTrainConfig, base: &ModelDir) -> Result<RunData> {
     })
 }
 
-/// A token classifier on `varmap`'s vars (creating those it lacks), laid out as `enc_prefix`.
+/// A token classifier on `varmap`'s vars (creating those it lacks) and the `frozen` tensors
+/// (an adapter run's base; none otherwise), laid out as `enc_prefix`.
 fn classifier(
     varmap: &VarMap,
+    frozen: &Arc<HashMap<String, Tensor>>,
     enc_prefix: &str,
     model_cfg: &ModelConfig,
     device: &Device,
 ) -> Result<TokenClassifier> {
-    let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
+    let vb = super::adapter::var_builder(varmap, frozen, device);
     let model = TokenClassifier::from_var_builder(vb, enc_prefix, model_cfg)?;
     Ok(model)
 }
@@ -1086,7 +1117,27 @@ impl<'a> Trainer<'a> {
         let mut varmap = VarMap::new();
         seed_dropout(cfg.seed);
         let (enc_prefix, _) = hf_layout(&model_cfg.model_type);
-        let model = classifier(&varmap, enc_prefix, &model_cfg, &device)?;
+        let frozen = match &model_cfg.tidings_adapter {
+            Some(a) => {
+                let added = super::adapter::add_adapters(
+                    &mut varmap,
+                    &model_cfg,
+                    enc_prefix,
+                    a.rank,
+                    cfg.seed,
+                    &device,
+                )?;
+                eprintln!(
+                    "training {added} adapter tensors of rank {} (alpha {}) on a frozen {}",
+                    a.rank,
+                    a.alpha,
+                    cfg.base.display()
+                );
+                super::adapter::frozen_base(&base, enc_prefix, &device)?
+            }
+            None => Arc::default(),
+        };
+        let model = classifier(&varmap, &frozen, enc_prefix, &model_cfg, &device)?;
         let teacher = load_teacher(cfg, &base, &device)?;
         let checkpoints = Checkpoints {
             dir: cfg.out.join("checkpoints"),
@@ -1108,7 +1159,7 @@ impl<'a> Trainer<'a> {
         let pad = model_cfg.pad_token_id as u32;
         let (steps_per_epoch, total_steps, warmup_steps) = step_counts(cfg, &prepared, max_pieces);
         let window = pipeline::WindowSpec::default().fit(model_cfg.max_tokens());
-        let eval_model = classifier(&varmap, enc_prefix, &model_cfg, &device)?;
+        let eval_model = classifier(&varmap, &frozen, enc_prefix, &model_cfg, &device)?;
         eprintln!(
             "training on {} documents ({} pieces, ~{} steps/epoch), {} dev documents, tags {:?}",
             prepared.len(),
@@ -1581,7 +1632,7 @@ mod tests {
         };
         assert!(ck.latest().is_none());
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         vb.get_with_hints(3, "w", candle_nn::Init::Const(1.0))
             .unwrap();
         let mut state = CheckpointState {
