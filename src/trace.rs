@@ -146,14 +146,16 @@ pub fn call_span(
 }
 
 /// The span of one article of a call (a unary call's one, a batch's or a stream's each):
-/// its `item_id` and `caller` class; the service records its `tokens`, `windows`, and where
-/// its time went (`queue_ms`, `inference_ms`) when it is answered. The engine carries it with
+/// its `item_id` and `caller` class; the service records the `ner_model` that tags it (when
+/// entities run) once the request is validated, and its `tokens`, `windows`, and where its
+/// time went (`queue_ms`, `inference_ms`) when it is answered. The engine carries it with
 /// the article's job into the batcher.
 pub fn item_span(item_id: &str, caller: &'static str) -> tracing::Span {
     tracing::info_span!(
         "item",
         item_id,
         caller,
+        ner_model = tracing::field::Empty,
         tokens = tracing::field::Empty,
         windows = tracing::field::Empty,
         queue_ms = tracing::field::Empty,

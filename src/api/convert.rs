@@ -59,15 +59,41 @@ pub fn invalid(field: &str, message: impl Into<String>) -> Status {
     )
 }
 
+/// An entity model a request may choose with `ner_model`: its name and the entity types it
+/// produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityModel {
+    /// The name requests choose it by.
+    pub name: String,
+    /// Its entity types (e.g. PER, ORG).
+    pub types: Vec<String>,
+}
+
+impl EntityModel {
+    /// The loaded NER models, the default first (empty without one).
+    pub fn all_of(models: &crate::pipeline::analysis::Models) -> Vec<Self> {
+        models
+            .ner_models()
+            .map(|n| Self {
+                name: n.name.clone(),
+                types: n.tags.entity_types(),
+            })
+            .collect()
+    }
+}
+
 /// Validates a request and turns it into an article and its labels (`None` = default
-/// taxonomy). `entity_types` are the types the NER model knows.
+/// taxonomy). `ner_models` are the entity models loaded, the default first: `ner_model` must
+/// name one of them, and `entity_types` be types of the one chosen.
 pub fn article_from_proto(
     req: proto::AnalyzeRequest,
     limits: &Limits,
-    entity_types: &[String],
+    ner_models: &[EntityModel],
 ) -> Result<(Article, Option<Vec<Label>>), Status> {
     check_sizes(&req, limits)?;
-    let options = options_from_proto(&req, entity_types)?;
+    let ner = ner_model_from_proto(&req, limits, ner_models)?;
+    let types = ner.map_or(&[][..], |m| m.types.as_slice());
+    let options = options_from_proto(&req, types)?;
     check_topic_head(&req, limits)?;
     let labels = labels_from_proto(req.labels, limits)?;
     Ok((
@@ -149,6 +175,7 @@ fn options_from_proto(
         entity_types: HashSet::new(),
         multi_label: req.multi_label,
         topic_head: (!req.topic_head.is_empty()).then(|| req.topic_head.clone()),
+        ner_model: (!req.ner_model.is_empty()).then(|| req.ner_model.clone()),
         min_topic_score: req.min_topic_score,
     };
     for (i, &t) in req.tasks.iter().enumerate() {
@@ -182,6 +209,45 @@ fn options_from_proto(
         options.entity_types.insert(t.clone());
     }
     Ok(options)
+}
+
+/// The entity model that tags the request: the one `ner_model` names (within
+/// `max_id_bytes`, one of `models`, whatever the tasks), or the default (the first; `None`
+/// when none is loaded).
+fn ner_model_from_proto<'a>(
+    req: &proto::AnalyzeRequest,
+    limits: &Limits,
+    models: &'a [EntityModel],
+) -> Result<Option<&'a EntityModel>, Status> {
+    let name = &req.ner_model;
+    if name.is_empty() {
+        return Ok(models.first());
+    }
+    if name.len() > limits.max_id_bytes {
+        return Err(invalid(
+            "ner_model",
+            format!(
+                "has {} bytes, more than the limit of {} (max_id_bytes)",
+                name.len(),
+                limits.max_id_bytes
+            ),
+        ));
+    }
+    match models.iter().find(|m| &m.name == name) {
+        Some(m) => Ok(Some(m)),
+        None => {
+            let known: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+            let e = crate::pipeline::analysis::UnknownNerModel {
+                name: name.clone(),
+                known: if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                },
+            };
+            Err(invalid("ner_model", e.to_string()))
+        }
+    }
 }
 
 /// A `topic_head`, when set: not together with `labels`, and within `max_id_bytes`.
@@ -348,6 +414,7 @@ pub fn status_of(e: EngineError) -> Status {
         EngineError::Model(_) => Code::Internal,
         EngineError::NoModel(_) => Code::FailedPrecondition,
         EngineError::UnknownHead { .. } => return invalid("topic_head", e.to_string()),
+        EngineError::UnknownNerModel { .. } => return invalid("ner_model", e.to_string()),
         EngineError::LabelsTooLarge { .. } => return invalid("labels", e.to_string()),
     };
     Status::new(code, e.to_string())
@@ -364,8 +431,11 @@ mod tests {
         }
     }
 
-    fn types() -> Vec<String> {
-        vec!["LOC".into(), "PER".into()]
+    fn types() -> Vec<EntityModel> {
+        vec![EntityModel {
+            name: "ner".into(),
+            types: vec!["LOC".into(), "PER".into()],
+        }]
     }
 
     #[test]
@@ -423,6 +493,46 @@ mod tests {
             .unwrap_err()
             .message()
             .contains("max_labels"));
+    }
+
+    #[test]
+    fn ner_model_names_a_loaded_model_and_its_types_apply() {
+        let l = Limits::default();
+        let models = vec![
+            types().remove(0),
+            EntityModel {
+                name: "multi".into(),
+                types: vec!["ORG".into()],
+            },
+        ];
+        let with = |name: &str, entity_types: &[&str]| proto::AnalyzeRequest {
+            ner_model: name.into(),
+            entity_types: entity_types.iter().map(|t| t.to_string()).collect(),
+            ..req("ok")
+        };
+        let (a, _) = article_from_proto(with("", &["PER"]), &l, &models).unwrap();
+        assert_eq!(a.options.ner_model, None);
+        let (a, _) = article_from_proto(with("multi", &["ORG"]), &l, &models).unwrap();
+        assert_eq!(a.options.ner_model.as_deref(), Some("multi"));
+        // The chosen model's types, not the default's.
+        let e = article_from_proto(with("multi", &["PER"]), &l, &models).unwrap_err();
+        assert!(e.message().starts_with("entity_types[0]"), "{e:?}");
+        let e = article_from_proto(with("nope", &[]), &l, &models).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            e.message(),
+            "ner_model: unknown entity model \"nope\"; loaded: ner, multi"
+        );
+        let details = e.get_error_details();
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            "ner_model"
+        );
+        let long = "n".repeat(l.max_id_bytes + 1);
+        let e = article_from_proto(with(&long, &[]), &l, &models).unwrap_err();
+        assert!(e.message().contains("max_id_bytes"), "{e:?}");
+        let e = article_from_proto(with("multi", &[]), &l, &[]).unwrap_err();
+        assert!(e.message().ends_with("loaded: none"), "{e:?}");
     }
 
     #[test]

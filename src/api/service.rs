@@ -1,7 +1,9 @@
 //! The `tidings.v1.Tidings` service: validates at the door, hands work to the engine, and
 //! maps every outcome to a gRPC status.
 
-use super::convert::{analysis_to_proto, article_from_proto, invalid, status_of, Limits};
+use super::convert::{
+    analysis_to_proto, article_from_proto, invalid, status_of, EntityModel, Limits,
+};
 use super::pending::{Hold, PendingBytes};
 use crate::engine::{Caller, Class, Engine};
 use crate::proto::{self, tidings_server::Tidings};
@@ -59,7 +61,8 @@ pub struct ServiceConfig {
 pub struct TidingsService {
     engine: Engine,
     cfg: ServiceConfig,
-    entity_types: Vec<String>,
+    /// The entity models requests may choose (`ner_model`), the default first.
+    ner_models: Vec<EntityModel>,
     /// Cancelled when the server drains (after its drain delay): streams stop reading,
     /// answer what they hold and end with UNAVAILABLE.
     draining: CancellationToken,
@@ -70,12 +73,12 @@ pub struct TidingsService {
 impl TidingsService {
     /// A service over `engine` with `cfg`; `draining` is cancelled on shutdown.
     pub fn new(engine: Engine, cfg: ServiceConfig, draining: CancellationToken) -> Self {
-        let entity_types = engine.models().entity_types();
+        let ner_models = EntityModel::all_of(engine.models());
         let pending = PendingBytes::new(cfg.max_pending_bytes);
         Self {
             engine,
             cfg,
-            entity_types,
+            ner_models,
             draining,
             pending,
         }
@@ -148,7 +151,13 @@ impl TidingsService {
             .collect();
         let span = crate::trace::item_span(&shown, caller.class.name());
         async move {
-            let (article, labels) = article_from_proto(req, &self.cfg.limits, &self.entity_types)?;
+            let (article, labels) = article_from_proto(req, &self.cfg.limits, &self.ner_models)?;
+            if article.options.entities {
+                let default = self.ner_models.first().map(|m| m.name.as_str());
+                if let Some(name) = article.options.ner_model.as_deref().or(default) {
+                    tracing::Span::current().record("ner_model", name);
+                }
+            }
             let result = self
                 .engine
                 .analyze(article, labels.as_deref(), caller)
@@ -770,37 +779,15 @@ impl Tidings for TidingsService {
         _request: Request<proto::GetInfoRequest>,
     ) -> Result<Response<proto::GetInfoResponse>, Status> {
         let models = self.engine.models();
-        let mut infos = Vec::new();
-        if let Some(n) = &models.ner {
-            infos.push(proto::ModelInfo {
-                task: "entities".into(),
-                path: n.dir.dir.display().to_string(),
-                architecture: n.dir.config.model_type.clone(),
-                labels: n.model.labels().to_vec(),
-                max_tokens: (n.window.size + 2) as u32,
-                dtype: n.model.precision().to_string(),
-                shared_encoder: models.shared_encoder,
-                kernel: n.model.kernel().into(),
-                engine: n.model.engine().into(),
-            });
-        }
-        if let Some(t) = &models.topics {
-            infos.push(proto::ModelInfo {
-                task: "topics".into(),
-                path: t.dir.dir.display().to_string(),
-                architecture: t.dir.config.model_type.clone(),
-                labels: Vec::new(),
-                max_tokens: (t.window.size + 2) as u32,
-                dtype: t.model.precision().to_string(),
-                shared_encoder: models.shared_encoder,
-                kernel: t.model.kernel().into(),
-                engine: t.model.engine().into(),
-            });
-        }
+        let infos = model_infos(models);
         let cfg = self.engine.config();
         Ok(Response::new(proto::GetInfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             models: infos,
+            default_ner_model: models
+                .ner
+                .as_ref()
+                .map_or(String::new(), |n| n.name.clone()),
             default_topics: models
                 .topics
                 .as_ref()
@@ -829,6 +816,43 @@ impl Tidings for TidingsService {
             }),
         }))
     }
+}
+
+/// GetInfo's models: one entry per NER model (the default first), then the topic model.
+fn model_infos(models: &crate::pipeline::analysis::Models) -> Vec<proto::ModelInfo> {
+    let mut infos: Vec<proto::ModelInfo> = models
+        .ner_models()
+        .enumerate()
+        .map(|(i, n)| proto::ModelInfo {
+            task: "entities".into(),
+            name: n.name.clone(),
+            path: n.dir.dir.display().to_string(),
+            architecture: n.dir.config.model_type.clone(),
+            labels: n.model.labels().to_vec(),
+            max_tokens: (n.window.size + 2) as u32,
+            dtype: n.model.precision().to_string(),
+            // Only the default NER model's encoder serves topics.
+            shared_encoder: models.shared_encoder && i == 0,
+            kernel: n.model.kernel().into(),
+            engine: n.model.engine().into(),
+        })
+        .collect();
+    if let Some(t) = &models.topics {
+        infos.push(proto::ModelInfo {
+            task: "topics".into(),
+            // The topic encoder's directory name: requests do not choose it.
+            name: crate::pipeline::analysis::model_name(&t.dir.dir),
+            path: t.dir.dir.display().to_string(),
+            architecture: t.dir.config.model_type.clone(),
+            labels: Vec::new(),
+            max_tokens: (t.window.size + 2) as u32,
+            dtype: t.model.precision().to_string(),
+            shared_encoder: models.shared_encoder,
+            kernel: t.model.kernel().into(),
+            engine: t.model.engine().into(),
+        });
+    }
+    infos
 }
 
 #[cfg(test)]

@@ -66,6 +66,7 @@ fn eval_ner(file: &std::path::Path, models: ModelArgs) -> Result<()> {
     let docs = conll::read(file)?;
     let m = ModelArgs {
         topic_model: "none".into(),
+        extra_ner_model: Vec::new(),
         ..models
     }
     .load()?;
@@ -141,6 +142,7 @@ fn eval_topics(e: TopicsEval) -> Result<()> {
     let models = ModelArgs {
         topic_model: e.models.topic_dir().unwrap_or_else(|| "none".into()),
         ner_model: "none".into(),
+        extra_ner_model: Vec::new(),
         ..e.models
     };
     let m = models.load()?;

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use tidings::api::convert::Limits;
 use tidings::engine::{Engine, EngineConfig};
 use tidings::pipeline::analysis::Models;
-use tidings::pipeline::assembly::{HeadSpec, ModelPlan, TopicSource};
+use tidings::pipeline::assembly::{HeadSpec, ModelPlan, NerSpec, TopicSource};
 use tidings::pipeline::WindowSpec;
 
 /// Tidings: topics and named entities of news articles, over gRPC.
@@ -88,8 +88,15 @@ impl Cli {
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
     /// NER model directory (HF format, token classification). "none" to disable entities.
+    /// The default entity model; requests name it (`ner_model`) by its directory's name.
     #[arg(long, env = "TIDINGS_NER_MODEL", default_value = "models/ner")]
     pub ner_model: PathBuf,
+    /// More NER models, repeated or comma-separated: `NAME=DIR`, NAME made of letters,
+    /// digits, `_`, `-` and `.` and not the default's name. A request chooses one with
+    /// `ner_model: NAME`; others are tagged by the default. Loaded with the same precision,
+    /// device and windows as the default; any tokenizer and architecture.
+    #[arg(long, env = "TIDINGS_EXTRA_NER_MODEL", value_delimiter = ',')]
+    pub extra_ner_model: Vec<String>,
     /// Topic encoder directory (HF format; mean-pooled embeddings). "none" to disable topics.
     /// "auto": the NER model itself when its config says its encoder was trained to serve
     /// topics too (`tidings_shared_encoder`: one forward pass per window for both tasks),
@@ -168,7 +175,8 @@ impl ModelArgs {
     }
 
     /// What the flags ask to load. The `--topic-head` specs are read only with a topic model
-    /// (without one they were never attached, nor checked).
+    /// (without one they were never attached, nor checked); the `--extra-ner-model` specs
+    /// always (extras without a default NER model are refused when loaded).
     pub fn plan(&self) -> Result<ModelPlan> {
         let topics = TopicSource::from_arg(&self.topic_model);
         let heads = match topics {
@@ -180,8 +188,15 @@ impl ModelArgs {
                 .map(|s| HeadSpec::parse(s))
                 .collect::<Result<_, _>>()?,
         };
+        let extra_ner = self
+            .extra_ner_model
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| NerSpec::parse(s))
+            .collect::<Result<_, _>>()?;
         Ok(ModelPlan {
             ner: some_path(&self.ner_model).map(PathBuf::from),
+            extra_ner,
             topics,
             taxonomy: some_path(&self.taxonomy).map(PathBuf::from),
             heads,

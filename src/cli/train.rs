@@ -351,6 +351,7 @@ impl TopicEncoder {
         let models = super::ModelArgs {
             topic_model,
             ner_model: "none".into(),
+            extra_ner_model: Vec::new(),
             topic_head: Vec::new(),
             ..models.clone()
         }

@@ -21,19 +21,30 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Which model a row goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
-    Ner,
+    /// The NER model at this index of [`Models::ner_models`] (0: the default).
+    Ner(usize),
+    /// The topic model.
     Topics,
+}
+
+/// The NER model that tags `work` (an index into [`Models::ner_models`]; 0 for label texts,
+/// which have no NER rows).
+fn ner_model_of(work: &Work) -> usize {
+    match work {
+        Work::Article(p) => p.ner_model,
+        Work::Texts(_) => 0,
+    }
 }
 
 /// The rows of `work` for `target`, in output order.
 fn rows_of(work: &Work, target: Target) -> Vec<Row<'_>> {
     match (work, target) {
-        (Work::Article(p), Target::Ner) => p.ner_rows(),
+        (Work::Article(p), Target::Ner(m)) if m == p.ner_model => p.ner_rows(),
         (Work::Article(p), Target::Topics) => p.topic_rows(),
         (Work::Texts(t), Target::Topics) => t.iter().map(Row::from).collect(),
-        (Work::Texts(_), Target::Ner) => Vec::new(),
+        (_, Target::Ner(_)) => Vec::new(),
     }
 }
 
@@ -71,6 +82,8 @@ struct Active {
     /// Padded length of each row, NER rows first, then topic rows.
     lens: Vec<usize>,
     ner_rows: usize,
+    /// The NER model its NER rows go to.
+    ner_model: usize,
     /// Where the outputs of topic rows start in `out.topics`: after the body windows' when
     /// the NER pass gives those ([`crate::pipeline::analysis::Prepared::topics_from_ner`]).
     topic_offset: usize,
@@ -87,7 +100,8 @@ impl Active {
     fn new(job: Job) -> Self {
         let deadline =
             job.enqueued + Duration::from_micros(job.cost as u64 * 1000 / DEADLINE_TOKENS_PER_MS);
-        let ner = rows_of(&job.work, Target::Ner);
+        let ner_model = ner_model_of(&job.work);
+        let ner = rows_of(&job.work, Target::Ner(ner_model));
         let topics = rows_of(&job.work, Target::Topics);
         let topic_offset = match &job.work {
             Work::Article(p) if p.topics_from_ner => ner.len(),
@@ -105,6 +119,7 @@ impl Active {
             deadline,
             lens,
             ner_rows,
+            ner_model,
             topic_offset,
             scheduled: 0,
             out,
@@ -121,7 +136,7 @@ impl Active {
     /// Row `i` of the job (NER rows first, then topic rows) and where its output goes.
     fn target(&self, i: usize) -> (Target, usize) {
         if i < self.ner_rows {
-            (Target::Ner, i)
+            (Target::Ner(self.ner_model), i)
         } else {
             (Target::Topics, i - self.ner_rows)
         }
@@ -467,9 +482,15 @@ fn run_slice<M: RowModel + ?Sized>(
 /// scheduler's rules (turns, shares, deadlines, cancellation, failures) be tested in
 /// milliseconds without weights (see the tests below).
 pub(crate) trait RowModel: Send + Sync {
-    /// Tag probabilities of each NER row (`[len, labels]` row-major), with the row's pooled
-    /// topic embedding from the same pass when `pooled`.
-    fn ner(&self, rows: &[Row<'_>], pooled: bool) -> candle_core::Result<Vec<RowOutput>>;
+    /// Tag probabilities of each NER row (`[len, labels]` row-major) by the NER model at
+    /// index `model` ([`Models::ner_models`]), with the row's pooled topic embedding from
+    /// the same pass when `pooled`.
+    fn ner(
+        &self,
+        model: usize,
+        rows: &[Row<'_>],
+        pooled: bool,
+    ) -> candle_core::Result<Vec<RowOutput>>;
     /// Topic embedding of each row.
     fn topics(&self, rows: &[Row<'_>]) -> candle_core::Result<Vec<Vec<f32>>>;
 }
@@ -478,11 +499,15 @@ pub(crate) trait RowModel: Send + Sync {
 pub(crate) type RowOutput = (Vec<f32>, Option<Vec<f32>>);
 
 impl RowModel for Models {
-    fn ner(&self, rows: &[Row<'_>], pooled: bool) -> candle_core::Result<Vec<RowOutput>> {
+    fn ner(
+        &self,
+        model: usize,
+        rows: &[Row<'_>],
+        pooled: bool,
+    ) -> candle_core::Result<Vec<RowOutput>> {
         let ner = self
-            .ner
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("no NER model".into()))?;
+            .ner_model(model)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no NER model {model}")))?;
         Ok(if pooled {
             token_probs_and_embeddings(&ner.model, rows, ner.specials, &self.device)?
                 .into_iter()
@@ -529,15 +554,30 @@ fn slots_of<'a>(
     slots
 }
 
-/// Runs the `plan`ned rows through their models in length-sorted, budget-sized batches and
-/// stores the outputs in their jobs.
+/// The models the `plan`ned rows go to: each NER model with rows in it (by index), then the
+/// topic model.
+fn targets_of(active: &[Active], plan: &[Take]) -> Vec<Target> {
+    let mut targets: Vec<Target> = plan
+        .iter()
+        .map(|t| &active[t.job])
+        .filter(|a| a.ner_rows > 0)
+        .map(|a| Target::Ner(a.ner_model))
+        .collect();
+    targets.sort_unstable();
+    targets.dedup();
+    targets.push(Target::Topics);
+    targets
+}
+
+/// Runs the `plan`ned rows through their models (each NER model's rows through that model)
+/// in length-sorted, budget-sized batches and stores the outputs in their jobs.
 fn run_rows<M: RowModel + ?Sized>(
     models: &M,
     active: &mut [Active],
     plan: &[Take],
     budget: usize,
 ) -> candle_core::Result<()> {
-    for target in [Target::Ner, Target::Topics] {
+    for target in targets_of(active, plan) {
         let slots = slots_of(active, plan, target);
         if slots.is_empty() {
             continue;
@@ -548,7 +588,8 @@ fn run_rows<M: RowModel + ?Sized>(
             let rows: Vec<Row> = slots[range.clone()].iter().map(|s| s.2).collect();
             let outs: Vec<RowOutput> = match target {
                 // One pass gives the topic embeddings of the jobs that want them.
-                Target::Ner => models.ner(
+                Target::Ner(model) => models.ner(
+                    model,
                     &rows,
                     slots[range.clone()]
                         .iter()
@@ -571,7 +612,7 @@ fn run_rows<M: RowModel + ?Sized>(
         for (j, index, o, embedding) in results {
             let a = &mut active[j];
             match target {
-                Target::Ner => {
+                Target::Ner(_) => {
                     a.out.ner[index] = o;
                     if let (Some(e), true) = (embedding, a.topic_offset > 0) {
                         a.out.topics[index] = e;
@@ -696,9 +737,10 @@ mod tests {
         use crate::engine::{
             Caller, Class, EngineConfig, EngineError, EngineStats, Job, Timing, Work,
         };
-        use crate::pipeline::analysis::Outputs;
+        use crate::pipeline::analysis::{Article, Options, Outputs, Prepared};
         use crate::pipeline::batch::Row;
         use crate::pipeline::tokens::Tokens;
+        use crate::pipeline::windows::Window;
         use std::sync::mpsc::{channel, Sender};
         use std::sync::{Arc, Mutex};
         use std::time::{Duration, Instant};
@@ -710,6 +752,8 @@ mod tests {
         #[derive(Default)]
         struct Fake {
             passes: Mutex<Vec<Vec<(u32, usize)>>>,
+            /// The NER model of each NER pass, in order.
+            models: Mutex<Vec<usize>>,
             /// Told the index of each pass as it starts.
             started: Mutex<Option<Sender<usize>>>,
             /// When set, each pass waits for a token from it before it ends, and runs freely
@@ -733,7 +777,13 @@ mod tests {
         }
 
         impl RowModel for Fake {
-            fn ner(&self, rows: &[Row<'_>], _: bool) -> candle_core::Result<Vec<RowOutput>> {
+            fn ner(
+                &self,
+                model: usize,
+                rows: &[Row<'_>],
+                _: bool,
+            ) -> candle_core::Result<Vec<RowOutput>> {
+                self.models.lock().unwrap().push(model);
                 Ok(self.topics(rows)?.into_iter().map(|o| (o, None)).collect())
             }
 
@@ -779,6 +829,42 @@ mod tests {
                 span: tracing::Span::none(),
                 queued: tracing::Span::none(),
             };
+            (job, answer)
+        }
+
+        /// An article job whose `rows` NER windows of `len` pieces each (ids all `tag`) go to
+        /// the NER model at index `model`.
+        fn ner_job(tag: u32, model: usize, rows: usize, len: usize) -> (Job, Answer) {
+            let n = rows * len;
+            let tokens = Tokens {
+                ids: vec![tag; n],
+                offsets: vec![(0, 0); n],
+                casing: vec![0; n],
+                words: vec![0; n],
+            };
+            let prepared = Prepared {
+                article: Article {
+                    id: tag.to_string(),
+                    text: String::new(),
+                    title: String::new(),
+                    options: Options::default(),
+                },
+                ner_model: model,
+                ner_tokens: Some(Arc::new(tokens)),
+                ner_windows: (0..rows)
+                    .map(|r| Window {
+                        start: r * len,
+                        end: (r + 1) * len,
+                    })
+                    .collect(),
+                topic_tokens: None,
+                topic_windows: Vec::new(),
+                title_tokens: None,
+                topics_from_ner: false,
+            };
+            let (mut job, answer) = job(tag, Class::Interactive, tag.into(), 0, len);
+            job.work = Work::Article(Arc::new(prepared));
+            job.cost = rows * (len + 2);
             (job, answer)
         }
 
@@ -981,6 +1067,36 @@ mod tests {
                     .load(std::sync::atomic::Ordering::Relaxed),
                 2
             );
+        }
+
+        /// Articles tagged by different NER models share a slice, and each model's rows run
+        /// through that model alone; every row's output goes back to its own article.
+        #[test]
+        fn each_ner_model_runs_its_own_rows() {
+            let fake = Arc::new(Fake::default());
+            let (mut queued, mut answers) = (Vec::new(), Vec::new());
+            for (tag, model) in [(1, 0), (2, 1), (3, 0), (4, 2)] {
+                let (j, a) = ner_job(tag, model, 3, 20);
+                queued.push(j);
+                answers.push((tag, a));
+            }
+            let (tx, thread, _) = start(&fake, queued);
+            for (tag, a) in answers {
+                let out = answered(a).unwrap();
+                assert_eq!(out.ner, vec![vec![tag as f32]; 3], "article {tag}");
+                assert!(out.topics.is_empty());
+            }
+            drop(tx);
+            thread.join().unwrap();
+            let (passes, models) = (passes(&fake), fake.models.lock().unwrap().clone());
+            assert_eq!(models, [0, 1, 2], "one pass per model, in index order");
+            let model_of = |tag: u32| [0, 0, 1, 0, 2][tag as usize];
+            for (pass, model) in passes.iter().zip(&models) {
+                assert!(
+                    pass.iter().all(|&(tag, _)| model_of(tag) == *model),
+                    "model {model} ran {pass:?}"
+                );
+            }
         }
 
         /// A failed pass fails the jobs with a row in it, and the batcher goes on serving.

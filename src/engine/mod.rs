@@ -124,6 +124,33 @@ pub enum EngineError {
         /// The loaded heads' names, comma-separated (or "none").
         known: String,
     },
+    /// The request names a NER model the server has not loaded.
+    #[error("unknown entity model {name:?}; loaded: {known}")]
+    UnknownNerModel {
+        /// The name asked for.
+        name: String,
+        /// The loaded NER models' names, comma-separated (or "none").
+        known: String,
+    },
+}
+
+impl From<crate::pipeline::analysis::UnknownNerModel> for EngineError {
+    fn from(e: crate::pipeline::analysis::UnknownNerModel) -> Self {
+        Self::UnknownNerModel {
+            name: e.name,
+            known: e.known,
+        }
+    }
+}
+
+impl From<crate::pipeline::analysis::PrepareError> for EngineError {
+    fn from(e: crate::pipeline::analysis::PrepareError) -> Self {
+        use crate::pipeline::analysis::PrepareError;
+        match e {
+            PrepareError::Tokenize(e) => Self::Tokenize(e.to_string()),
+            PrepareError::UnknownNerModel(e) => e.into(),
+        }
+    }
 }
 
 /// Where the time of one article went.
@@ -627,16 +654,21 @@ impl Engine {
             .sum()
     }
 
-    /// Estimated queue room for an article's own rows.
-    fn article_estimate(&self, article: &Article) -> usize {
+    /// Estimated queue room for an article's own rows, tagged by the NER model at
+    /// `ner_index` of [`Models::ner_models`].
+    fn article_estimate(&self, article: &Article, ner_index: usize) -> usize {
         let text = article.text.chars().count();
         let mut est = 0;
-        if let (true, Some(n)) = (article.options.entities, &self.models.ner) {
+        let ner = self.models.ner_model(ner_index);
+        if let (true, Some(n)) = (article.options.entities, ner) {
             est += admission::estimate_tokens(text, n.window.size, n.window.overlap);
         }
-        // With one encoder for both tasks the NER rows give the body's topic embeddings.
-        let body_from_ner =
-            self.models.shared_encoder && article.options.entities && self.models.ner.is_some();
+        // With one encoder for both tasks the default NER model's rows give the body's topic
+        // embeddings.
+        let body_from_ner = self.models.shared_encoder
+            && article.options.entities
+            && ner_index == 0
+            && ner.is_some();
         if let (true, Some(t)) = (article.options.topics, &self.models.topics) {
             if !body_from_ner {
                 est += admission::estimate_tokens(text, t.window.size, t.window.overlap);
@@ -758,8 +790,7 @@ impl Engine {
         let prepared = tokio::task::spawn_blocking(move || models.prepare(article))
             .instrument(tracing::info_span!("tokenize"))
             .await
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+            .map_err(|e| EngineError::Tokenize(e.to_string()))??;
         tracing::debug!(
             tokenize_ms = tokenizing.elapsed().as_secs_f64() * 1e3,
             cost = prepared.cost(),
@@ -786,11 +817,15 @@ impl Engine {
         if article.options.topics && self.models.topics.is_none() {
             return Err(EngineError::NoModel("topic"));
         }
-        // An unknown head is a bad request whatever the tasks and however full the queue.
+        // An unknown head or NER model is a bad request whatever the tasks and however full
+        // the queue.
         let head = match &article.options.topic_head {
             Some(name) => Some(self.named_head(name)?),
             None => None,
         };
+        let ner_index = self
+            .models
+            .ner_index(article.options.ner_model.as_deref())?;
         let custom = labels.filter(|l| article.options.topics && !l.is_empty());
         // Scored with the server's own taxonomy: the only traffic online refinement learns
         // from, and the only label set it refines.
@@ -810,7 +845,7 @@ impl Engine {
             &self.pools,
             caller.class,
             labels_bound,
-            self.article_estimate(&article),
+            self.article_estimate(&article, ner_index),
         )
         .instrument(tracing::info_span!("admission"))
         .await?;

@@ -30,6 +30,9 @@ pub struct Options {
     pub multi_label: bool,
     /// Score topics with this named trained head instead of the default labels.
     pub topic_head: Option<String>,
+    /// Tag entities with the NER model of this name instead of the default one
+    /// ([`NerModel::name`]).
+    pub ner_model: Option<String>,
     /// Drop topics scoring below this.
     pub min_topic_score: f32,
 }
@@ -44,6 +47,7 @@ impl Default for Options {
             entity_types: HashSet::new(),
             multi_label: false,
             topic_head: None,
+            ner_model: None,
             min_topic_score: 0.0,
         }
     }
@@ -214,7 +218,9 @@ pub struct Analysis {
 pub struct Prepared {
     /// The article.
     pub article: Article,
-    /// Body pieces for the NER model.
+    /// Which NER model tags it: an index into [`Models::ner_models`] (0: the default).
+    pub ner_model: usize,
+    /// Body pieces for that NER model.
     pub ner_tokens: Option<Arc<Tokens>>,
     /// Its windows.
     pub ner_windows: Vec<Window>,
@@ -225,7 +231,8 @@ pub struct Prepared {
     /// Title pieces for the topic model (cut to one window).
     pub title_tokens: Option<Tokens>,
     /// The body's topic embeddings come from the NER rows' forward pass (one encoder serves
-    /// both, [`Models::shared_encoder`]): the topic rows are then the title only.
+    /// both, [`Models::shared_encoder`], and the article is tagged by the default NER model):
+    /// the topic rows are then the title only.
     pub topics_from_ner: bool,
 }
 
@@ -271,9 +278,12 @@ pub struct Outputs {
     pub topics: Vec<Vec<f32>>,
 }
 
-/// The NER model and what decoding it needs.
+/// A NER model and what decoding it needs.
 #[derive(Debug)]
 pub struct NerModel {
+    /// The name requests choose it by (`ner_model`): the default's is its directory's name
+    /// ([`model_name`]), an extra's the one it was loaded under.
+    pub name: String,
     /// Its directory.
     pub dir: ModelDir,
     /// The network.
@@ -284,6 +294,44 @@ pub struct NerModel {
     pub specials: Specials,
     /// Its windows.
     pub window: WindowSpec,
+    /// Whether it reads texts as the topic model does (same tokenizer and windows): an
+    /// article's body is then tokenized once for both.
+    pub shares_topic_tokenizer: bool,
+}
+
+/// Why a request's `ner_model` cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown entity model {name:?}; loaded: {known}")]
+pub struct UnknownNerModel {
+    /// The name asked for.
+    pub name: String,
+    /// The loaded NER models' names, comma-separated (or "none").
+    pub known: String,
+}
+
+/// Why an article could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// Its text could not be tokenized.
+    #[error(transparent)]
+    Tokenize(#[from] tokens::TokenizeError),
+    /// It asks for a NER model that is not loaded.
+    #[error(transparent)]
+    UnknownNerModel(#[from] UnknownNerModel),
+}
+
+/// The name a model loaded from `dir` goes by (the default NER model's, which requests
+/// choose it by): the directory's own name (`ner` for `models/ner`), read from its canonical
+/// path when the path has none (`.`), else `model`.
+pub fn model_name(dir: &Path) -> String {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty())
+    };
+    name(dir)
+        .or_else(|| dir.canonicalize().ok().as_deref().and_then(name))
+        .unwrap_or_else(|| "model".into())
 }
 
 /// The topic encoder, its default taxonomy and the softmax scale.
@@ -308,24 +356,98 @@ pub struct TopicModel {
     pub heads: Vec<(String, LabelSet)>,
 }
 
-/// Both models, loaded once at start-up.
+/// The models, loaded once at start-up.
 #[derive(Debug)]
 pub struct Models {
-    /// Entity model, if loaded.
+    /// The default entity model, if loaded.
     pub ner: Option<NerModel>,
+    /// More entity models that requests choose by name (`ner_model`), in the order given;
+    /// only beside a default one. [`Models::ner_models`] lists them all.
+    pub extra_ner: Vec<NerModel>,
     /// Topic model, if loaded.
     pub topics: Option<TopicModel>,
     /// Where they run.
     pub device: Device,
-    /// Whether the two models share one tokenizer (the text is then tokenized once).
+    /// Whether the default NER model and the topic model share one tokenizer (the text is
+    /// then tokenized once).
     pub shared_tokenizer: bool,
-    /// Whether topics run on the NER model's own encoder (a model trained for both, flagged
-    /// `tidings_shared_encoder` in its config, loaded as both models): one forward pass per
-    /// window then gives an article's tags and its topic embedding.
+    /// Whether topics run on the default NER model's own encoder (a model trained for both,
+    /// flagged `tidings_shared_encoder` in its config, loaded as both models): one forward
+    /// pass per window then gives an article's tags and its topic embedding, when it is
+    /// tagged by the default model.
     pub shared_encoder: bool,
 }
 
+impl NerModel {
+    /// Loads the token classifier in `dir` under `name`, its windows cut from `window` to
+    /// what it reads.
+    fn load(
+        dir: &Path,
+        name: String,
+        window: WindowSpec,
+        precision: Precision,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let dir = ModelDir::open(dir)?;
+        let model = TokenClassifier::load_with(&dir, device, precision)?;
+        let tags = TagSet::new(model.labels());
+        let specials = Specials::of(&dir)?;
+        let window = window.fit(dir.config.max_tokens());
+        Ok(Self {
+            name,
+            dir,
+            model,
+            tags,
+            specials,
+            window,
+            shares_topic_tokenizer: false,
+        })
+    }
+}
+
+/// Whether `ner` reads texts as the topic model `topics` does: the same tokenizer and the
+/// same windows.
+fn reads_alike(ner: &NerModel, topics: &TopicModel) -> bool {
+    ner.dir.tokenizer_json == topics.dir.tokenizer_json && ner.window == topics.window
+}
+
 impl TopicModel {
+    /// Loads the topic encoder in `dir` with the taxonomy in `taxonomy`, or takes the
+    /// encoder of `shared` (a NER model trained to serve topics too, loaded from `dir`).
+    fn load(
+        dir: &Path,
+        shared: Option<&NerModel>,
+        taxonomy: Option<&Path>,
+        window: WindowSpec,
+        precision: Precision,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let (dir, model) = match shared {
+            Some(n) => (n.dir.clone(), n.model.topic_embedder()),
+            None => {
+                let dir = ModelDir::open(dir)?;
+                let model = SentenceEmbedder::load_with(&dir, device, precision)?;
+                (dir, model)
+            }
+        };
+        let specials = Specials::of(&dir)?;
+        let default_labels = match taxonomy {
+            Some(t) => topics::Taxonomy::read(t)?.labels,
+            None => Vec::new(),
+        };
+        let window = window.fit(dir.config.max_tokens());
+        Ok(Self {
+            dir,
+            model,
+            specials,
+            window,
+            default_labels,
+            scale: topics::DEFAULT_SCALE,
+            head: None,
+            heads: Vec::new(),
+        })
+    }
+
     /// Names of the labels used when a request brings none.
     pub fn default_names(&self) -> Vec<String> {
         match &self.head {
@@ -344,10 +466,11 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 }
 
 impl Models {
-    /// Loads the NER model from `ner_dir` and the topic encoder from `topic_dir` with the
-    /// taxonomy in `taxonomy` (JSON, see [`topics::Taxonomy`]), their products in
-    /// `precision` (where it applies: see [`crate::model::Encoder::load_with`]). Either
-    /// model may be absent.
+    /// Loads the default NER model from `ner_dir` (named after it, [`model_name`]) and
+    /// the topic encoder from `topic_dir` with the taxonomy in `taxonomy` (JSON, see
+    /// [`topics::Taxonomy`]), their products in `precision` (where it applies: see
+    /// [`crate::model::Encoder::load_with`]). Either model may be absent; more NER models
+    /// are added with [`Models::add_ner`].
     ///
     /// When both name the same directory and its config says the model was trained to serve
     /// both tasks (`tidings_shared_encoder`), the encoder is loaded once and topics run on it
@@ -372,21 +495,14 @@ impl Models {
         precision: Precision,
         device: Device,
     ) -> anyhow::Result<Self> {
-        let ner = match ner_dir {
-            Some(p) => {
-                let dir = ModelDir::open(p)?;
-                let model = TokenClassifier::load_with(&dir, &device, precision)?;
-                let tags = TagSet::new(model.labels());
-                let specials = Specials::of(&dir)?;
-                let window = window.fit(dir.config.max_tokens());
-                Some(NerModel {
-                    dir,
-                    model,
-                    tags,
-                    specials,
-                    window,
-                })
-            }
+        let mut ner = match ner_dir {
+            Some(p) => Some(NerModel::load(
+                p,
+                model_name(p),
+                window,
+                precision,
+                &device,
+            )?),
             None => None,
         };
         let shared_encoder = match (&ner, topic_dir) {
@@ -394,50 +510,92 @@ impl Models {
             _ => false,
         };
         let topics = match topic_dir {
-            Some(p) => {
-                let (dir, model) = match (&ner, shared_encoder) {
-                    (Some(n), true) => (n.dir.clone(), n.model.topic_embedder()),
-                    _ => {
-                        let dir = ModelDir::open(p)?;
-                        let model = SentenceEmbedder::load_with(&dir, &device, precision)?;
-                        (dir, model)
-                    }
-                };
-                let specials = Specials::of(&dir)?;
-                let default_labels = match taxonomy {
-                    Some(t) => topics::Taxonomy::read(t)?.labels,
-                    None => Vec::new(),
-                };
-                let window = window.fit(dir.config.max_tokens());
-                Some(TopicModel {
-                    dir,
-                    model,
-                    specials,
-                    window,
-                    default_labels,
-                    scale: topics::DEFAULT_SCALE,
-                    head: None,
-                    heads: Vec::new(),
-                })
-            }
+            Some(p) => Some(TopicModel::load(
+                p,
+                ner.as_ref().filter(|_| shared_encoder),
+                taxonomy,
+                window,
+                precision,
+                &device,
+            )?),
             None => None,
         };
-        let shared_tokenizer = match (&ner, &topics) {
-            (Some(n), Some(t)) => {
-                n.dir.tokenizer_json == t.dir.tokenizer_json && n.window == t.window
-            }
-            _ => false,
-        };
+        if let (Some(n), Some(t)) = (ner.as_mut(), &topics) {
+            n.shares_topic_tokenizer = reads_alike(n, t);
+        }
         Ok(Self {
+            shared_tokenizer: ner.as_ref().is_some_and(|n| n.shares_topic_tokenizer),
             ner,
+            extra_ner: Vec::new(),
             topics,
             device,
-            shared_tokenizer,
             shared_encoder,
         })
     }
 
-    /// Entity types the NER model produces (empty without one).
+    /// Loads one more NER model from `dir` under `name` ([`Models::extra_ner`]), its windows
+    /// cut from `window` and its products in `precision`, on the device of the others. It may
+    /// have another tokenizer and architecture than the default one, which must be loaded.
+    pub fn add_ner(
+        &mut self,
+        name: &str,
+        dir: &Path,
+        window: WindowSpec,
+        precision: Precision,
+    ) -> anyhow::Result<()> {
+        if self.ner.is_none() {
+            anyhow::bail!("extra NER models need a default one");
+        }
+        if self.ner_models().any(|n| n.name == name) {
+            anyhow::bail!("two NER models are named {name:?}");
+        }
+        let mut n = NerModel::load(dir, name.to_string(), window, precision, &self.device)?;
+        if let Some(t) = &self.topics {
+            n.shares_topic_tokenizer = reads_alike(&n, t);
+        }
+        self.extra_ner.push(n);
+        Ok(())
+    }
+
+    /// Every NER model, the default first, then the extras in order: an index into this
+    /// list is what [`Prepared::ner_model`] holds.
+    pub fn ner_models(&self) -> impl Iterator<Item = &NerModel> {
+        self.ner.iter().chain(&self.extra_ner)
+    }
+
+    /// The NER model at `index` of [`Models::ner_models`].
+    pub fn ner_model(&self, index: usize) -> Option<&NerModel> {
+        match index {
+            0 => self.ner.as_ref(),
+            i => self.extra_ner.get(i - 1),
+        }
+    }
+
+    /// The index in [`Models::ner_models`] of the model named `name`; `None` (no name) is the
+    /// default one, index 0.
+    pub fn ner_index(&self, name: Option<&str>) -> Result<usize, UnknownNerModel> {
+        let Some(name) = name else {
+            return Ok(0);
+        };
+        self.ner_models()
+            .position(|n| n.name == name)
+            .ok_or_else(|| UnknownNerModel {
+                name: name.to_string(),
+                known: self.ner_names(),
+            })
+    }
+
+    /// The NER models' names, comma-separated, the default first ("none" without one).
+    pub fn ner_names(&self) -> String {
+        let names: Vec<&str> = self.ner_models().map(|n| n.name.as_str()).collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// Entity types the default NER model produces (empty without one).
     pub fn entity_types(&self) -> Vec<String> {
         self.ner
             .as_ref()
@@ -445,9 +603,12 @@ impl Models {
             .unwrap_or_default()
     }
 
-    /// Tokenizes and windows an article (the text once when the tokenizers are shared).
-    pub fn prepare(&self, article: Article) -> Result<Prepared, tokens::TokenizeError> {
+    /// Tokenizes and windows an article for the NER model its options choose (the text once
+    /// when that model and the topic model read texts alike).
+    pub fn prepare(&self, article: Article) -> Result<Prepared, PrepareError> {
+        let ner_model = self.ner_index(article.options.ner_model.as_deref())?;
         let mut p = Prepared {
+            ner_model,
             ner_tokens: None,
             ner_windows: Vec::new(),
             topic_tokens: None,
@@ -457,17 +618,20 @@ impl Models {
             article,
         };
         let opts = &p.article.options;
-        if let (true, Some(ner)) = (opts.entities, &self.ner) {
+        let ner = self.ner_model(ner_model);
+        if let (true, Some(ner)) = (opts.entities, ner) {
             let t = Arc::new(tokens::tokenize(&ner.dir.tokenizer, &p.article.text)?);
             p.ner_windows = windows::plan(t.len(), ner.window.size, ner.window.overlap);
             p.ner_tokens = Some(t);
         }
         if let (true, Some(tm)) = (opts.topics, &self.topics) {
-            let t = match (&p.ner_tokens, self.shared_tokenizer) {
+            let shares = ner.is_some_and(|n| n.shares_topic_tokenizer);
+            let t = match (&p.ner_tokens, shares) {
                 (Some(t), true) => t.clone(),
                 _ => Arc::new(tokens::tokenize(&tm.dir.tokenizer, &p.article.text)?),
             };
-            p.topics_from_ner = self.shared_encoder && p.ner_tokens.is_some();
+            // Only the default NER model's pass is the topic encoder's.
+            p.topics_from_ner = self.shared_encoder && ner_model == 0 && p.ner_tokens.is_some();
             // From the NER pass, the body's embeddings are those of the NER windows.
             p.topic_windows = if p.topics_from_ner {
                 p.ner_windows.clone()
@@ -527,7 +691,7 @@ impl Models {
             analysis.reading.tokens = t.len() as u32;
             analysis.reading.windows = p.ner_windows.len().max(p.topic_windows.len()) as u32;
         }
-        if let (Some(ner), Some(toks)) = (&self.ner, &p.ner_tokens) {
+        if let (Some(ner), Some(toks)) = (self.ner_model(p.ner_model), &p.ner_tokens) {
             let n = ner.tags.tags().len();
             let probs = super::merge_windows(toks.len(), &p.ner_windows, &out.ner, n);
             let mentions = entities::decode(&p.article.text, toks, &probs, &ner.tags);

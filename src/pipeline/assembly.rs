@@ -1,16 +1,17 @@
 //! Model assembly: what a deployment asks to load, as a plain [`ModelPlan`], turned into
 //! [`Models`] the way `tidings serve` runs them.
 //!
-//! A plan names the NER model, where the topic encoder comes from ([`TopicSource`]: `auto`
-//! resolves to the NER model's own encoder when it was trained to serve topics too), the
-//! default taxonomy, trained topic heads ([`HeadSpec`]), the topic softmax scale, the windows,
-//! the arithmetic and the device. [`ModelPlan::load`] opens the device, loads the encoders,
-//! warns when the asked precision is not what runs, checks each trained head against the
-//! topic encoder it was fitted on, attaches the heads and logs what was loaded. The command
+//! A plan names the default NER model and more that requests choose by name ([`NerSpec`]),
+//! where the topic encoder comes from ([`TopicSource`]: `auto` resolves to the default NER
+//! model's own encoder when it was trained to serve topics too), the default taxonomy,
+//! trained topic heads ([`HeadSpec`]), the topic softmax scale, the windows, the arithmetic
+//! and the device. [`ModelPlan::load`] checks the NER models' names, opens the device, loads
+//! the encoders, warns when the asked precision is not what runs, checks each trained head
+//! against the topic encoder it was fitted on, attaches the heads and logs what was loaded. The command
 //! line (`serve`, `analyze`, `eval`, `bench`, `train`) and the tests build their models
 //! through it.
 
-use super::analysis::{LabelSet, Models};
+use super::analysis::{model_name, LabelSet, Models};
 use super::{topics, WindowSpec};
 use crate::model::{DeviceSpec, ModelConfig, Precision};
 use anyhow::Context;
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 /// topics (relative to the working directory, as the command line's defaults are).
 pub const DEFAULT_TOPIC_MODEL: &str = "models/minilm";
 
-/// Longest name a trained head may be given (`NAME=PATH`).
+/// Longest name a trained head or an extra NER model may be given (`NAME=PATH`).
 const MAX_HEAD_NAME: usize = 256;
 
 /// Least cosine between a head's [`LabelSet::encoder_probe`] and the topic encoder's own for
@@ -134,12 +135,97 @@ fn is_head_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
+/// A NER model loaded beside the default one, that requests choose with `ner_model: NAME`
+/// (`serve --extra-ner-model NAME=DIR`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NerSpec {
+    /// The name requests choose it by.
+    pub name: String,
+    /// Its directory (HF format, token classification).
+    pub dir: PathBuf,
+}
+
+/// Why a `NAME=DIR` NER model spec was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NerSpecError {
+    /// The spec has no `=`.
+    #[error("--extra-ner-model {spec:?}: give NAME=DIR (the name requests choose it by)")]
+    NoName {
+        /// The spec as given (trimmed).
+        spec: String,
+    },
+    /// The spec starts with `=`.
+    #[error("--extra-ner-model {spec:?}: the name before '=' is empty")]
+    EmptyName {
+        /// The spec as given (trimmed).
+        spec: String,
+    },
+    /// The name has other characters than letters, digits, `_`, `-` and `.`, or is too long.
+    #[error(
+        "--extra-ner-model {spec:?}: the name {name:?} must be at most 256 letters, digits, \
+         '_', '-' or '.'"
+    )]
+    BadName {
+        /// The spec as given (trimmed).
+        spec: String,
+        /// The name.
+        name: String,
+    },
+    /// Nothing follows the `=`.
+    #[error("--extra-ner-model {spec:?}: the directory after '=' is empty")]
+    EmptyDir {
+        /// The spec as given (trimmed).
+        spec: String,
+    },
+}
+
+impl NerSpec {
+    /// Reads `NAME=DIR` (trimmed, and each side trimmed): NAME made of letters, digits, `_`,
+    /// `-` and `.`, at most 256 bytes; DIR not empty. Whether DIR holds a model is checked
+    /// when the plan is loaded.
+    pub fn parse(spec: &str) -> Result<Self, NerSpecError> {
+        let spec = spec.trim();
+        let Some((name, dir)) = spec.split_once('=') else {
+            return Err(NerSpecError::NoName { spec: spec.into() });
+        };
+        let (name, dir) = (name.trim(), dir.trim());
+        if name.is_empty() {
+            return Err(NerSpecError::EmptyName { spec: spec.into() });
+        }
+        if !is_head_name(name) {
+            return Err(NerSpecError::BadName {
+                spec: spec.into(),
+                name: name.into(),
+            });
+        }
+        if dir.is_empty() {
+            return Err(NerSpecError::EmptyDir { spec: spec.into() });
+        }
+        Ok(Self {
+            name: name.to_string(),
+            dir: PathBuf::from(dir),
+        })
+    }
+}
+
+impl std::str::FromStr for NerSpec {
+    type Err = NerSpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
 /// What to load: everything [`Models`] are assembled from. `serve`'s flags map one to one
 /// onto its fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelPlan {
-    /// The NER model's directory (HF format, token classification); `None` disables entities.
+    /// The default NER model's directory (HF format, token classification), named after
+    /// the directory ([`model_name`]); `None` disables entities.
     pub ner: Option<PathBuf>,
+    /// More NER models, that requests choose by name; only beside a default one. Each is
+    /// loaded with the same windows, precision and device as the default.
+    pub extra_ner: Vec<NerSpec>,
     /// Where the topic encoder comes from.
     pub topics: TopicSource,
     /// The default topic taxonomy (JSON, see [`topics::Taxonomy`]); `None` for none.
@@ -162,6 +248,7 @@ impl Default for ModelPlan {
     fn default() -> Self {
         Self {
             ner: None,
+            extra_ner: Vec::new(),
             topics: TopicSource::None,
             taxonomy: None,
             heads: Vec::new(),
@@ -184,12 +271,14 @@ impl ModelPlan {
         self.load_then(|| {})
     }
 
-    /// Opens the device, loads the encoders ([`Models::load_on`]) and calls `encoders_loaded`
-    /// (where a binary hands the memory that loading freed back to the OS), then warns when
-    /// the asked precision is not the one that runs, checks and attaches the trained heads,
-    /// sets the topic scale, and logs `models loaded`.
+    /// Checks the NER models' names and directories ([`ModelPlan::check_ner`]), opens the
+    /// device, loads the encoders ([`Models::load_on`], then the extra NER models) and calls
+    /// `encoders_loaded` (where a binary hands the memory that loading freed back to the OS),
+    /// then warns when the asked precision is not the one that runs, checks and attaches the
+    /// trained heads, sets the topic scale, and logs `models loaded`.
     pub fn load_then(&self, encoders_loaded: impl FnOnce()) -> anyhow::Result<Models> {
         let started = std::time::Instant::now();
+        self.check_ner()?;
         let topic_dir = self.topic_dir();
         let device = self
             .device
@@ -203,6 +292,13 @@ impl ModelPlan {
             self.precision,
             device,
         )?;
+        for spec in &self.extra_ner {
+            models
+                .add_ner(&spec.name, &spec.dir, self.window, self.precision)
+                .with_context(|| {
+                    format!("--extra-ner-model {}={}", spec.name, spec.dir.display())
+                })?;
+        }
         encoders_loaded();
         self.warn_of_fallback(&models);
         self.attach_heads(&mut models)?;
@@ -210,14 +306,52 @@ impl ModelPlan {
         Ok(models)
     }
 
+    /// Before anything is loaded: the extra NER models come with a default one, their
+    /// names differ from each other and from the default's, and their directories exist.
+    fn check_ner(&self) -> anyhow::Result<()> {
+        let Some(first) = self.extra_ner.first() else {
+            return Ok(());
+        };
+        let Some(default) = &self.ner else {
+            anyhow::bail!(
+                "--extra-ner-model {}={}: extra NER models need a default one (--ner-model \
+                 is none)",
+                first.name,
+                first.dir.display()
+            );
+        };
+        let default_name = model_name(default);
+        let mut names = vec![default_name.as_str()];
+        for spec in &self.extra_ner {
+            let shown = format!("--extra-ner-model {}={}", spec.name, spec.dir.display());
+            if spec.name == default_name {
+                anyhow::bail!(
+                    "{shown}: the name {:?} is the default NER model's (--ner-model {}); \
+                     give another",
+                    spec.name,
+                    default.display()
+                );
+            }
+            if names.contains(&spec.name.as_str()) {
+                anyhow::bail!("{shown}: the name {:?} is given twice", spec.name);
+            }
+            names.push(&spec.name);
+            if !spec.dir.is_dir() {
+                anyhow::bail!("{shown}: {} is not a directory", spec.dir.display());
+            }
+        }
+        Ok(())
+    }
+
     /// Warns when a model on the CPU runs other products than [`ModelPlan::precision`] (int8
     /// where the CPU or the model path has none).
     fn warn_of_fallback(&self, models: &Models) {
-        let (ner, topics) = precisions(models);
+        let topics = models.topics.as_ref().map(|t| t.model.precision());
         if models.device.is_cpu()
-            && [ner, topics]
-                .into_iter()
-                .flatten()
+            && models
+                .ner_models()
+                .map(|n| n.model.precision())
+                .chain(topics)
                 .any(|p| p != self.precision)
         {
             tracing::warn!(
@@ -267,6 +401,7 @@ impl ModelPlan {
         let cpu = models.device.is_cpu();
         tracing::info!(
             ner = models.ner.is_some(),
+            ner_models = %models.ner_names(),
             topics = models.topics.is_some(),
             shared_tokenizer = models.shared_tokenizer,
             shared_encoder = models.shared_encoder,
@@ -373,6 +508,58 @@ mod tests {
             HeadSpec::parse("=h.json").unwrap_err().to_string(),
             "--topic-head \"=h.json\": the name before '=' is empty"
         );
+    }
+
+    #[test]
+    fn an_extra_ner_spec_is_a_name_and_a_directory() {
+        let parse = |s: &str| NerSpec::parse(s);
+        assert_eq!(
+            parse(" multi = models/multitask "),
+            Ok(NerSpec {
+                name: "multi".into(),
+                dir: "models/multitask".into()
+            })
+        );
+        assert_eq!(
+            parse("a=/data/run=3"),
+            Ok(NerSpec {
+                name: "a".into(),
+                dir: "/data/run=3".into()
+            })
+        );
+        let err = |s: &str| parse(s).unwrap_err().to_string();
+        assert_eq!(
+            err("=models/ner"),
+            "--extra-ner-model \"=models/ner\": the name before '=' is empty"
+        );
+        assert!(err("models/ner").contains("give NAME=DIR"));
+        assert!(err("a b=models/ner").contains("must be at most 256 letters"));
+        assert!(err("multi=").contains("the directory after '=' is empty"));
+    }
+
+    #[test]
+    fn extra_ner_names_are_distinct_and_need_a_default() {
+        let plan = |ner: Option<&str>, extras: &[(&str, &str)]| ModelPlan {
+            ner: ner.map(PathBuf::from),
+            extra_ner: extras
+                .iter()
+                .map(|(n, d)| NerSpec {
+                    name: n.to_string(),
+                    dir: PathBuf::from(d),
+                })
+                .collect(),
+            ..ModelPlan::default()
+        };
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let err = |p: ModelPlan| p.check_ner().unwrap_err().to_string();
+        assert!(plan(Some("models/ner"), &[("a", dir), ("b", dir)])
+            .check_ner()
+            .is_ok());
+        assert!(err(plan(Some("models/ner"), &[("a", dir), ("a", dir)])).contains("given twice"));
+        assert!(err(plan(Some("models/ner"), &[("ner", dir)])).contains("default NER model's"));
+        assert!(err(plan(None, &[("a", dir)])).contains("need a default one"));
+        assert!(err(plan(Some("models/ner"), &[("a", "/no/such/dir")]))
+            .contains("/no/such/dir is not a directory"));
     }
 
     #[test]
