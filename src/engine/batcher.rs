@@ -79,7 +79,8 @@ struct Active {
     job: Job,
     /// Arrival plus cost at [`DEADLINE_TOKENS_PER_MS`]: the scheduling order.
     deadline: Instant,
-    /// Padded length of each row, NER rows first, then topic rows.
+    /// Padded length of each row in scheduled tokens (a NER row's weighed by its model's
+    /// `token_weight`), NER rows first, then topic rows.
     lens: Vec<usize>,
     ner_rows: usize,
     /// The NER model its NER rows go to.
@@ -98,8 +99,14 @@ struct Active {
 
 impl Active {
     fn new(job: Job) -> Self {
+        // Work in scheduled tokens: a heavier tagger's rows count for more (see
+        // `analysis::token_weight`), in the deadline and in each slice's budget.
+        let (work, ner_weight) = match &job.work {
+            Work::Article(p) => (p.work(), p.ner_weight),
+            Work::Texts(_) => (job.cost, 1),
+        };
         let deadline =
-            job.enqueued + Duration::from_micros(job.cost as u64 * 1000 / DEADLINE_TOKENS_PER_MS);
+            job.enqueued + Duration::from_micros(work as u64 * 1000 / DEADLINE_TOKENS_PER_MS);
         let ner_model = ner_model_of(&job.work);
         let ner = rows_of(&job.work, Target::Ner(ner_model));
         let topics = rows_of(&job.work, Target::Topics);
@@ -111,7 +118,11 @@ impl Active {
             ner: vec![Vec::new(); ner.len()],
             topics: vec![Vec::new(); topic_offset + topics.len()],
         };
-        let lens = ner.iter().chain(&topics).map(|r| r.ids.len() + 2).collect();
+        let lens = ner
+            .iter()
+            .map(|r| (r.ids.len() + 2) * ner_weight)
+            .chain(topics.iter().map(|r| r.ids.len() + 2))
+            .collect();
         let ner_rows = ner.len();
         drop((ner, topics));
         Self {
@@ -835,6 +846,17 @@ mod tests {
         /// An article job whose `rows` NER windows of `len` pieces each (ids all `tag`) go to
         /// the NER model at index `model`.
         fn ner_job(tag: u32, model: usize, rows: usize, len: usize) -> (Job, Answer) {
+            weighed_ner_job(tag, model, 1, rows, len)
+        }
+
+        /// [`ner_job`] on a model whose tokens are `weight` tokens of work each.
+        fn weighed_ner_job(
+            tag: u32,
+            model: usize,
+            weight: usize,
+            rows: usize,
+            len: usize,
+        ) -> (Job, Answer) {
             let n = rows * len;
             let tokens = Tokens {
                 ids: vec![tag; n],
@@ -850,6 +872,7 @@ mod tests {
                     options: Options::default(),
                 },
                 ner_model: model,
+                ner_weight: weight,
                 ner_tokens: Some(Arc::new(tokens)),
                 ner_windows: (0..rows)
                     .map(|r| Window {
@@ -1096,6 +1119,24 @@ mod tests {
                     pass.iter().all(|&(tag, _)| model_of(tag) == *model),
                     "model {model} ran {pass:?}"
                 );
+            }
+        }
+
+        /// A tagger eight times as heavy per token gets an eighth of the rows into a slice:
+        /// 16 rows of 64 tokens fill one 1024-token slice on a light model, eight slices on
+        /// the heavy one, so a slice takes about as long whichever model it runs.
+        #[test]
+        fn a_heavier_model_gets_fewer_rows_per_slice() {
+            for (weight, slices) in [(1, 1), (8, 8)] {
+                let fake = Arc::new(Fake::default());
+                let (j, a) = weighed_ner_job(1, 0, weight, 16, 62);
+                let (tx, thread, _) = start(&fake, vec![j]);
+                answered(a).unwrap();
+                drop(tx);
+                thread.join().unwrap();
+                let passes = passes(&fake);
+                assert_eq!(passes.len(), slices, "weight {weight}: {passes:?}");
+                assert!(passes.iter().all(|p| p.len() == 16 / slices));
             }
         }
 

@@ -288,10 +288,10 @@ impl Drop for RefiningMark {
     }
 }
 
-/// Multiply-adds of refinement charged as one token of queue room: about what one token
-/// costs the default topic encoder (MiniLM-L6: ~11 M per token in its six layers), so a
+/// Multiply-adds of refinement charged as one token of queue room: what one token costs
+/// the default topic encoder ([`crate::pipeline::analysis::MACS_PER_WORK_TOKEN`]), so a
 /// refinement holds room in the batch pool like model work of the same size.
-const REFINE_MACS_PER_TOKEN: usize = 11_000_000;
+const REFINE_MACS_PER_TOKEN: usize = crate::pipeline::analysis::MACS_PER_WORK_TOKEN;
 
 /// A hash of prototypes, identifying a label set.
 fn prototypes_key(weights: &[Vec<f32>]) -> u64 {

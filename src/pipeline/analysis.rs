@@ -220,6 +220,8 @@ pub struct Prepared {
     pub article: Article,
     /// Which NER model tags it: an index into [`Models::ner_models`] (0: the default).
     pub ner_model: usize,
+    /// Tokens of work each of its NER rows' tokens is (that model's [`token_weight`]).
+    pub ner_weight: usize,
     /// Body pieces for that NER model.
     pub ner_tokens: Option<Arc<Tokens>>,
     /// Its windows.
@@ -266,6 +268,14 @@ impl Prepared {
             .map(|r| r.ids.len() + 2)
             .sum()
     }
+
+    /// Its work in scheduled tokens: [`Prepared::cost`] with each NER row's tokens weighed by
+    /// its model's [`token_weight`] (what the batcher's slices and deadlines count).
+    pub fn work(&self) -> usize {
+        let ner: usize = self.ner_rows().iter().map(|r| r.ids.len() + 2).sum();
+        let topics: usize = self.topic_rows().iter().map(|r| r.ids.len() + 2).sum();
+        ner * self.ner_weight + topics
+    }
 }
 
 /// Model outputs for one prepared article.
@@ -297,6 +307,23 @@ pub struct NerModel {
     /// Whether it reads texts as the topic model does (same tokenizer and windows): an
     /// article's body is then tokenized once for both.
     pub shares_topic_tokenizer: bool,
+    /// Tokens of work one of its tokens costs ([`token_weight`]): 1 for MiniLM-L6, 8 for a
+    /// base-size tagger such as MPNet.
+    pub token_weight: usize,
+}
+
+/// Multiply-adds of the dense layers for one token of the default topic encoder
+/// (MiniLM-L6: six layers of width 384 and 1536): one token of scheduled work.
+pub const MACS_PER_WORK_TOKEN: usize = 10_616_832;
+
+/// How many tokens of work one token through `cfg`'s encoder is: its dense layers'
+/// multiply-adds per token over [`MACS_PER_WORK_TOKEN`], rounded, at least 1 (MiniLM-L6: 1;
+/// a base-size encoder such as MPNet or BERT-base: 8). The batcher weighs a tagger's rows by
+/// it, so a slice of heavy rows takes about as long as a slice of light ones.
+pub fn token_weight(cfg: &crate::model::ModelConfig) -> usize {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let macs = cfg.num_hidden_layers * (4 * h * h + 2 * h * i);
+    ((macs + MACS_PER_WORK_TOKEN / 2) / MACS_PER_WORK_TOKEN).max(1)
 }
 
 /// Why a request's `ner_model` cannot be served.
@@ -393,6 +420,7 @@ impl NerModel {
         let tags = TagSet::new(model.labels());
         let specials = Specials::of(&dir)?;
         let window = window.fit(dir.config.max_tokens());
+        let token_weight = token_weight(&dir.config);
         Ok(Self {
             name,
             dir,
@@ -401,6 +429,7 @@ impl NerModel {
             specials,
             window,
             shares_topic_tokenizer: false,
+            token_weight,
         })
     }
 }
@@ -609,6 +638,7 @@ impl Models {
         let ner_model = self.ner_index(article.options.ner_model.as_deref())?;
         let mut p = Prepared {
             ner_model,
+            ner_weight: self.ner_model(ner_model).map_or(1, |n| n.token_weight),
             ner_tokens: None,
             ner_windows: Vec::new(),
             topic_tokens: None,
