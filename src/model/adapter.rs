@@ -5,100 +5,39 @@
 //! kernels run it as they run any model, at the same cost as the base.
 
 use super::config::AdapterConfig;
-use super::files::{ModelDir, ModelError};
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Suffixes of an adapter's two factors.
 const LORA_A: &str = "lora_A";
 const LORA_B: &str = "lora_B";
 
-/// The base model's directory of `model`'s adapter.
-pub fn base_dir(model: &ModelDir, adapter: &AdapterConfig) -> PathBuf {
+/// The directory of the base `adapter` names, for a model in `model_dir`.
+pub fn base_dir(model_dir: &Path, adapter: &AdapterConfig) -> PathBuf {
     let base = PathBuf::from(&adapter.base);
     if base.is_absolute() {
         base
     } else {
-        model.dir.join(base)
+        model_dir.join(base)
     }
 }
 
-/// The merged weights of `model`, an adapter over the base `adapter` names, as a builder in
-/// `dtype` on `device`.
-pub fn merged_var_builder(
-    model: &ModelDir,
-    adapter: &AdapterConfig,
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>, ModelError> {
-    let unfit = |message: String| ModelError::Unfit {
-        dir: model.dir.clone(),
-        message,
-    };
-    let base = ModelDir::open(base_dir(model, adapter)).map_err(|e| {
-        unfit(format!(
-            "an adapter over {}, which does not open: {e}",
-            adapter.base
-        ))
-    })?;
-    let bytes = std::fs::metadata(base.weights_path())
-        .map_err(|source| ModelError::Io {
-            path: base.weights_path(),
-            source,
-        })?
-        .len();
-    if bytes != adapter.base_bytes {
-        return Err(unfit(format!(
-            "an adapter over {} ({} bytes, sha256 {}), but {} holds {bytes} bytes: other weights",
-            adapter.base,
-            adapter.base_bytes,
-            adapter.base_sha256,
-            base.weights_path().display()
-        )));
-    }
-    let base_prefix = base.encoder_prefix(&base.var_builder(DType::F32, &Device::Cpu)?)?;
-    let own = candle_core::safetensors::load(model.weights_path(), &Device::Cpu)
-        .map_err(|e| model.weights_error(e))?;
-    // SAFETY: read-only map of a file Tidings never writes while serving (as in
-    // `ModelDir::var_builder`).
-    let base_weights = unsafe { MmapedSafetensors::new(base.weights_path()) }
-        .map_err(|e| base.weights_error(e))?;
-    let merged =
-        merge(&base_weights, &base_prefix, own, adapter).map_err(|e| model.weights_error(e))?;
-    let merged = merged
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.to_device(device)?)))
-        .collect::<candle_core::Result<HashMap<_, _>>>()
-        .map_err(|e| model.weights_error(e))?;
-    Ok(VarBuilder::from_tensors(merged, dtype, device))
-}
-
-/// The base's tensors under `adapter.prefix`, replaced by `own`'s where it has them, with
-/// the adapters merged into their weights; then `own`'s other tensors (the head).
-fn merge(
-    base: &MmapedSafetensors,
-    base_prefix: &str,
+/// The base's encoder tensors (`base`, by their names without the base's prefix) under
+/// `adapter.prefix`, replaced by `own`'s where it has them, with the adapters merged into
+/// their weights; then `own`'s other tensors (the head). All in f32.
+pub fn merge(
+    base: HashMap<String, Tensor>,
     mut own: HashMap<String, Tensor>,
     adapter: &AdapterConfig,
 ) -> candle_core::Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
-    for (name, _) in base.tensors() {
-        let bare = match name.strip_prefix(base_prefix) {
-            _ if base_prefix.is_empty() => name.as_str(),
-            Some(rest) => match rest.strip_prefix('.') {
-                Some(bare) => bare,
-                None => continue,
-            },
-            None => continue,
-        };
+    for (bare, w) in base {
         let target = format!("{}.{bare}", adapter.prefix);
         let tensor = match own.remove(&target) {
             Some(t) => t.to_dtype(DType::F32)?,
             None => {
-                let w = base.load(&name, &Device::Cpu)?.to_dtype(DType::F32)?;
+                let w = w.to_dtype(DType::F32)?;
                 match target.strip_suffix(".weight") {
                     Some(stem) => merge_one(w, stem, &mut own, adapter.scale())?,
                     None => w,
@@ -141,6 +80,7 @@ fn merge_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn an_adapter_merges_as_the_layer_computes_it() -> candle_core::Result<()> {

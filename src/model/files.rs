@@ -1,9 +1,10 @@
 //! A model directory in Hugging Face layout: `config.json`, `tokenizer.json` and
 //! `model.safetensors`, opened and checked before any weight is read.
 
-use super::config::ModelConfig;
-use candle_core::{DType, Device};
+use super::config::{AdapterConfig, ModelConfig};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -137,13 +138,80 @@ impl ModelDir {
         device: &Device,
     ) -> Result<VarBuilder<'static>, ModelError> {
         if let Some(adapter) = &self.config.tidings_adapter {
-            return super::adapter::merged_var_builder(self, adapter, dtype, device);
+            return self.merged_var_builder(adapter, dtype, device);
         }
         // SAFETY: the file is memory-mapped read-only; Tidings never writes to a model it
         // serves. A file truncated by someone else under a running server is outside what any
         // mmap-based loader (candle's examples, TEI) can guard against.
         unsafe { VarBuilder::from_mmaped_safetensors(&[self.weights_path()], dtype, device) }
             .map_err(|source| self.weights_error(source))
+    }
+
+    /// The weights of this model, an adapter over the base `adapter` names, merged into the
+    /// base's ([`super::adapter::merge`]), as a builder in `dtype` on `device`. A base of
+    /// another size than the one trained on is refused.
+    fn merged_var_builder(
+        &self,
+        adapter: &AdapterConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>, ModelError> {
+        let unfit = |message: String| ModelError::Unfit {
+            dir: self.dir.clone(),
+            message,
+        };
+        let base = ModelDir::open(super::adapter::base_dir(&self.dir, adapter)).map_err(|e| {
+            unfit(format!(
+                "an adapter over {}, which does not open: {e}",
+                adapter.base
+            ))
+        })?;
+        let bytes = std::fs::metadata(base.weights_path())
+            .map_err(|source| ModelError::Io {
+                path: base.weights_path(),
+                source,
+            })?
+            .len();
+        if bytes != adapter.base_bytes {
+            return Err(unfit(format!(
+                "an adapter over {} ({} bytes, sha256 {}), but {} holds {bytes} bytes: other \
+                 weights",
+                adapter.base,
+                adapter.base_bytes,
+                adapter.base_sha256,
+                base.weights_path().display()
+            )));
+        }
+        let own = candle_core::safetensors::load(self.weights_path(), &Device::Cpu)
+            .map_err(|e| self.weights_error(e))?;
+        let merged = super::adapter::merge(base.encoder_tensors(&Device::Cpu)?, own, adapter)
+            .and_then(|m| {
+                m.into_iter()
+                    .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.to_device(device)?)))
+                    .collect::<candle_core::Result<HashMap<_, _>>>()
+            })
+            .map_err(|e| self.weights_error(e))?;
+        Ok(VarBuilder::from_tensors(merged, dtype, device))
+    }
+
+    /// The encoder's tensors of this model's file, read whole onto `device`, named without
+    /// the encoder's prefix ([`ModelDir::encoder_prefix`]; tensors outside it are left out):
+    /// what training starts from and what an adapter is merged into.
+    pub fn encoder_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+        let prefix = self.encoder_prefix(&self.var_builder(DType::F32, device)?)?;
+        let all = candle_core::safetensors::load(self.weights_path(), device)
+            .map_err(|e| self.weights_error(e))?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(name, t)| {
+                let bare = if prefix.is_empty() {
+                    name
+                } else {
+                    name.strip_prefix(&format!("{prefix}."))?.to_string()
+                };
+                Some((bare, t))
+            })
+            .collect())
     }
 
     /// Wraps a candle error from loading this model's weights.

@@ -92,21 +92,11 @@ pub fn frozen_base(
     prefix: &str,
     device: &Device,
 ) -> Result<Arc<HashMap<String, Tensor>>> {
-    let weights = candle_core::safetensors::load(base.weights_path(), device)?;
-    let base_prefix = base.encoder_prefix(&base.var_builder(DType::F32, device)?)?;
     let mut frozen = HashMap::new();
-    for (name, t) in weights {
+    for (bare, t) in base.encoder_tensors(device)? {
         if t.rank() < 2 || t.elem_count() < FROZEN_MIN_ELEMENTS {
             continue;
         }
-        let bare = if base_prefix.is_empty() {
-            name.as_str()
-        } else {
-            match name.strip_prefix(&format!("{base_prefix}.")) {
-                Some(b) => b,
-                None => continue,
-            }
-        };
         frozen.insert(format!("{prefix}.{bare}"), t.to_dtype(DType::F32)?);
     }
     Ok(Arc::new(frozen))

@@ -713,18 +713,8 @@ fn init_from_base(
     device: &Device,
 ) -> Result<()> {
     let device = device.clone();
-    let weights = candle_core::safetensors::load(base.weights_path(), &device)?;
-    let prefix = base.encoder_prefix(&base.var_builder(DType::F32, &device)?)?;
     let mut loaded = 0;
-    for (name, t) in weights {
-        let bare = if prefix.is_empty() {
-            name.as_str()
-        } else {
-            match name.strip_prefix(&format!("{prefix}.")) {
-                Some(b) => b,
-                None => continue,
-            }
-        };
+    for (bare, t) in base.encoder_tensors(&device)? {
         let target = format!("{enc_prefix}.{bare}");
         if varmap
             .data()
