@@ -5,8 +5,10 @@
 
 mod common;
 
-use common::{assert_offsets_slice, client, request, root, summit_article};
-use std::collections::HashSet;
+use common::{
+    assert_groups_contain, assert_offsets_slice, client, request, root, summit_article,
+    SUMMIT_ENTITIES,
+};
 use std::sync::Arc;
 use tidings::engine::EngineConfig;
 use tidings::pipeline::assembly::{ModelPlan, TopicSource};
@@ -56,28 +58,6 @@ async fn the_accurate_tier_reads_the_summit_article() {
         .expect("analyze")
         .into_inner();
     assert_offsets_slice(&text, &resp);
-    let groups: HashSet<(String, String)> = resp
-        .entity_groups
-        .iter()
-        .map(|g| (g.text.clone(), g.label.clone()))
-        .collect();
-    for (t, l) in [
-        ("Kim Jong Un", "PER"),
-        ("Vladimir Putin", "PER"),
-        ("Donald Trump", "PER"),
-        ("Sergei Lavrov", "PER"),
-        ("Dmitry Peskov", "PER"),
-        ("Russia", "LOC"),
-        ("North Korea", "LOC"),
-        ("Pyongyang", "LOC"),
-        ("Vladivostok", "LOC"),
-        ("Korean Central News Agency", "ORG"),
-        ("United Nations Security Council", "ORG"),
-    ] {
-        assert!(
-            groups.contains(&(t.to_string(), l.to_string())),
-            "missing {l} {t}: {groups:?}"
-        );
-    }
+    assert_groups_contain(&resp, SUMMIT_ENTITIES);
     assert_eq!(resp.topics[0].label, "world", "{:?}", resp.topics);
 }

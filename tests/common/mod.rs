@@ -196,6 +196,33 @@ pub fn request(id: &str, text: &str) -> tidings::proto::AnalyzeRequest {
     }
 }
 
+/// Names in the summit fixture that every shipped tagger reads, with their labels.
+pub const SUMMIT_ENTITIES: &[(&str, &str)] = &[
+    ("Kim Jong Un", "PER"),
+    ("Vladimir Putin", "PER"),
+    ("Donald Trump", "PER"),
+    ("Sergei Lavrov", "PER"),
+    ("Dmitry Peskov", "PER"),
+    ("Russia", "LOC"),
+    ("North Korea", "LOC"),
+    ("Pyongyang", "LOC"),
+    ("Vladivostok", "LOC"),
+    ("Korean Central News Agency", "ORG"),
+    ("United Nations Security Council", "ORG"),
+];
+
+/// Checks that `resp` has an entity group for each `(text, label)` of `expected`.
+pub fn assert_groups_contain(resp: &tidings::proto::AnalyzeResponse, expected: &[(&str, &str)]) {
+    let groups: std::collections::HashSet<(&str, &str)> = resp
+        .entity_groups
+        .iter()
+        .map(|g| (g.text.as_str(), g.label.as_str()))
+        .collect();
+    for &(t, l) in expected {
+        assert!(groups.contains(&(t, l)), "missing {l} {t}: {groups:?}");
+    }
+}
+
 /// Checks that every entity's offsets slice back to its text, in chars and in bytes.
 pub fn assert_offsets_slice(text: &str, resp: &tidings::proto::AnalyzeResponse) {
     let chars: Vec<char> = text.chars().collect();
